@@ -1,0 +1,105 @@
+/**
+ * Wire types of the server API the sidebar talks to: OpenAI chat completions with GLM's additions
+ * (`reasoning_content`, `thinking`, the workbench's `routing` flag), the model list, the status and
+ * routing endpoints and the conversation store. Types only; no behaviour.
+ */
+
+export interface ToolCall {
+  id: string;
+  type: 'function';
+  function: { name: string; arguments: string };
+}
+
+export type ChatRole = 'system' | 'user' | 'assistant' | 'tool';
+
+/** A message as the API takes it. */
+export interface ApiMessage {
+  role: ChatRole;
+  content: string | null;
+  reasoning_content?: string;
+  tool_calls?: ToolCall[];
+  tool_call_id?: string;
+}
+
+export interface ToolDefinition {
+  type: 'function';
+  function: { name: string; description: string; parameters: Record<string, unknown> };
+}
+
+export type ThinkingMode = 'auto' | 'on' | 'off';
+
+export interface ChatCompletionRequest {
+  model: string;
+  messages: ApiMessage[];
+  stream: true;
+  stream_options?: { include_usage: boolean };
+  thinking?: { type: 'enabled' | 'disabled' };
+  routing?: boolean;
+  tools?: ToolDefinition[];
+  max_tokens?: number;
+  temperature?: number;
+}
+
+export interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  completion_tokens_details?: { reasoning_tokens?: number };
+}
+
+export interface ToolCallDelta {
+  index: number;
+  id?: string;
+  type?: 'function';
+  function?: { name?: string; arguments?: string };
+}
+
+export interface ChatCompletionChunk {
+  id: string;
+  object?: string;
+  model?: string;
+  created?: number;
+  choices: Array<{
+    index: number;
+    delta: {
+      role?: ChatRole;
+      content?: string | null;
+      reasoning_content?: string | null;
+      tool_calls?: ToolCallDelta[];
+    };
+    finish_reason?: string | null;
+  }>;
+  usage?: Usage | null;
+}
+
+export interface ModelInfo {
+  id: string;
+  object?: string;
+  owned_by?: string;
+  /** Workbench extras, when the server sends them. */
+  backend?: string;
+  routing?: boolean;
+  ready?: boolean;
+}
+
+export interface ServerStatus {
+  backend?: string;
+  model?: string;
+  device?: string;
+  state?: string;
+  ready?: boolean;
+  [key: string]: unknown;
+}
+
+/** `RoutingTrace.to_dict()` of workbench/engine/routing.py, plus decoded token texts when the server adds them. */
+export interface RoutingData {
+  expert_ids: number[][][]; // [L][T][K]
+  weights: number[][][]; // [L][T][K]
+  token_ids: number[]; // [T]
+  layer_ids: number[]; // [L]
+  num_experts: number;
+  top_k: number;
+  prompt_len: number;
+  tokens?: string[];
+  meta?: Record<string, unknown>;
+}

@@ -1,0 +1,24 @@
+import { describe, expect, it } from 'vitest';
+import { classifyHttpError, errorMessageFromBody } from '../src/errors';
+
+describe('failure states', () => {
+  it('reads OpenAI and Jupyter error bodies', () => {
+    expect(errorMessageFromBody('{"error": {"message": "unknown model x", "type": "invalid_request_error"}}')).toBe(
+      'unknown model x'
+    );
+    expect(errorMessageFromBody('{"message": "Forbidden", "reason": null}')).toBe('Forbidden');
+    expect(errorMessageFromBody('plain text')).toBe('plain text');
+  });
+
+  it('maps statuses to the states the sidebar shows', () => {
+    expect(classifyHttpError(403, '{"message": "Forbidden"}').kind).toBe('session-expired');
+    expect(classifyHttpError(401, '').kind).toBe('session-expired');
+    const loading = classifyHttpError(503, '{"error": {"message": "loading weights 40%"}}');
+    expect(loading.kind).toBe('loading');
+    expect(loading.message).toMatch(/loading weights 40%/);
+    expect(classifyHttpError(429, '').kind).toBe('busy');
+    expect(classifyHttpError(400, '{"error": {"message": "context too long"}}').message).toBe('context too long');
+    expect(classifyHttpError(500, '{"error": {"message": "CUDA OOM"}}')).toMatchObject({ kind: 'backend' });
+    expect(classifyHttpError(404, '').kind).toBe('unreachable');
+  });
+});
