@@ -1,0 +1,203 @@
+/**
+ * The JupyterLab plugin of GLM Workbench: registers the chat sidebar, its commands (open chat, new
+ * conversation, explain / fix this error, show routing), settings and theme handling.
+ *
+ * Wiring only: behaviour lives in ChatModel, NotebookTools and the React views.
+ */
+
+import { ILayoutRestorer, type JupyterFrontEnd, type JupyterFrontEndPlugin } from '@jupyterlab/application';
+import {
+  Clipboard,
+  ICommandPalette,
+  ISanitizer,
+  IThemeManager,
+  MainAreaWidget,
+  Sanitizer,
+  showErrorMessage,
+  WidgetTracker
+} from '@jupyterlab/apputils';
+import { IEditorLanguageRegistry } from '@jupyterlab/codemirror';
+import { INotebookTracker } from '@jupyterlab/notebook';
+import { ISettingRegistry } from '@jupyterlab/settingregistry';
+import { LabIcon } from '@jupyterlab/ui-components';
+
+import { WorkbenchClient } from './api';
+import { ChatModel, type ChatPreferences, DEFAULT_PREFERENCES } from './chatModel';
+import { errorOutput, explainErrorPrompt, NotebookTools } from './notebookBridge';
+import { ChatSidebar, RoutingPanel } from './widgets';
+
+const PLUGIN_ID = 'glm-workbench:plugin';
+
+export const CommandIDs = {
+  openChat: 'glm-workbench:open-chat',
+  newConversation: 'glm-workbench:new-conversation',
+  explainError: 'glm-workbench:explain-error',
+  showRouting: 'glm-workbench:show-routing'
+} as const;
+
+const chatIcon = new LabIcon({
+  name: 'glm-workbench:chat',
+  svgstr:
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 24 24" width="16" height="16">' +
+    '<path class="jp-icon3" fill="#616161" d="M4 3h16a2 2 0 0 1 2 2v10a2 2 0 0 1-2 2H9l-5 4v-4a2 2 0 0 1-2-2V5a2 2 0 0 1 2-2z' +
+    'm3 5a1.5 1.5 0 1 0 0 3 1.5 1.5 0 0 0 0-3zm5 0a1.5 1.5 0 1 0 0 3 1.5 1.5 0 0 0 0-3zm5 0a1.5 1.5 0 1 0 0 3 1.5 1.5 0 0 0 0-3z"/>' +
+    '</svg>'
+});
+
+function readPreferences(settings: ISettingRegistry.ISettings): ChatPreferences {
+  const get = <K extends keyof ChatPreferences>(key: K): ChatPreferences[K] =>
+    (settings.get(key).composite as ChatPreferences[K] | undefined) ?? DEFAULT_PREFERENCES[key];
+  return {
+    collapseThinkingOnAnswer: get('collapseThinkingOnAnswer'),
+    thinkingMode: get('thinkingMode'),
+    autoApproveTools: get('autoApproveTools'),
+    enableTools: get('enableTools'),
+    maxTokens: get('maxTokens'),
+    temperature: get('temperature'),
+    systemPrompt: get('systemPrompt')
+  };
+}
+
+const plugin: JupyterFrontEndPlugin<void> = {
+  id: PLUGIN_ID,
+  description: 'GLM Workbench: chat sidebar with thinking traces, notebook tools and expert routing.',
+  autoStart: true,
+  requires: [INotebookTracker],
+  optional: [ISettingRegistry, ICommandPalette, ILayoutRestorer, IEditorLanguageRegistry, ISanitizer, IThemeManager],
+  activate: (
+    app: JupyterFrontEnd,
+    notebooks: INotebookTracker,
+    settingRegistry: ISettingRegistry | null,
+    palette: ICommandPalette | null,
+    restorer: ILayoutRestorer | null,
+    languages: IEditorLanguageRegistry | null,
+    sanitizer: ISanitizer | null,
+    themeManager: IThemeManager | null
+  ) => {
+    const client = new WorkbenchClient(app.serviceManager.serverSettings);
+    const tools = new NotebookTools(notebooks);
+    const model = new ChatModel(client, tools);
+
+    const routingTracker = new WidgetTracker<MainAreaWidget<RoutingPanel>>({ namespace: 'glm-workbench-routing' });
+    const sidebar = new ChatSidebar(
+      model,
+      {
+        sanitizer: sanitizer ?? new Sanitizer(),
+        languages,
+        codeActions: {
+          insertBelow: code => runCodeAction(() => tools.insertBelow(code)),
+          replaceActive: code => runCodeAction(() => tools.replaceActive(code)),
+          copy: code => Clipboard.copyToSystem(code)
+        }
+      },
+      {
+        copy: text => Clipboard.copyToSystem(text),
+        showRouting: completionId => void app.commands.execute(CommandIDs.showRouting, { completionId })
+      }
+    );
+    sidebar.id = 'glm-workbench-chat';
+    sidebar.title.icon = chatIcon;
+    sidebar.title.caption = 'GLM chat';
+    app.shell.add(sidebar, 'right', { rank: 400 });
+    restorer?.add(sidebar, sidebar.id);
+
+    function runCodeAction(action: () => void): void {
+      try {
+        action();
+        const panel = notebooks.currentWidget;
+        if (panel) {
+          app.shell.activateById(panel.id);
+        }
+      } catch (error) {
+        void showErrorMessage('GLM Workbench: cannot use this code block', error as Error);
+      }
+    }
+
+    app.commands.addCommand(CommandIDs.openChat, {
+      label: 'Open GLM Chat',
+      caption: 'Open the GLM Workbench chat sidebar',
+      icon: chatIcon,
+      execute: () => {
+        app.shell.activateById(sidebar.id);
+        sidebar.focusInput();
+      }
+    });
+
+    app.commands.addCommand(CommandIDs.newConversation, {
+      label: 'New GLM Conversation',
+      execute: () => {
+        model.newConversation();
+        app.shell.activateById(sidebar.id);
+        sidebar.focusInput();
+      }
+    });
+
+    app.commands.addCommand(CommandIDs.explainError, {
+      label: 'Explain / Fix This Error (GLM)',
+      caption: "Send the active cell and its traceback to the GLM chat",
+      isEnabled: () => errorOutput(notebooks.activeCell?.model) !== null,
+      isVisible: () => errorOutput(notebooks.activeCell?.model) !== null,
+      execute: async () => {
+        const cell = notebooks.activeCell;
+        const error = errorOutput(cell?.model);
+        if (!cell || !error) {
+          return;
+        }
+        app.shell.activateById(sidebar.id);
+        const prompt = explainErrorPrompt(cell.model.sharedModel.getSource(), error);
+        if (model.state.busy) {
+          model.stop();
+        }
+        await model.send(prompt.text, prompt.context);
+      }
+    });
+
+    app.commands.addCommand(CommandIDs.showRouting, {
+      label: 'Show Expert Routing',
+      execute: args => {
+        const completionId = String(args.completionId ?? '');
+        if (!completionId) {
+          return;
+        }
+        const existing = routingTracker.find(w => w.content.completionId === completionId);
+        if (existing) {
+          app.shell.activateById(existing.id);
+          return;
+        }
+        const content = new RoutingPanel(client, completionId);
+        const widget = new MainAreaWidget({ content });
+        widget.id = content.id;
+        widget.title.label = content.title.label;
+        widget.title.caption = content.title.caption;
+        widget.title.closable = true;
+        void routingTracker.add(widget);
+        app.shell.add(widget, 'main', { mode: 'split-right' });
+        app.shell.activateById(widget.id);
+      }
+    });
+
+    themeManager?.themeChanged.connect(() => routingTracker.forEach(w => w.content.themeChanged()));
+
+    if (palette) {
+      const category = 'GLM Workbench';
+      for (const command of [CommandIDs.openChat, CommandIDs.newConversation, CommandIDs.explainError]) {
+        palette.addItem({ command, category });
+      }
+    }
+
+    if (settingRegistry) {
+      void settingRegistry
+        .load(PLUGIN_ID)
+        .then(settings => {
+          model.setPreferences(readPreferences(settings));
+          settings.changed.connect(() => model.setPreferences(readPreferences(settings)));
+          model.autoApproveChanged.connect((_, names) => void settings.set('autoApproveTools', names));
+        })
+        .catch(reason => console.error('GLM Workbench: could not load settings.', reason));
+    }
+
+    void app.restored.then(() => model.refresh());
+  }
+};
+
+export default plugin;
