@@ -1,0 +1,204 @@
+"""Saved chat conversations of the JupyterLab sidebar: a per-user store on the server's disk and its REST API.
+
+Owns the storage (one JSON file per conversation under ``<root>/<user>/``, written atomically) and the
+handlers under ``{base_url}glm/api/conversations``:
+
+- ``GET    glm/api/conversations``       -> ``{"conversations": [{id, title, created, updated, model}, ...]}``
+  newest first
+- ``GET    glm/api/conversations/{id}``  -> the conversation as the sidebar saved it
+- ``PUT    glm/api/conversations/{id}``  <- a conversation object (``id`` must match the URL) -> its summary
+- ``DELETE glm/api/conversations/{id}``  -> 204
+
+Knows nothing of models or the engine: a conversation is an opaque JSON document to it, checked only for
+shape and size. Register with ``self.handlers.extend(conversation_handlers(ConversationStore(...)))`` in the
+server ExtensionApp's ``initialize_handlers`` (patterns are relative to the server's base_url).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import tornado.web
+from jupyter_core.paths import jupyter_data_dir
+from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider
+from jupyter_server.base.handlers import APIHandler
+
+CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SUMMARY_FIELDS = ("id", "title", "created", "updated", "model")
+
+
+def default_conversations_dir() -> Path:
+    """Where conversations live unless the server is configured otherwise (Jupyter's data directory)."""
+    return Path(jupyter_data_dir()) / "glm_workbench" / "conversations"
+
+
+class ConversationError(ValueError):
+    """A request the store refuses; ``status`` is the HTTP code to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ConversationStore:
+    """One folder per user, one ``{id}.json`` per conversation. Thread-safe enough for one server: each write
+    replaces the whole file atomically, and the last write wins."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, max_bytes: int = 8_000_000,
+                 max_conversations: int = 1000) -> None:
+        self.root = Path(root) if root is not None else default_conversations_dir()
+        self.max_bytes = max_bytes
+        self.max_conversations = max_conversations
+
+    def _user_dir(self, user: str) -> Path:
+        # A readable prefix plus a hash: distinct users never share a folder, whatever characters names hold.
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user)[:40] or "user"
+        digest = hashlib.sha256(user.encode("utf-8")).hexdigest()[:12]
+        return self.root / f"{safe}-{digest}"
+
+    def _path(self, user: str, conversation_id: str) -> Path:
+        if not CONVERSATION_ID.match(conversation_id):
+            raise ConversationError(
+                f"Invalid conversation id {conversation_id[:80]!r}: use 1-64 letters, digits, '-' or '_'."
+            )
+        return self._user_dir(user) / f"{conversation_id}.json"
+
+    def list(self, user: str) -> list[dict[str, Any]]:
+        folder = self._user_dir(user)
+        if not folder.is_dir():
+            return []
+        summaries = []
+        for path in folder.glob("*.json"):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # a file being replaced, or damaged by hand: skip it rather than fail the list
+            summaries.append({key: data.get(key) for key in SUMMARY_FIELDS})
+        summaries.sort(key=lambda s: s.get("updated") or 0, reverse=True)
+        return summaries
+
+    def get(self, user: str, conversation_id: str) -> dict[str, Any]:
+        path = self._path(user, conversation_id)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConversationError(f"No conversation {conversation_id!r}.", status=404) from None
+
+    def put(self, user: str, conversation_id: str, data: Any) -> dict[str, Any]:
+        path = self._path(user, conversation_id)
+        if not isinstance(data, dict):
+            raise ConversationError("A conversation must be a JSON object.")
+        if data.get("id", conversation_id) != conversation_id:
+            raise ConversationError(
+                f"The body's id {data.get('id')!r} does not match the URL's {conversation_id!r}."
+            )
+        if not isinstance(data.get("messages"), list):
+            raise ConversationError("A conversation needs a 'messages' list.")
+        if not isinstance(data.get("title", ""), str):
+            raise ConversationError("'title' must be a string.")
+        text = json.dumps({**data, "id": conversation_id}, ensure_ascii=False)
+        if len(text.encode("utf-8")) > self.max_bytes:
+            raise ConversationError(
+                f"The conversation is larger than {self.max_bytes} bytes; start a new one.", status=413
+            )
+        folder = path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        if not path.exists() and sum(1 for _ in folder.glob("*.json")) >= self.max_conversations:
+            raise ConversationError(
+                f"You have {self.max_conversations} saved conversations; delete some first.", status=409
+            )
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return {key: data.get(key) for key in SUMMARY_FIELDS} | {"id": conversation_id}
+
+    def delete(self, user: str, conversation_id: str) -> None:
+        path = self._path(user, conversation_id)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise ConversationError(f"No conversation {conversation_id!r}.", status=404) from None
+
+
+class _ConversationHandler(APIHandler):
+    def initialize(self, store: ConversationStore) -> None:
+        self.store = store
+
+    @property
+    def storage_user(self) -> str:
+        """Whose conversations these are.
+
+        With Jupyter's stock token/password login, a server belongs to one person, but every browser gets a
+        fresh anonymous identity: keying by it would lose the history on a new browser. There the server's
+        OS user is the owner. Any other identity provider (JupyterHub, custom) names real users: use that.
+        """
+        if type(self.identity_provider) in (IdentityProvider, PasswordIdentityProvider):
+            return getpass.getuser()
+        return self.current_user.username
+
+    def _fail(self, error: ConversationError) -> None:
+        self.set_status(error.status)
+        self.finish(json.dumps({"error": {"message": str(error), "type": "invalid_request_error"}}))
+
+
+class ConversationListHandler(_ConversationHandler):
+    @tornado.web.authenticated
+    def get(self) -> None:
+        self.finish(json.dumps({"conversations": self.store.list(self.storage_user)}))
+
+
+class ConversationItemHandler(_ConversationHandler):
+    @tornado.web.authenticated
+    def get(self, conversation_id: str) -> None:
+        try:
+            self.finish(json.dumps(self.store.get(self.storage_user, conversation_id)))
+        except ConversationError as error:
+            self._fail(error)
+
+    @tornado.web.authenticated
+    def put(self, conversation_id: str) -> None:
+        try:
+            data = json.loads(self.request.body or b"null")
+        except ValueError as error:
+            self._fail(ConversationError(f"The body is not valid JSON: {error}"))
+            return
+        try:
+            summary = self.store.put(self.storage_user, conversation_id, data)
+        except ConversationError as error:
+            self._fail(error)
+            return
+        self.finish(json.dumps(summary | {"saved_at": time.time()}))
+
+    @tornado.web.authenticated
+    def delete(self, conversation_id: str) -> None:
+        try:
+            self.store.delete(self.storage_user, conversation_id)
+        except ConversationError as error:
+            self._fail(error)
+            return
+        self.set_status(204)
+        self.finish()
+
+
+def conversation_handlers(store: ConversationStore | None = None) -> list[tuple[str, type, dict[str, Any]]]:
+    """Handler specs for an ExtensionApp's ``handlers`` (relative to base_url)."""
+    store = store or ConversationStore()
+    return [
+        (r"glm/api/conversations/?", ConversationListHandler, {"store": store}),
+        (r"glm/api/conversations/(?P<conversation_id>[^/]+)", ConversationItemHandler, {"store": store}),
+    ]
