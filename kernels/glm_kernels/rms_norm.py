@@ -1,4 +1,4 @@
-"""RMSNorm with an optional fused residual add: the torch reference and the Triton kernel (one row a program)."""
+"""RMSNorm with an optional fused residual add: torch reference and Triton kernel (one row a program)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,19 @@ def rms_norm_reference(
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr,
-    num_cols, eps,
-    stride_x, stride_residual, stride_out, stride_sum,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    sum_ptr,
+    num_cols,
+    eps,
+    stride_x,
+    stride_residual,
+    stride_out,
+    stride_sum,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -51,24 +60,40 @@ def rms_norm_triton(
     """Same contract as `rms_norm_reference`; x [..., D], weight [D], residual like x."""
     require_triton(x.device)
     dim = x.shape[-1]
-    check(weight.shape == (dim,), f"rms_norm: weight has shape {list(weight.shape)}, expected [{dim}] (x's last dim)")
+    check(
+        weight.shape == (dim,),
+        f"rms_norm: weight has shape {list(weight.shape)}, expected [{dim}] (x's last dim)",
+    )
     if residual is not None:
-        check(residual.shape == x.shape, f"rms_norm: residual shape {list(residual.shape)} != x shape {list(x.shape)}")
+        check(
+            residual.shape == x.shape,
+            f"rms_norm: residual shape {list(residual.shape)} != x shape {list(x.shape)}",
+        )
         check(residual.dtype == x.dtype, f"rms_norm: residual dtype {residual.dtype} != x dtype {x.dtype}")
     rows = x.reshape(-1, dim)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     res_rows = None if residual is None else residual.reshape(-1, dim).contiguous()
-    out_dtype = torch.promote_types(weight.dtype, x.dtype)  # `weight * normed` promotes like this in the reference
+    out_dtype = torch.promote_types(
+        weight.dtype, x.dtype
+    )  # `weight * normed` promotes like this in the reference
     out = new_output(rows.shape, out_dtype, x.device)
     summed = new_output(rows.shape, x.dtype, x.device) if residual is not None else None
     if rows.shape[0] > 0:
         _rms_norm_kernel[(rows.shape[0],)](
-            rows, res_rows if res_rows is not None else rows, weight, out, summed if summed is not None else out,
-            dim, eps,
-            rows.stride(0), res_rows.stride(0) if res_rows is not None else 0, out.stride(0),
+            rows,
+            res_rows if res_rows is not None else rows,
+            weight,
+            out,
+            summed if summed is not None else out,
+            dim,
+            eps,
+            rows.stride(0),
+            res_rows.stride(0) if res_rows is not None else 0,
+            out.stride(0),
             summed.stride(0) if summed is not None else 0,
-            HAS_RESIDUAL=residual is not None, BLOCK=next_power_of_2(dim),
+            HAS_RESIDUAL=residual is not None,
+            BLOCK=next_power_of_2(dim),
             num_warps=min(16, max(1, next_power_of_2(dim) // 256)),
         )
     out = out.view(x.shape)

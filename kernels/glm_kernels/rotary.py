@@ -10,7 +10,9 @@ import torch
 from glm_kernels.triton_support import check, new_output, next_power_of_2, require_triton, tl, triton
 
 
-def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape [T, rotary_dim] for integer positions [T] (fp32 math, as transformers does)."""
     freqs = positions.float()[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -41,9 +43,22 @@ def rotary_reference(
 
 @triton.jit
 def _rotate_heads(
-    src_ptr, dst_ptr, cos_lo, cos_hi, sin_lo, sin_hi, token,
-    num_heads, stride_src_t, stride_src_h, stride_dst_t, stride_dst_h,
-    HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    src_ptr,
+    dst_ptr,
+    cos_lo,
+    cos_hi,
+    sin_lo,
+    sin_hi,
+    token,
+    num_heads,
+    stride_src_t,
+    stride_src_h,
+    stride_dst_t,
+    stride_dst_h,
+    HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # out[:h] = x1 * cos[:h] - x2 * sin[:h]; out[h:2h] = x2 * cos[h:] + x1 * sin[h:]; out[2h:] = x[2h:].
@@ -68,12 +83,30 @@ def _rotate_heads(
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
-    num_q_heads, num_k_heads,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
-    stride_cos, stride_sin,
-    HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    num_q_heads,
+    num_k_heads,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_qot,
+    stride_qoh,
+    stride_kot,
+    stride_koh,
+    stride_cos,
+    stride_sin,
+    HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     half = tl.arange(0, BLOCK_HALF)
@@ -82,10 +115,44 @@ def _rotary_kernel(
     cos_hi = tl.load(cos_ptr + token * stride_cos + HALF + half, mask=mask, other=0.0).to(tl.float32)
     sin_lo = tl.load(sin_ptr + token * stride_sin + half, mask=mask, other=0.0).to(tl.float32)
     sin_hi = tl.load(sin_ptr + token * stride_sin + HALF + half, mask=mask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, q_out_ptr, cos_lo, cos_hi, sin_lo, sin_hi, token, num_q_heads, stride_qt, stride_qh,
-                  stride_qot, stride_qoh, HALF, HEAD_DIM, BLOCK_HQ, BLOCK_HALF, BLOCK_D)
-    _rotate_heads(k_ptr, k_out_ptr, cos_lo, cos_hi, sin_lo, sin_hi, token, num_k_heads, stride_kt, stride_kh,
-                  stride_kot, stride_koh, HALF, HEAD_DIM, BLOCK_HK, BLOCK_HALF, BLOCK_D)
+    _rotate_heads(
+        q_ptr,
+        q_out_ptr,
+        cos_lo,
+        cos_hi,
+        sin_lo,
+        sin_hi,
+        token,
+        num_q_heads,
+        stride_qt,
+        stride_qh,
+        stride_qot,
+        stride_qoh,
+        HALF,
+        HEAD_DIM,
+        BLOCK_HQ,
+        BLOCK_HALF,
+        BLOCK_D,
+    )
+    _rotate_heads(
+        k_ptr,
+        k_out_ptr,
+        cos_lo,
+        cos_hi,
+        sin_lo,
+        sin_hi,
+        token,
+        num_k_heads,
+        stride_kt,
+        stride_kh,
+        stride_kot,
+        stride_koh,
+        HALF,
+        HEAD_DIM,
+        BLOCK_HK,
+        BLOCK_HALF,
+        BLOCK_D,
+    )
 
 
 def rotary_triton(
@@ -93,15 +160,24 @@ def rotary_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `rotary_reference`."""
     require_triton(q.device)
-    check(q.dim() == 3 and k.dim() == 3, f"rotary: q and k must be [T, H, Dh]; got {list(q.shape)} and {list(k.shape)}")
+    check(
+        q.dim() == 3 and k.dim() == 3,
+        f"rotary: q and k must be [T, H, Dh]; got {list(q.shape)} and {list(k.shape)}",
+    )
     tokens, _, head_dim = q.shape
     rotary_dim = cos.shape[-1]
-    check(k.shape[0] == tokens and k.shape[2] == head_dim,
-          f"rotary: k {list(k.shape)} must have q's token count and head dim ({tokens}, {head_dim})")
-    check(cos.shape == (tokens, rotary_dim) and sin.shape == cos.shape,
-          f"rotary: cos/sin must both be [T={tokens}, R]; got {list(cos.shape)} and {list(sin.shape)}")
-    check(rotary_dim % 2 == 0 and 0 < rotary_dim <= head_dim,
-          f"rotary: rotary dims R = {rotary_dim} must be even and in (0, head_dim = {head_dim}]")
+    check(
+        k.shape[0] == tokens and k.shape[2] == head_dim,
+        f"rotary: k {list(k.shape)} must have q's token count and head dim ({tokens}, {head_dim})",
+    )
+    check(
+        cos.shape == (tokens, rotary_dim) and sin.shape == cos.shape,
+        f"rotary: cos/sin must both be [T={tokens}, R]; got {list(cos.shape)} and {list(sin.shape)}",
+    )
+    check(
+        rotary_dim % 2 == 0 and 0 < rotary_dim <= head_dim,
+        f"rotary: rotary dims R = {rotary_dim} must be even and in (0, head_dim = {head_dim}]",
+    )
     check(q.stride(-1) == 1 and k.stride(-1) == 1, "rotary: q and k need a contiguous last (head) dimension")
     q_out = new_output(q.shape, q.dtype, q.device)
     k_out = new_output(k.shape, k.dtype, k.device)
@@ -109,11 +185,29 @@ def rotary_triton(
         return q_out, k_out
     cos, sin = cos.contiguous(), sin.contiguous()
     _rotary_kernel[(tokens,)](
-        q, k, q_out, k_out, cos, sin, q.shape[1], k.shape[1],
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1),
-        k_out.stride(0), k_out.stride(1), cos.stride(0), sin.stride(0),
-        HALF=rotary_dim // 2, HEAD_DIM=head_dim, BLOCK_HQ=next_power_of_2(q.shape[1]),
-        BLOCK_HK=next_power_of_2(k.shape[1]), BLOCK_HALF=next_power_of_2(rotary_dim // 2),
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        q.shape[1],
+        k.shape[1],
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        q_out.stride(0),
+        q_out.stride(1),
+        k_out.stride(0),
+        k_out.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        HALF=rotary_dim // 2,
+        HEAD_DIM=head_dim,
+        BLOCK_HQ=next_power_of_2(q.shape[1]),
+        BLOCK_HK=next_power_of_2(k.shape[1]),
+        BLOCK_HALF=next_power_of_2(rotary_dim // 2),
         BLOCK_D=next_power_of_2(max(head_dim - rotary_dim, 1)),
     )
     return q_out, k_out

@@ -1,4 +1,4 @@
-"""The GLM-4.5 MoE router ("noaux_tc"): sigmoid scores, correction bias for selection only, group-limited top-k.
+"""The GLM-4.5 MoE router ("noaux_tc"): sigmoid scores, selection-only correction bias, group-limited top-k.
 
 The torch reference and the Triton kernel. The kernel does the whole router for a tile of tokens in one
 program: the fp32 logits GEMM, sigmoid, bias, group-limited selection and the top-k by repeated argmax (which
@@ -22,11 +22,12 @@ def route_reference(
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden [T, D], gate_weight [E, D] -> (topk_ids [T, K] int64, topk_weights [T, K] fp32, scores [T, E] fp32).
+    """hidden [T, D], gate_weight [E, D] -> (topk_ids [T, K] int64, topk_weights [T, K] fp32,
+    scores [T, E] fp32).
 
     T = tokens, D = hidden, E = experts, K = top_k. Ids are ordered by descending biased score, ties going to
-    the lower index (a stable sort: `torch.topk` itself orders equal values arbitrarily, differently on CPU and
-    GPU, so it cannot be the contract). Weights are the *unbiased* sigmoid scores of the chosen experts.
+    the lower index (a stable sort: `torch.topk` itself orders equal values arbitrarily, differently on CPU
+    and GPU, so it cannot be the contract). Weights are the *unbiased* sigmoid scores of the chosen experts.
     """
     logits = hidden.float() @ gate_weight.float().t()
     scores = logits.sigmoid()
@@ -47,16 +48,32 @@ def route_reference(
 
 
 def _top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest values of each row, descending, equal values in index order (deterministic)."""
+    """Indices of the k largest values of each row, descending, equal values in index order."""
     return torch.sort(values, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
 @triton.jit
 def _route_kernel(
-    hidden_ptr, gate_ptr, bias_ptr, ids_ptr, weights_ptr, scores_ptr,
-    num_tokens, hidden_size, num_experts, stride_hidden, stride_gate, scaling,
-    TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORMALIZE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    hidden_ptr,
+    gate_ptr,
+    bias_ptr,
+    ids_ptr,
+    weights_ptr,
+    scores_ptr,
+    num_tokens,
+    hidden_size,
+    num_experts,
+    stride_hidden,
+    stride_gate,
+    scaling,
+    TOP_K: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -68,10 +85,16 @@ def _route_kernel(
     for d0 in range(0, hidden_size, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         dim_mask = dims < hidden_size
-        h = tl.load(hidden_ptr + tokens[:, None].to(tl.int64) * stride_hidden + dims[None, :],
-                    mask=token_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
-        w = tl.load(gate_ptr + experts[None, :] * stride_gate + dims[:, None],
-                    mask=expert_mask[None, :] & dim_mask[:, None], other=0.0).to(tl.float32)
+        h = tl.load(
+            hidden_ptr + tokens[:, None].to(tl.int64) * stride_hidden + dims[None, :],
+            mask=token_mask[:, None] & dim_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        w = tl.load(
+            gate_ptr + experts[None, :] * stride_gate + dims[:, None],
+            mask=expert_mask[None, :] & dim_mask[:, None],
+            other=0.0,
+        ).to(tl.float32)
         logits = tl.dot(h, w, logits, input_precision="ieee")
     scores = tl.sigmoid(logits)
     bias = tl.load(bias_ptr + experts, mask=expert_mask, other=0.0).to(tl.float32)
@@ -99,7 +122,9 @@ def _route_kernel(
     slots = tl.arange(0, BLOCK_K)
     top_ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int64)
     top_weights = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    for k in tl.static_range(TOP_K):  # tl.argmax takes the lowest index among equal maxima, as torch.topk does
+    for k in tl.static_range(
+        TOP_K
+    ):  # tl.argmax takes the lowest index among equal maxima, as torch.topk does
         pick = tl.argmax(choice, axis=1)
         picked = experts[None, :] == pick[:, None]
         weight = tl.sum(tl.where(picked, scores, 0.0), axis=1)
@@ -114,8 +139,11 @@ def _route_kernel(
     out_mask = token_mask[:, None] & (slots < TOP_K)[None, :]
     tl.store(ids_ptr + rows * TOP_K + slots[None, :], top_ids, mask=out_mask)
     tl.store(weights_ptr + rows * TOP_K + slots[None, :], top_weights, mask=out_mask)
-    tl.store(scores_ptr + rows * num_experts + experts[None, :], scores,
-             mask=token_mask[:, None] & expert_mask[None, :])
+    tl.store(
+        scores_ptr + rows * num_experts + experts[None, :],
+        scores,
+        mask=token_mask[:, None] & expert_mask[None, :],
+    )
 
 
 def route_triton(
@@ -132,18 +160,33 @@ def route_triton(
     require_triton(hidden.device)
     check(hidden.dim() == 2, f"route: hidden must be [T, D]; got {list(hidden.shape)}")
     num_tokens, hidden_size = hidden.shape
-    check(gate_weight.dim() == 2 and gate_weight.shape[1] == hidden_size,
-          f"route: gate_weight must be [E, D={hidden_size}]; got {list(gate_weight.shape)}")
+    check(
+        gate_weight.dim() == 2 and gate_weight.shape[1] == hidden_size,
+        f"route: gate_weight must be [E, D={hidden_size}]; got {list(gate_weight.shape)}",
+    )
     num_experts = gate_weight.shape[0]
-    check(correction_bias.shape == (num_experts,),
-          f"route: correction_bias must be [E={num_experts}]; got {list(correction_bias.shape)}")
+    check(
+        correction_bias.shape == (num_experts,),
+        f"route: correction_bias must be [E={num_experts}]; got {list(correction_bias.shape)}",
+    )
     check(0 < top_k <= num_experts, f"route: top_k = {top_k} must be in [1, E = {num_experts}]")
-    check(n_group >= 1 and num_experts % n_group == 0, f"route: n_group = {n_group} must divide E = {num_experts}")
+    check(
+        n_group >= 1 and num_experts % n_group == 0,
+        f"route: n_group = {n_group} must divide E = {num_experts}",
+    )
     check(1 <= topk_group <= n_group, f"route: topk_group = {topk_group} must be in [1, n_group = {n_group}]")
-    check(n_group == 1 or num_experts // n_group >= 2, "route: group-limited routing needs >= 2 experts a group")
-    check(topk_group * (num_experts // n_group) >= top_k,
-          f"route: {topk_group} kept group(s) of {num_experts // n_group} experts hold fewer than top_k = {top_k}")
-    check(num_experts <= 1024, f"route: E = {num_experts} experts exceeds the kernel's 1024 (one tile of experts)")
+    check(
+        n_group == 1 or num_experts // n_group >= 2, "route: group-limited routing needs >= 2 experts a group"
+    )
+    check(
+        topk_group * (num_experts // n_group) >= top_k,
+        f"route: {topk_group} kept group(s) of {num_experts // n_group} experts hold fewer than "
+        f"top_k = {top_k}",
+    )
+    check(
+        num_experts <= 1024,
+        f"route: E = {num_experts} experts exceeds the kernel's 1024 (one tile of experts)",
+    )
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     gate_weight = gate_weight.contiguous()
     ids = new_output((num_tokens, top_k), torch.int64, hidden.device)
@@ -155,10 +198,27 @@ def route_triton(
     block_e = max(16, next_power_of_2(num_experts))
     block_d = max(16, min(64, next_power_of_2(hidden_size), 8192 // block_e))
     _route_kernel[(triton.cdiv(num_tokens, block_t),)](
-        hidden, gate_weight, correction_bias.contiguous(), ids, weights, scores,
-        num_tokens, hidden_size, num_experts, hidden.stride(0), gate_weight.stride(0), float(routed_scaling_factor),
-        TOP_K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group, NORMALIZE=bool(norm_topk_prob),
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, BLOCK_G=max(2, next_power_of_2(n_group)),
-        BLOCK_K=next_power_of_2(top_k), num_warps=4 if block_e <= 128 else 8,
+        hidden,
+        gate_weight,
+        correction_bias.contiguous(),
+        ids,
+        weights,
+        scores,
+        num_tokens,
+        hidden_size,
+        num_experts,
+        hidden.stride(0),
+        gate_weight.stride(0),
+        float(routed_scaling_factor),
+        TOP_K=top_k,
+        N_GROUP=n_group,
+        TOPK_GROUP=topk_group,
+        NORMALIZE=bool(norm_topk_prob),
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        BLOCK_D=block_d,
+        BLOCK_G=max(2, next_power_of_2(n_group)),
+        BLOCK_K=next_power_of_2(top_k),
+        num_warps=4 if block_e <= 128 else 8,
     )
     return ids, weights, scores

@@ -155,7 +155,8 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(message, dict) or "role" not in message:
             raise ChatTemplateError(f"messages[{i}] must be an object with a 'role'")
         if message["role"] not in ("system", "user", "assistant", "tool"):
-            raise ChatTemplateError(f"messages[{i}].role = {message['role']!r}: expected system, user, assistant or tool")
+            raise ChatTemplateError(f"messages[{i}].role = {message['role']!r}: expected system, user, assistant "
+                                    "or tool")
         calls = message.get("tool_calls")
         if calls:
             message = dict(message, tool_calls=[_decode_call(call, i) for call in calls])

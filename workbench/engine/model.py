@@ -1,0 +1,263 @@
+"""The GLM-4.5 MoE transformer (`Glm4MoeForCausalLM`), in call order, in one file.
+
+Owns the modules and the forward pass; knows nothing of files, tokenizers or sampling. Hot operations go
+through a `KernelOps` table (torch references or Triton kernels, chosen once by the engine).
+
+Tokens travel flattened: a forward pass takes T tokens from one or more sequences as one [T, D] matrix (which
+is what the MoE wants: experts see rows, not sequences), and an `AttentionBatch` that says which rows belong to
+which sequence and where each sequence keeps its keys and values in the paged cache.
+
+Shape legend: T = tokens, D = hidden, H = query heads, Hk = kv heads, Dh = head dim, R = rotary dims,
+E = routed experts, K = experts per token, I = expert width, V = vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from glm_kernels.attention import gather_kv
+from glm_kernels.rotary import rotary_cos_sin
+
+from workbench.engine.config import GLMConfig
+from workbench.engine.ops import TORCH_OPS, KernelOps
+from workbench.engine.routing import RoutingRecorder
+
+
+@dataclass
+class Segment:
+    """Rows [start, start + length) of the batch: one sequence's new tokens, at positions [cached, cached + length)."""
+
+    start: int
+    length: int
+    cached: int = 0
+    block_table: torch.Tensor | None = None  # [blocks] int32, when the sequence lives in the cache
+
+
+@dataclass
+class AttentionBatch:
+    """How the T rows of a forward pass map onto sequences.
+
+    Exactly one of three forms:
+    - `uniform_len`: T = B * S rows, B independent sequences of S tokens from position 0, no cache (training, logits);
+    - `segments`: prefill, each segment a run of new tokens of one sequence (possibly after a cached prefix);
+    - `decode`: one new token per sequence; `block_tables` [B, max_blocks] and `seq_lens` [B] (own token included).
+    `slot_mapping` [T] says where each new row's key and value go in the cache (None without a cache).
+    """
+
+    positions: torch.Tensor
+    uniform_len: int | None = None
+    segments: list[Segment] | None = None
+    block_tables: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    slot_mapping: torch.Tensor | None = None
+
+    @classmethod
+    def uniform(cls, batch: int, seq_len: int, device: torch.device) -> AttentionBatch:
+        positions = torch.arange(seq_len, device=device).repeat(batch)
+        return cls(positions=positions, uniform_len=seq_len)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, ops: KernelOps, residual: torch.Tensor | None = None):
+        return ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with q/k/v bias, optional qk-norm, partial rotary embedding, paged KV cache."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.scale = self.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.use_qk_norm = config.use_qk_norm
+        if self.use_qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, batch: AttentionBatch, kv: tuple[torch.Tensor, torch.Tensor] | None, ops: KernelOps):
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.use_qk_norm:
+            q, _ = self.q_norm(q, ops)
+            k, _ = self.k_norm(k, ops)
+        q, k = ops.rotary(q, k, cos, sin)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+            v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+
+        if batch.seq_lens is not None:  # decode: one query per sequence, keys from the cache
+            out = ops.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale)
+        elif batch.uniform_len is not None:
+            out = self._uniform_attention(q, k, v, batch.uniform_len)
+        else:
+            out = torch.empty_like(q)
+            for seg in batch.segments:
+                rows = slice(seg.start, seg.start + seg.length)
+                if seg.cached == 0:
+                    seg_k, seg_v = k[rows], v[rows]
+                else:  # continue after a cached prefix: this segment's keys are already in the cache
+                    total = seg.cached + seg.length
+                    seg_k = gather_kv(k_cache, seg.block_table, total)
+                    seg_v = gather_kv(v_cache, seg.block_table, total)
+                out[rows] = ops.prefill_attention(q[rows], seg_k, seg_v, self.scale)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+    def _uniform_attention(self, q, k, v, seq_len: int) -> torch.Tensor:
+        # B equal-length sequences from position 0: one batched causal SDPA call (training and full logits).
+        batch = q.shape[0] // seq_len
+        qh = q.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        kh = k.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        vh = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:
+            kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
+        return out.transpose(1, 2).reshape(q.shape)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The dense layers and the shared expert."""
+
+    def __init__(self, hidden: int, width: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, ops: KernelOps | None = None, recorder=None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Sigmoid router with a selection-only correction bias; weights kept in fp32 (they decide discrete choices)."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
+        # A parameter (not a buffer) so load-balancing code can update it in place; it never receives gradients.
+        self.e_score_correction_bias = nn.Parameter(
+            torch.zeros(config.n_routed_experts, dtype=torch.float32), requires_grad=False)
+        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor, ops: KernelOps):
+        return ops.route(x, self.weight, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                         self.norm_topk_prob, self.scaling)
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked: gate_up_proj [E, 2I, D] (gate rows, then up rows), down_proj [E, D, I]."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        num, hidden, width = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num, 2 * width, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num, hidden, width))
+
+    def forward(self, x, topk_ids, topk_weights, ops: KernelOps) -> torch.Tensor:
+        return ops.fused_moe(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights)
+
+
+class MoE(nn.Module):
+    """sum_k weight_k * expert_k(x) + shared_expert(x), experts chosen per token by the router."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts) \
+            if config.n_shared_experts > 0 else None
+
+    def forward(self, x: torch.Tensor, ops: KernelOps, recorder: RoutingRecorder | None = None) -> torch.Tensor:
+        topk_ids, topk_weights, scores = self.gate(x, ops)
+        if recorder is not None:
+            recorder.record(topk_ids, topk_weights, scores)
+        out = self.experts(x, topk_ids, topk_weights, ops)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GLMConfig, layer_id: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_id) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, residual, cos, sin, batch, kv, ops, recorder):
+        # The residual add is fused into each norm: it returns (normed, x + residual) and we carry the sum.
+        h, residual = self.input_layernorm(x, ops, residual)
+        h = self.self_attn(h, cos, sin, batch, kv, ops)
+        h, residual = self.post_attention_layernorm(h, ops, residual)
+        return self.mlp(h, ops, recorder), residual
+
+
+class GLMForCausalLM(nn.Module):
+    """Embeddings -> decoder layers (dense first, then MoE) -> final norm -> lm_head.
+
+    Module names follow the Hugging Face checkpoint (minus its `model.` prefix), so the weight-name table in
+    `weights.py` is short. The multi-token-prediction layer is not built: plain decoding never uses it.
+    """
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.ops = TORCH_OPS
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        dim = self.config.rotary_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
+        return 1.0 / (self.config.rope_theta**exponents)
+
+    def materialize_buffers(self, device: torch.device) -> None:
+        """Recompute non-persistent buffers after the weights were assigned to a model built on `meta`."""
+        self.inv_freq = self._inv_freq(device)
+
+    def hidden_states(self, input_ids: torch.Tensor, batch: AttentionBatch,
+                      kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                      recorder: RoutingRecorder | None = None) -> torch.Tensor:
+        """input_ids [T] -> final-normed hidden states [T, D]."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(batch.positions, self.inv_freq, x.dtype)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            kv = None if kv_cache is None else kv_cache[i]
+            x, residual = layer(x, residual, cos, sin, batch, kv, self.ops, recorder)
+        x, _ = self.norm(x, self.ops, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def forward(self, input_ids: torch.Tensor, recorder: RoutingRecorder | None = None) -> torch.Tensor:
+        """Training and scoring: input_ids [B, S] (every row from position 0, no cache) -> logits [B, S, V] fp32."""
+        batch, seq_len = input_ids.shape
+        attention = AttentionBatch.uniform(batch, seq_len, input_ids.device)
+        hidden = self.hidden_states(input_ids.reshape(-1), attention, None, recorder)
+        return self.compute_logits(hidden).view(batch, seq_len, -1)

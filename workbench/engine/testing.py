@@ -1,0 +1,95 @@
+"""Tiny checkpoints made in code, for tests, benchmarks and demos that must not download anything.
+
+Owns `write_tiny_checkpoint`: a random-weight GLM-4.5-architecture model of any preset plus a small byte-level
+BPE tokenizer that has every GLM-4.5 special token, written in the Hugging Face layout the engine loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from workbench.engine.chat_template import GLM45_CHAT_TEMPLATE
+from workbench.engine.config import GLMConfig
+from workbench.engine.model import GLMForCausalLM
+from workbench.engine.weights import save_checkpoint
+
+GLM_SPECIAL_TOKENS = [
+    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
+    "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<think>", "</think>", "<tool_call>",
+    "</tool_call>", "<tool_response>", "</tool_response>", "<arg_key>", "</arg_key>", "<arg_value>",
+    "</arg_value>", "/nothink",
+]
+STOP_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
+
+_TRAINING_TEXT = """
+def fizzbuzz(n):
+    for i in range(1, n + 1):
+        if i % 15 == 0:
+            print("FizzBuzz")
+        elif i % 3 == 0:
+            print("Fizz")
+        else:
+            print(i)
+The quick brown fox jumps over the lazy dog. Mixture-of-experts models route every token to a few experts.
+Привет, мир! 你好，世界。 {"city": "Paris", "days": 2} [1, 2, 3] <tool_call>get_weather
+"""
+
+
+def build_tokenizer(vocab_size: int, corpus: list[str] | None = None):
+    """A byte-level BPE with the GLM special tokens as single ids (ids 0..len(specials)-1)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=GLM_SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus or [_TRAINING_TEXT] * 4, trainer=trainer)
+    return tokenizer
+
+
+def write_tokenizer_files(folder: Path, tokenizer) -> None:
+    tokenizer.save(str(folder / "tokenizer.json"))
+    added = {str(tokenizer.token_to_id(t)): {"content": t, "special": True} for t in GLM_SPECIAL_TOKENS}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+              "pad_token": "<|endoftext|>", "chat_template": GLM45_CHAT_TEMPLATE, "added_tokens_decoder": added,
+              "model_max_length": 131072}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    stop_ids = [tokenizer.token_to_id(t) for t in STOP_TOKENS]
+    generation = {"eos_token_id": stop_ids, "pad_token_id": stop_ids[0]}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def random_model(config: GLMConfig, seed: int = 0, std: float = 0.08) -> GLMForCausalLM:
+    """Random weights with enough spread that routing and greedy decoding are not degenerate."""
+    generator = torch.Generator().manual_seed(seed)
+    model = GLMForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("e_score_correction_bias"):
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("bias"):
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(std * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def write_tiny_checkpoint(folder: str | Path, preset: str | GLMConfig = "tiny", seed: int = 0,
+                          dtype: torch.dtype = torch.float32, max_shard_bytes: int | None = None,
+                          **overrides) -> Path:
+    """A complete checkpoint folder (config, weights, tokenizer files) for a preset, with random weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = preset if isinstance(preset, GLMConfig) else GLMConfig.preset(preset, **overrides)
+    tokenizer = build_tokenizer(min(config.vocab_size, 4096))
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise ValueError(f"the test tokenizer needs a vocab of at least {tokenizer.get_vocab_size()}")
+    save_checkpoint(random_model(config, seed), folder, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    write_tokenizer_files(folder, tokenizer)
+    return folder
