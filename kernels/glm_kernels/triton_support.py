@@ -25,7 +25,7 @@ except ImportError:  # the references still work; the wrappers say how to get Tr
     HAS_TRITON = False
 
     class _MissingTriton:
-        """Stands in for `triton` so kernel definitions import; launching one raises `require_triton`'s error."""
+        """Stands in for `triton` so kernel definitions import; a launch raises `require_triton`'s error."""
 
         @staticmethod
         def jit(fn=None, **_kwargs):
@@ -61,6 +61,7 @@ except ImportError:  # the references still work; the wrappers say how to get Tr
 
 __all__ = [
     "HAS_TRITON",
+    "INTERPRETER",
     "cdiv",
     "check",
     "interpreting",
@@ -76,19 +77,32 @@ _poison_outputs = False
 
 
 def interpreting() -> bool:
-    """True when kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton interprets kernels on the CPU (TRITON_INTERPRET=1), read the way Triton reads it."""
+    if HAS_TRITON:
+        return bool(triton.knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# Fixed when this module is imported, like Triton's own choice between compiling and interpreting. Kernels
+# branch on it where the interpreter (Triton 3.9) is wrong: it multiplies bf16 tiles in tl.dot into garbage,
+# so there dot operands are widened to fp32 first (exact). (Inline `if INTERPRETER:` rather than a helper:
+# each nested @triton.jit call costs milliseconds in the interpreter.)
+INTERPRETER = tl.constexpr(interpreting()) if HAS_TRITON else False
 
 
 def require_triton(device: torch.device | None = None) -> None:
-    """Raise a clear error when a Triton kernel cannot run here (no Triton, or a CPU tensor without the interpreter)."""
+    """Raise a clear error when a Triton kernel cannot run here (no Triton; CPU tensors, no interpreter)."""
     if not HAS_TRITON:
-        raise RuntimeError("this kernel needs Triton, which is not installed: pip install 'glm-workbench[triton]' "
-                           "(or use the torch reference, kernels='torch')")
+        raise RuntimeError(
+            "this kernel needs Triton, which is not installed: pip install 'glm-workbench[triton]' "
+            "(or use the torch reference, kernels='torch')"
+        )
     if device is not None and device.type != "cuda" and not interpreting():
-        raise RuntimeError(f"Triton kernels run on CUDA devices; got a tensor on {device}. Move the inputs to the "
-                           "GPU, use the torch reference (kernels='torch'), or set TRITON_INTERPRET=1 before "
-                           "importing glm_kernels to run the kernels in Triton's (slow) CPU interpreter")
+        raise RuntimeError(
+            f"Triton kernels run on CUDA devices; got a tensor on {device}. Move the inputs to the "
+            "GPU, use the torch reference (kernels='torch'), or set TRITON_INTERPRET=1 before "
+            "importing glm_kernels to run the kernels in Triton's (slow) CPU interpreter"
+        )
 
 
 def check(condition: bool, message: str) -> None:
