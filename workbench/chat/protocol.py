@@ -1,0 +1,486 @@
+"""Protocol types of the chat API: OpenAI chat completions with GLM's additions, and OpenAI-shaped errors.
+
+Owns what a request may say and what a response says (GLM45_FORMAT.md section 5). Requests are validated
+strictly: an unknown field, a bad role, a message out of order, an invalid tool schema or a sampling value out
+of range is an `APIError` naming the offending `param`, which the server sends as a 400. Responses are
+permissive (extra fields allowed) so that a remote endpoint's additions pass through unchanged.
+
+GLM additions: `thinking: {"type": "enabled" | "disabled"}` (absent: the model decides), assistant
+`reasoning_content`, and the workbench's own `"routing": true`. Accepted for compatibility with clients of other
+GLM servers: vLLM/SGLang's `chat_template_kwargs.enable_thinking`, and Z.ai's `do_sample`, `request_id`,
+`user_id` (which the `zai-sdk` client sends).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import jsonschema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# --------------------------------------------------------------------------------------------------- errors
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error", 500: "server_error", 502: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    """An error the API answers with, in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def __repr__(self) -> str:
+        return f"APIError({self.status}, {self.message!r}, param={self.param!r}, code={self.code!r})"
+
+
+def _param_path(loc: tuple[Any, ...]) -> str | None:
+    """pydantic's error location as the dotted/indexed path OpenAI names in `param`: `messages[1].content`."""
+    path = ""
+    for index, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+            continue
+        previous = loc[index - 1] if index else None
+        # pydantic puts union branch names in the location: a message's role tag, `str`, `list[TextPart]`, ...
+        if (isinstance(previous, int) and part in _ROLES) or not str(part).isidentifier() or part in (
+                "str", "list", "dict", "int", "float", "bool", "none"):
+            continue
+        path += f".{part}" if path else str(part)
+    return path or None
+
+
+def validation_error_to_api_error(exc: ValidationError) -> APIError:
+    """The first validation error as a 400 naming its parameter."""
+    first = exc.errors(include_url=False)[0]
+    param = _param_path(tuple(first.get("loc", ())))
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                        code="unrecognized_argument")
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    if first.get("type") == "missing":
+        message = "required field is missing"
+    if first.get("type") == "union_tag_invalid":  # a message with an unknown role
+        param = f"{param}.role" if param else "role"
+        message = f"role {first['ctx'].get('tag')!r} is not one of system, user, assistant, tool"
+    if first.get("type") == "union_tag_not_found":
+        param = f"{param}.role" if param else "role"
+        message = "each message needs a 'role': system, user, assistant or tool"
+    return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
+
+
+# ------------------------------------------------------------------------------------------------- messages
+
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+def _check_content(value: Any) -> Any:
+    # One clear message instead of pydantic's per-branch union errors.
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError("must be a string or a list of text parts [{'type': 'text', 'text': '...'}]")
+    for index, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            got = f"type {kind!r}" if kind else f"{type(part).__name__} {part!r:.40}"
+            raise ValueError(f"part [{index}] is {got}: only text parts {{'type': 'text', 'text': '...'}} are "
+                             "supported (this model reads text only)")
+    return value
+
+
+Content = Annotated[str | list[TextPart], BeforeValidator(_check_content)]
+
+
+def content_text(content: Content | None) -> str:
+    """The visible text of a message's content (text parts joined)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content)
+
+
+class SystemMessage(_Strict):
+    role: Literal["system"]
+    content: Content
+    name: str | None = None
+
+
+class UserMessage(_Strict):
+    role: Literal["user"]
+    content: Content
+    name: str | None = None
+
+
+class FunctionCall(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object, serialised, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"must be a JSON object serialised as a string; it is not valid JSON ({exc})") from exc
+        if not isinstance(decoded, dict):
+            raise ValueError("must be a JSON object serialised as a string, e.g. '{\"city\": \"Paris\"}'")
+        return value
+
+
+class ToolCall(_Strict):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(_Strict):
+    role: Literal["assistant"]
+    content: Content | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> AssistantMessage:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        return self
+
+
+class ToolMessage(_Strict):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str = Field(min_length=1)
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+
+# ---------------------------------------------------------------------------------------------------- tools
+
+_FUNCTION_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=_FUNCTION_NAME, description="a-z, A-Z, 0-9, '_', '.', '-'; at most 64 characters")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _json_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is None:
+            return None
+        try:
+            jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"is not a valid JSON Schema: {exc.message}") from exc
+        if schema.get("type", "object") != "object":
+            raise ValueError("must be a JSON Schema of type 'object' (the function's named arguments)")
+        properties = schema.get("properties", {})
+        if not isinstance(properties, dict):
+            raise ValueError("'properties' must be an object mapping argument names to schemas")
+        return schema
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class Thinking(_Strict):
+    type: Literal["enabled", "disabled"]
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatTemplateKwargs(_Strict):
+    enable_thinking: bool | None = None
+
+
+# -------------------------------------------------------------------------------------------------- request
+
+
+class ChatCompletionRequest(_Strict):
+    """`POST v1/chat/completions`."""
+
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    thinking: Thinking | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    routing: bool = False
+    # compatibility with clients of other GLM servers
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    do_sample: bool | None = None
+    request_id: str | None = None
+    user_id: str | None = None
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported: send several requests for several answers")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        items = [stop] if isinstance(stop, str) else stop or []
+        if len(items) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not item for item in items):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stop
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.max_tokens is not None and self.max_completion_tokens is not None and (
+                self.max_tokens != self.max_completion_tokens):
+            raise _FieldError("max_completion_tokens", "max_tokens and max_completion_tokens disagree: send one")
+        if self.stream_options is not None and not self.stream:
+            raise _FieldError("stream_options", "stream_options is only allowed when stream is true")
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            raise _FieldError("tools", "two tools have the same function name")
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise _FieldError("tool_choice", "tool_choice needs tools: offer at least one in 'tools'")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise _FieldError("tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not "
+                                             f"one of the offered tools ({', '.join(names)})")
+        _check_message_order(self.messages)
+        return self
+
+    # --- what the request means, in one place
+
+    @property
+    def enable_thinking(self) -> bool:
+        """Thinking on unless switched off (`thinking.type = disabled` or vLLM-style `enable_thinking: false`)."""
+        if self.thinking is not None:
+            return self.thinking.type == "enabled"
+        if self.chat_template_kwargs is not None and self.chat_template_kwargs.enable_thinking is not None:
+            return self.chat_template_kwargs.enable_thinking
+        return True
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def greedy(self) -> bool:
+        return self.do_sample is False or self.temperature == 0.0
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def tools_for_prompt(self) -> list[dict[str, Any]] | None:
+        """Tool definitions as the template renders them; none when tool_choice is 'none'."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    def messages_for_prompt(self) -> list[dict[str, Any]]:
+        return [message.model_dump(exclude_none=True) for message in self.messages]
+
+
+class _FieldError(ValueError):
+    """A request-level rule broken by one field: the server names `param`."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _check_message_order(messages: list[Any]) -> None:
+    open_call_ids: set[str] | None = None  # ids of the last assistant turn's calls, while tool results may follow
+    for index, message in enumerate(messages):
+        if message.role == "tool":
+            if open_call_ids is None:
+                raise _FieldError(f"messages[{index}].role", f"messages[{index}] is a tool result, but it does not "
+                                  "follow an assistant message with tool_calls (or another tool result)")
+            if message.tool_call_id not in open_call_ids:
+                raise _FieldError(f"messages[{index}].tool_call_id",
+                                  f"messages[{index}].tool_call_id {message.tool_call_id!r} matches none of the "
+                                  f"preceding assistant message's tool_calls ids ({', '.join(sorted(open_call_ids))})")
+            continue
+        open_call_ids = ({call.id for call in message.tool_calls}
+                         if message.role == "assistant" and message.tool_calls else None)
+    if messages[-1].role == "assistant":
+        raise _FieldError(f"messages[{len(messages) - 1}].role",
+                          "the last message is an assistant message: end with a user, tool or system message, "
+                          "the model answers with the next assistant message")
+
+
+def parse_request(body: bytes | str | dict[str, Any]) -> ChatCompletionRequest:
+    """Validate a request body; every problem is an `APIError` (400) naming its parameter."""
+    if isinstance(body, bytes | str):
+        try:
+            body = json.loads(body or b"")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"The request body is not valid JSON ({exc}); send a JSON object.",
+                           code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object with 'model' and 'messages'.",
+                       code="invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, _FieldError):
+                raise APIError(400, str(cause), param=cause.param, code="invalid_value") from None
+        raise validation_error_to_api_error(exc) from None
+
+
+# ------------------------------------------------------------------------------------------------ responses
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class FunctionCallOut(_Open):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Open):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class ResponseMessage(_Open):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class Usage(_Open):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Choice(_Open):
+    index: int = 0
+    message: ResponseMessage
+    finish_reason: str | None = None
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class ChatCompletion(_Open):
+    id: str = Field(default_factory=new_completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+
+
+class FunctionCallDelta(_Open):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Open):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
+class Delta(_Open):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChunkChoice(_Open):
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Open):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Open):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "glm-workbench"
+
+
+class ModelList(_Open):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def to_json(model: BaseModel) -> str:
+    """A response as JSON without null fields (OpenAI clients read an absent field as null)."""
+    return model.model_dump_json(exclude_none=True)
