@@ -180,7 +180,11 @@ export class ChatModel {
   /** Whether answers from this model come from the local engine, which can record routing. */
   supportsRouting(modelId: string = this._state.model): boolean {
     const info = this._state.models.find(m => m.id === modelId);
-    return info?.routing ?? info?.backend === 'local';
+    if (info?.routing !== undefined) {
+      return info.routing;
+    }
+    // One backend per server: its status names it when the model card does not.
+    return (info?.backend ?? this._state.status?.backend) === 'local';
   }
 
   async send(text: string, extraContext: ContextBlock[] = []): Promise<void> {

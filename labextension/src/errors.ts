@@ -28,7 +28,9 @@ export function errorMessageFromBody(body: string): string {
   } catch {
     // not JSON: fall through to the raw text
   }
-  return body.trim().slice(0, 300);
+  const text = body.trim();
+  // An HTML error page (Jupyter's own 404, a proxy's 502) says nothing the user can act on.
+  return text.startsWith('<') ? '' : text.slice(0, 300);
 }
 
 /** Classify a failed HTTP response. */

@@ -8,6 +8,7 @@ describe('failure states', () => {
     );
     expect(errorMessageFromBody('{"message": "Forbidden", "reason": null}')).toBe('Forbidden');
     expect(errorMessageFromBody('plain text')).toBe('plain text');
+    expect(errorMessageFromBody('<html><body>404 : Not Found</body></html>')).toBe('');
   });
 
   it('maps statuses to the states the sidebar shows', () => {
@@ -20,5 +21,6 @@ describe('failure states', () => {
     expect(classifyHttpError(400, '{"error": {"message": "context too long"}}').message).toBe('context too long');
     expect(classifyHttpError(500, '{"error": {"message": "CUDA OOM"}}')).toMatchObject({ kind: 'backend' });
     expect(classifyHttpError(404, '').kind).toBe('unreachable');
+    expect(classifyHttpError(404, '<html>404 : Not Found</html>').message).toMatch(/server extension is not running/);
   });
 });

@@ -1,0 +1,76 @@
+/**
+ * Browser tests of the GLM Workbench extension: galata (JupyterLab's Playwright helpers) driving Debian's
+ * chromium (no browser download) against a real `jupyter lab` that this config starts, with the real
+ * workbench server extension. Two backends serve it (see jupyter_server_test_config.py): the local engine
+ * on a tiny checkpoint written at start-up (real routing traces) and the remote backend pointed at
+ * tests/ui/scripted_upstream.py (known thinking, code, tool calls and a long answer).
+ *
+ * Screenshots of each state go to $GLM_UI_ARTIFACTS (default: ui-tests/artifacts/).
+ */
+const path = require('path');
+const baseConfig = require('@jupyterlab/galata/lib/playwright-config');
+
+const REMOTE_PORT = Number(process.env.GLM_UI_LAB_PORT || 8895);
+const LOCAL_PORT = REMOTE_PORT + 1;
+const UPSTREAM_PORT = Number(process.env.GLM_UI_UPSTREAM_PORT || 8911);
+const python = process.env.PYTHON || 'python';
+const repo = path.resolve(__dirname, '..', '..');
+
+/** A `jupyter lab` whose workbench server extension uses `backend` (see jupyter_server_test_config.py). */
+function lab(backend, port) {
+  return {
+    command: `${python} -m jupyter lab --config jupyter_server_test_config.py --port ${port} --ip 127.0.0.1`,
+    url: `http://127.0.0.1:${port}/lab`,
+    timeout: 180 * 1000,
+    reuseExistingServer: false,
+    env: {
+      ...process.env,
+      GLM_UI_BACKEND: backend,
+      GLM_UI_UPSTREAM_URL: `http://127.0.0.1:${UPSTREAM_PORT}/v1`
+    }
+  };
+}
+
+module.exports = {
+  ...baseConfig,
+  testDir: './tests',
+  timeout: 120 * 1000,
+  expect: { timeout: 30 * 1000 },
+  retries: 0,
+  workers: 1,
+  reporter: [['list']],
+  outputDir: './test-results',
+  use: {
+    ...baseConfig.use,
+    trace: 'off',
+    video: 'off',
+    launchOptions: {
+      executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+      args: [
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-quic',
+        '--no-first-run',
+        '--disable-background-networking',
+        '--disable-component-update',
+        '--disable-sync'
+      ]
+    }
+  },
+  projects: [
+    // One backend per server: the scripted remote model for everything whose output must be known,
+    // the local engine (tests tagged @local) for real routing traces.
+    { name: 'remote', grepInvert: /@local/, use: { baseURL: `http://127.0.0.1:${REMOTE_PORT}` } },
+    { name: 'local', grep: /@local/, use: { baseURL: `http://127.0.0.1:${LOCAL_PORT}` } }
+  ],
+  webServer: [
+    {
+      command: `${python} ${path.join(repo, 'tests', 'ui', 'scripted_upstream.py')} --port ${UPSTREAM_PORT}`,
+      url: `http://127.0.0.1:${UPSTREAM_PORT}/v1/models`,
+      timeout: 30 * 1000,
+      reuseExistingServer: false
+    },
+    lab('remote', REMOTE_PORT),
+    lab('local', LOCAL_PORT)
+  ]
+};

@@ -1,0 +1,233 @@
+/**
+ * The GLM Workbench sidebar in a real JupyterLab, end to end: streaming with the thinking timer, stop,
+ * code-block insertion, tool approval, the routing panel, saved history and failure states.
+ * Each state is saved as a screenshot in the artifacts folder.
+ */
+import { expect, test, type IJupyterLabPageFixture } from '@jupyterlab/galata';
+import type { Locator } from '@playwright/test';
+import * as fs from 'fs';
+import * as path from 'path';
+
+const ARTIFACTS = process.env.GLM_UI_ARTIFACTS || path.resolve(__dirname, '..', 'artifacts');
+fs.mkdirSync(ARTIFACTS, { recursive: true });
+
+/** The scripted remote model (tests/ui/scripted_upstream.py) and what it inserts with its tool call. */
+const SCRIPTED_MODEL = 'scripted-glm';
+const INSERTED_SOURCE = "print('inserted by the tool')";
+
+async function shot(page: IJupyterLabPageFixture, name: string): Promise<void> {
+  await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
+}
+
+async function openChat(page: IJupyterLabPageFixture): Promise<Locator> {
+  await page.evaluate(async () => {
+    await window.jupyterapp.commands.execute('glm-workbench:open-chat');
+  });
+  const chat = page.locator('.glm-Chat');
+  await expect(chat).toBeVisible();
+  // the model list has arrived from GET glm/v1/models
+  await expect(chat.locator('.glm-ModelPicker option').first()).not.toHaveText('no model');
+  return chat;
+}
+
+/** Pick a model from the picker (fed by GET glm/v1/models). */
+async function chooseModel(chat: Locator, match: (id: string) => boolean): Promise<string> {
+  const ids = await chat.locator('.glm-ModelPicker option').evaluateAll(options =>
+    options.map(o => (o as HTMLOptionElement).value)
+  );
+  const id = ids.find(match);
+  expect(id, `a model matching the test among ${ids.join(', ')}`).toBeTruthy();
+  await chat.locator('.glm-ModelPicker').selectOption(id!);
+  return id!;
+}
+
+/** The remote backend's model: the scripted endpoint. */
+const scripted = (chat: Locator) => chooseModel(chat, id => id === SCRIPTED_MODEL);
+/** The local engine's model (the @local project's server). */
+const local = (chat: Locator) => chooseModel(chat, id => id !== SCRIPTED_MODEL && id !== '');
+
+async function send(chat: Locator, text: string): Promise<void> {
+  const input = chat.getByLabel('Message');
+  await input.fill(text);
+  await input.press('Enter');
+}
+
+async function lastAnswer(chat: Locator): Promise<Locator> {
+  const answer = chat.locator('.glm-Message.glm-mod-assistant').last();
+  await expect(answer).toBeVisible();
+  return answer;
+}
+
+/** The source of cell `index` of the active notebook, read from its model. */
+async function cellSource(page: IJupyterLabPageFixture, index: number): Promise<string> {
+  return page.evaluate(i => {
+    const panel = window.jupyterapp.shell.currentWidget as any;
+    return panel.content.model.cells.get(i).sharedModel.getSource();
+  }, index);
+}
+
+async function cellCount(page: IJupyterLabPageFixture): Promise<number> {
+  return page.evaluate(() => (window.jupyterapp.shell.currentWidget as any).content.model.cells.length);
+}
+
+test.describe('GLM Workbench sidebar', () => {
+  test('streams thinking with a live timer, then the answer', async ({ page }) => {
+    const chat = await openChat(page);
+    await scripted(chat);
+    await chat.getByLabel('Thinking mode').selectOption('on');
+    await send(chat, 'Please think, then write an add function');
+
+    const label = chat.locator('.glm-Thinking-label');
+    await expect(label).toHaveText(/^Thinking \d+\.\d s$/);
+    const first = await label.textContent();
+    await page.waitForTimeout(400);
+    expect(await label.textContent(), 'the timer runs while the model thinks').not.toBe(first);
+    await expect(chat.locator('.glm-Thinking-body')).toContainText('adds two numbers');
+    await shot(page, '01-thinking-live');
+
+    const answer = await lastAnswer(chat);
+    await expect(answer).toContainText('It adds two numbers.');
+    await expect(label).toHaveText(/^Thought for \d+\.\d s · \d+ tokens$/);
+    // collapsed once the answer started (default setting), expands on click
+    const header = chat.locator('.glm-Thinking-header');
+    await expect(header).toHaveAttribute('aria-expanded', 'false');
+    await expect(chat.locator('.glm-Thinking-body')).toHaveCount(0);
+    await header.click();
+    await expect(header).toHaveAttribute('aria-expanded', 'true');
+    await expect(chat.locator('.glm-Thinking-body')).toContainText('plain def with two parameters');
+    // usage and speed under the answer; the code block is highlighted with its actions
+    await expect(answer.locator('.glm-Usage')).toHaveText(/\d+ tokens · [\d.]+ tok\/s/);
+    await expect(answer.locator('.glm-CodeBlock code')).toContainText('def add(a, b):');
+    await expect(answer.locator('.glm-CodeBlock-insert')).toBeVisible();
+    await shot(page, '02-answer-with-thought');
+  });
+
+  test('Escape stops a long answer', async ({ page }) => {
+    const chat = await openChat(page);
+    await scripted(chat);
+    await send(chat, 'Give me a long answer');
+    const answer = await lastAnswer(chat);
+    await expect(answer).toContainText('word5');
+    await shot(page, '03-long-answer-streaming');
+    await chat.getByLabel('Message').press('Escape');
+    await expect(answer.locator('.glm-Note')).toHaveText('Stopped.');
+    await expect(chat.getByLabel('Send message')).toBeVisible();
+    const stoppedText = await answer.locator('.glm-Markdown').textContent();
+    await page.waitForTimeout(1000);
+    expect(await answer.locator('.glm-Markdown').textContent(), 'no text arrives after stop').toBe(stoppedText);
+    expect(stoppedText).not.toContain('word300');
+    await shot(page, '04-long-answer-stopped');
+  });
+
+  test('inserts a code block below the active cell', async ({ page }) => {
+    await page.notebook.createNew('insert.ipynb');
+    await page.notebook.setCell(0, 'code', 'x = 1');
+    const chat = await openChat(page);
+    await scripted(chat);
+    await send(chat, 'think and write an add function');
+    const answer = await lastAnswer(chat);
+    await expect(answer).toContainText('It adds two numbers.');
+    await answer.locator('.glm-CodeBlock-insert').first().click();
+    await expect.poll(() => cellCount(page)).toBe(2);
+    expect(await cellSource(page, 1)).toBe('def add(a, b):\n    return a + b');
+    expect(await cellSource(page, 0)).toBe('x = 1');
+    await shot(page, '05-code-inserted');
+  });
+
+  test('asks before a tool call and runs it once approved', async ({ page }) => {
+    await page.notebook.createNew('tools.ipynb');
+    await page.notebook.setCell(0, 'code', 'y = 2');
+    const chat = await openChat(page);
+    await scripted(chat);
+    await send(chat, 'Use a tool to add a cell');
+    const call = chat.locator('.glm-ToolCall');
+    await expect(call).toContainText('insert_cell');
+    await expect(call).toContainText('waiting for approval');
+    await expect(call.locator('.glm-ToolCall-args')).toContainText('inserted by the tool');
+    expect(await cellCount(page), 'nothing happens before approval').toBe(1);
+    await shot(page, '06-tool-call-pending');
+    await call.getByRole('button', { name: 'Approve' }).click();
+    await expect(call).toContainText('done');
+    await expect.poll(() => cellCount(page)).toBe(2);
+    expect(await cellSource(page, 1)).toBe(INSERTED_SOURCE);
+    // the result went back to the model, which answered
+    await expect(chat.locator('.glm-Message.glm-mod-assistant').last()).toContainText('the new cell is in the notebook');
+    await shot(page, '07-tool-call-approved');
+  });
+
+  test('shows the expert routing of a local answer @local', async ({ page }) => {
+    const chat = await openChat(page);
+    await local(chat);
+    await chat.getByLabel('Thinking mode').selectOption('off');
+    await send(chat, 'hello');
+    const answer = await lastAnswer(chat);
+    const experts = answer.getByRole('button', { name: 'Show expert routing of this answer' });
+    await expect(experts).toBeVisible({ timeout: 60 * 1000 });
+    await experts.click();
+    const panel = page.locator('.glm-RoutingPanel');
+    await expect(panel.locator('.glm-Routing-summary')).toContainText('MoE layers');
+    // plotly drew both heatmaps
+    await expect(panel.locator('.glm-Plot .heatmaplayer')).toHaveCount(2);
+    await panel.locator('.glm-Token').first().click();
+    const detail = panel.locator('.glm-TokenDetail');
+    await expect(detail).toBeVisible();
+    expect(await detail.locator('tbody tr').count()).toBeGreaterThan(0);
+    await expect(detail.locator('.glm-ExpertChip').first()).toHaveText(/^e\d+/);
+    await shot(page, '08-routing-panel');
+  });
+
+  test('keeps conversations across reloads', async ({ page }) => {
+    const chat = await openChat(page);
+    await scripted(chat);
+    const title = `Remember me ${Date.now()}`;
+    await send(chat, title);
+    await expect(await lastAnswer(chat)).toContainText('Hello from the scripted model.');
+    await expect(chat.getByLabel('Send message')).toBeVisible();
+    await page.reload();
+    const again = await openChat(page);
+    await again.getByLabel('Past conversations').click();
+    const item = again.locator('.glm-History-open', { hasText: title });
+    await expect(item).toBeVisible();
+    await shot(page, '09-history');
+    await item.click();
+    await expect(again.locator('.glm-Message.glm-mod-user')).toContainText(title);
+    await expect(again.locator('.glm-Message.glm-mod-assistant')).toContainText('Hello from the scripted model.');
+  });
+
+  test('shows failure states and recovers', async ({ page }) => {
+    // The server answers "model still loading" (503) for a moment.
+    await page.route('**/glm/v1/models', route =>
+      route.fulfill({
+        status: 503,
+        contentType: 'application/json',
+        body: JSON.stringify({ error: { message: 'loading weights 40%', type: 'server_error' } })
+      })
+    );
+    await page.reload();
+    await page.evaluate(async () => {
+      await window.jupyterapp.commands.execute('glm-workbench:open-chat');
+    });
+    const chat = page.locator('.glm-Chat');
+    const banner = chat.getByRole('alert');
+    await expect(banner).toContainText('Model still loading');
+    await expect(banner).toContainText('loading weights 40%');
+    await shot(page, '10-model-loading');
+    await page.unroute('**/glm/v1/models');
+    await banner.getByRole('button', { name: 'Retry' }).click();
+    await expect(chat.getByRole('alert')).toHaveCount(0);
+    await expect(chat.locator('.glm-ModelPicker option').first()).not.toHaveText('no model');
+  });
+
+  test('follows the dark theme', async ({ page }) => {
+    await page.theme.setDarkTheme();
+    const chat = await openChat(page);
+    await scripted(chat);
+    await send(chat, 'think about colours');
+    await expect(await lastAnswer(chat)).toContainText('It adds two numbers.');
+    const background = await chat.evaluate(el => getComputedStyle(el.closest('.glm-ChatSidebar')!).backgroundColor);
+    const [r, g, b] = background.match(/\d+/g)!.map(Number);
+    expect(r + g + b, `a dark background, got ${background}`).toBeLessThan(3 * 100);
+    await shot(page, '11-dark-theme');
+    await page.theme.setLightTheme();
+  });
+});

@@ -1,0 +1,146 @@
+"""A scripted OpenAI-compatible GLM endpoint for the browser tests: the "remote GLM server" they point the
+workbench's remote backend at, so that what the model says (thinking, code, tool calls, a long answer) is
+known in advance and streams at a known pace.
+
+It stands at the network boundary only: the browser talks to the real JupyterLab and the real workbench
+server extension, which talks to this endpoint as it would to Z.ai or vLLM. The script is chosen by a
+keyword in the last user message:
+
+- ``think``: reasoning streamed over about 1.5 s, then an answer with a Python code block;
+- ``long``:  an answer that streams for up to a minute, for the stop button;
+- ``tool``:  a call to ``insert_cell``; after the tool result comes back, a short confirmation;
+- anything else: a one-line answer.
+
+Run: ``python tests/ui/scripted_upstream.py --port 8911`` (prints ``READY <port>`` when listening).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MODEL_ID = "scripted-glm"
+INSERTED_SOURCE = "print('inserted by the tool')"
+CODE_ANSWER = "Here is the function:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\nIt adds two numbers."
+
+Delta = dict  # one `choices[0].delta` of the stream
+
+
+def _words(text: str) -> list[str]:
+    out, word = [], ""
+    for ch in text:
+        word += ch
+        if ch in " \n":
+            out.append(word)
+            word = ""
+    return out + ([word] if word else [])
+
+
+def script_for(messages: list[dict]) -> tuple[list[Delta], float, str]:
+    """The deltas to stream, the pause between them (s) and the finish reason."""
+    last = messages[-1] if messages else {}
+    if last.get("role") == "tool":
+        return [{"content": w} for w in _words("Done: the new cell is in the notebook.")], 0.02, "stop"
+    text = str(last.get("content") or "").lower()
+    if "think" in text:
+        reasoning = [{"reasoning_content": w} for w in _words(
+            "The user wants a function that adds two numbers. A plain def with two parameters is enough, "
+            "and a short docstring is not needed for something this small. I will answer with the code.")]
+        return reasoning + [{"content": w} for w in _words(CODE_ANSWER)], 0.05, "stop"
+    if "long" in text:
+        return [{"content": f"word{i} "} for i in range(600)], 0.1, "length"
+    if "tool" in text:
+        call = {"index": 0, "id": "call_insert_1", "type": "function",
+                "function": {"name": "insert_cell", "arguments": json.dumps({"source": INSERTED_SOURCE})}}
+        return [{"tool_calls": [call]}], 0.02, "tool_calls"
+    return [{"content": w} for w in _words("Hello from the scripted model.")], 0.02, "stop"
+
+
+def chunks(completion_id: str, deltas: list[Delta], pause: float, finish: str) -> Iterator[dict]:
+    base = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": MODEL_ID}
+    yield base | {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+    for delta in deltas:
+        time.sleep(pause)
+        yield base | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    yield base | {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+    yield base | {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": len(deltas),
+                                           "total_tokens": 12 + len(deltas)}}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args) -> None:  # quiet: the test output is the browser's
+        pass
+
+    def _json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/").endswith("/models"):
+            self._json(200, {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "owned_by": "test"}]})
+        else:
+            self._json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+
+    def do_POST(self) -> None:
+        if not self.path.rstrip("/").endswith("/chat/completions"):
+            self._json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+            return
+        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        deltas, pause, finish = script_for(request.get("messages") or [])
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+        if not request.get("stream"):
+            message: dict = {"role": "assistant", "content": "".join(d.get("content", "") for d in deltas) or None}
+            reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+            if reasoning:
+                message["reasoning_content"] = reasoning
+            calls = [c for d in deltas for c in d.get("tool_calls", [])]
+            if calls:
+                message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+            self._json(200, {"id": completion_id, "object": "chat.completion", "model": MODEL_ID,
+                             "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                             "usage": {"prompt_tokens": 12, "completion_tokens": len(deltas),
+                                       "total_tokens": 12 + len(deltas)}})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            for chunk in chunks(completion_id, deltas, pause, finish):
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped the answer: that is what the stop test wants
+        self.close_connection = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server.daemon_threads = True
+    print(f"READY {server.server_address[1]}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
