@@ -36,9 +36,7 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
 
 
-def prefill_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> torch.Tensor:
+def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention for one sequence: q [Tq, Hq, Dh], k/v [Tk, Hk, Dh] with Tk >= Tq -> [Tq, Hq, Dh].
 
     The queries are the last Tq positions of the Tk keys: query i sees keys j <= i + (Tk - Tq).
@@ -163,20 +161,12 @@ def _decode_split_kernel(
         slot = pos % KV_BLOCK
         kv_mask = pos_mask[:, None] & dim_mask[None, :]
         k = tl.load(
-            k_cache_ptr
-            + block[:, None] * stride_kb
-            + slot[:, None] * stride_ks
-            + kv_head * stride_kh
-            + dims[None, :],
+            k_cache_ptr + block[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh + dims[None, :],
             mask=kv_mask,
             other=0.0,
         )
         v = tl.load(
-            v_cache_ptr
-            + block[:, None] * stride_vb
-            + slot[:, None] * stride_vs
-            + kv_head * stride_vh
-            + dims[None, :],
+            v_cache_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh + dims[None, :],
             mask=kv_mask,
             other=0.0,
         )
@@ -283,9 +273,7 @@ def decode_attention_triton(
         f"{list(k_cache.shape)} and {list(v_cache.shape)}",
     )
     kv_heads, kv_block = k_cache.shape[2], k_cache.shape[1]
-    check(
-        num_heads % kv_heads == 0, f"decode_attention: Hq = {num_heads} must be a multiple of Hk = {kv_heads}"
-    )
+    check(num_heads % kv_heads == 0, f"decode_attention: Hq = {num_heads} must be a multiple of Hk = {kv_heads}")
     check(
         block_tables.dim() == 2 and block_tables.shape[0] == batch,
         f"decode_attention: block_tables must be [B={batch}, max_blocks]; got {list(block_tables.shape)}",
@@ -415,9 +403,7 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    last_key = tl.minimum(
-        (tl.program_id(0) + 1) * BLOCK_M - 1 + offset, num_k - 1
-    )  # the tile's last visible key
+    last_key = tl.minimum((tl.program_id(0) + 1) * BLOCK_M - 1 + offset, num_k - 1)  # the tile's last visible key
     for n0 in range(0, last_key + 1, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_mask = keys < num_k
@@ -465,9 +451,7 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     num_q, num_heads, head_dim = q.shape
     num_k, kv_heads = k.shape[0], k.shape[1]
     check(k.shape[2] == head_dim, f"prefill_attention: k head dim {k.shape[2]} != q head dim {head_dim}")
-    check(
-        num_k >= num_q, f"prefill_attention: {num_k} keys < {num_q} queries (queries are the last positions)"
-    )
+    check(num_k >= num_q, f"prefill_attention: {num_k} keys < {num_q} queries (queries are the last positions)")
     check(
         num_heads % kv_heads == 0,
         f"prefill_attention: Hq = {num_heads} must be a multiple of Hk = {kv_heads}",

@@ -58,9 +58,7 @@ def quantize_weight_blockwise(
     return q.view(*lead, cdiv(n, bn) * bn, cdiv(k, bk) * bk)[..., :n, :k].contiguous(), scale
 
 
-def expand_block_scale(
-    scale: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]
-) -> torch.Tensor:
+def expand_block_scale(scale: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor:
     """A block scale [..., N/bn, K/bk] repeated to one value per weight element [..., N, K]."""
     n, k = shape
     bn, bk = block_size
@@ -95,14 +93,11 @@ def check_weight_scale(weight: torch.Tensor, scale: torch.Tensor, block_size: tu
         how = f"one scale per {bn}x{bk} block"
     check(
         tuple(scale.shape) == want,
-        f"fp8: weight {list(weight.shape)} needs a scale of shape {list(want)} ({how}); "
-        f"got {list(scale.shape)}",
+        f"fp8: weight {list(weight.shape)} needs a scale of shape {list(want)} ({how}); got {list(scale.shape)}",
     )
 
 
-def per_token_quant_reference(
-    x: torch.Tensor, group_size: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_quant_reference(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic activation quantisation: x [M, K] -> (e4m3 [M, K], fp32 scale [M, G]).
 
     One scale per row (G = 1) or, with `group_size`, one per group of `group_size` columns
@@ -117,9 +112,7 @@ def per_token_quant_reference(
     return q.view(rows, num_groups * group)[:, :cols].contiguous(), scale
 
 
-def dequantize_activation(
-    q: torch.Tensor, scale: torch.Tensor, group_size: int | None = None
-) -> torch.Tensor:
+def dequantize_activation(q: torch.Tensor, scale: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
     """The fp32 values that per-token e4m3 activations `q` [M, K] with `scale` [M, G] stand for."""
     cols = q.shape[1]
     return q.float() * scale.repeat_interleave(cols if group_size is None else group_size, dim=1)[:, :cols]
@@ -164,9 +157,7 @@ def round_to_e4m3(v):
     exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # below 2^-6 the spacing is that of the subnormals
     ulp = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
     scaled = v / ulp  # exact: ulp is a power of two
-    magic = (
-        12582912.0  # 1.5 * 2^23: adding and removing it rounds |scaled| < 2^22 to an integer, ties to even
-    )
+    magic = 12582912.0  # 1.5 * 2^23: adding and removing it rounds |scaled| < 2^22 to an integer, ties to even
     rounded = (scaled + magic) - magic
     return (rounded * ulp).to(tl.float8e4nv)
 
@@ -176,35 +167,40 @@ def _per_token_quant_kernel(
     x_ptr,
     q_ptr,
     scale_ptr,
+    num_rows,
     num_cols,
+    num_groups,
     stride_x,
     stride_q,
     stride_scale,
     GROUP: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    group = tl.program_id(1)
-    start = group * GROUP
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for c0 in range(0, GROUP, BLOCK):
-        cols = start + c0 + tl.arange(0, BLOCK)
-        mask = (cols < num_cols) & (c0 + tl.arange(0, BLOCK) < GROUP)
-        amax = tl.maximum(
-            amax, tl.abs(tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32))
-        )
-    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12 / 448.0)
-    tl.store(scale_ptr + row * stride_scale + group, scale)
-    for c0 in range(0, GROUP, BLOCK):
-        cols = start + c0 + tl.arange(0, BLOCK)
-        mask = (cols < num_cols) & (c0 + tl.arange(0, BLOCK) < GROUP)
-        v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(q_ptr + row * stride_q + cols, round_to_e4m3(v / scale), mask=mask)
+    # BLOCK_R rows a program, their groups one after the other; a group wider than BLOCK_K is read twice
+    # (largest magnitude, then quantise).
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < num_rows
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_x
+    q_rows = q_ptr + rows[:, None].to(tl.int64) * stride_q
+    for group in range(0, num_groups):
+        start = group * GROUP
+        amax = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, GROUP, BLOCK_K):
+            cols = start + c0 + tl.arange(0, BLOCK_K)
+            mask = row_mask[:, None] & ((cols < num_cols) & (c0 + tl.arange(0, BLOCK_K) < GROUP))[None, :]
+            values = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(values), axis=1))
+        scale = tl.maximum(amax / 448.0, 1e-12 / 448.0)
+        tl.store(scale_ptr + rows.to(tl.int64) * stride_scale + group, scale, mask=row_mask)
+        for c0 in range(0, GROUP, BLOCK_K):
+            cols = start + c0 + tl.arange(0, BLOCK_K)
+            mask = row_mask[:, None] & ((cols < num_cols) & (c0 + tl.arange(0, BLOCK_K) < GROUP))[None, :]
+            values = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_rows + cols[None, :], round_to_e4m3(values / scale[:, None]), mask=mask)
 
 
-def per_token_quant_triton(
-    x: torch.Tensor, group_size: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_quant_triton(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `per_token_quant_reference`."""
     require_triton(x.device)
     check(x.dim() == 2, f"per_token_quant: x must be [M, K]; got {list(x.shape)}")
@@ -216,18 +212,22 @@ def per_token_quant_triton(
     q = new_output((rows, cols), FP8_DTYPE, x.device)
     scale = new_output((rows, num_groups), torch.float32, x.device)
     if rows and cols:
-        block = min(1024, next_power_of_2(group))
-        _per_token_quant_kernel[(rows, num_groups)](
+        block_k = min(1024, max(16, next_power_of_2(group)))
+        block_r = max(1, min(16, 2048 // block_k))
+        _per_token_quant_kernel[(triton.cdiv(rows, block_r),)](
             x,
             q,
             scale,
+            rows,
             cols,
+            num_groups,
             x.stride(0),
             q.stride(0),
             scale.stride(0),
             GROUP=group,
-            BLOCK=block,
-            num_warps=4 if block >= 512 else 1,
+            BLOCK_R=block_r,
+            BLOCK_K=block_k,
+            num_warps=4,
         )
     return q, scale
 
@@ -323,9 +323,7 @@ def _fp8_linear_kernel(
     if WEIGHT_MODE == 1:
         acc = acc * tl.load(w_scale_ptr + cols * stride_wsn, mask=col_mask, other=0.0)[None, :]
         if ACT_QUANT:
-            acc = (
-                acc * tl.load(a_scale_ptr + rows.to(tl.int64) * stride_asm, mask=row_mask, other=0.0)[:, None]
-            )
+            acc = acc * tl.load(a_scale_ptr + rows.to(tl.int64) * stride_asm, mask=row_mask, other=0.0)[:, None]
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(

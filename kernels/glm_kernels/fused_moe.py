@@ -85,30 +85,18 @@ def fused_moe_reference(
             expert_out = F.linear(hidden, w_down[expert]).float()
         else:
             inputs = x[rows]
-            a = (
-                dequantize_activation(*per_token_quant_reference(inputs, group), group)
-                if act_quant
-                else inputs.float()
-            )
+            a = dequantize_activation(*per_token_quant_reference(inputs, group), group) if act_quant else inputs.float()
             gate_up = a @ _dequantize_gate_up(w_gate_up[expert], w_gate_up_scale[expert], block_size).t()
             hidden = (F.silu(gate_up[:, :width]) * gate_up[:, width:]).to(x.dtype)
-            a = (
-                dequantize_activation(*per_token_quant_reference(hidden, group), group)
-                if act_quant
-                else hidden.float()
-            )
-            expert_out = (a @ dequantize_weight(w_down[expert], w_down_scale[expert], block_size).t()).to(
-                x.dtype
-            )
+            a = dequantize_activation(*per_token_quant_reference(hidden, group), group) if act_quant else hidden.float()
+            expert_out = (a @ dequantize_weight(w_down[expert], w_down_scale[expert], block_size).t()).to(x.dtype)
             expert_out = expert_out.float()
         out.index_add_(0, rows, expert_out * pair_weights[start : start + count, None])
         start += count
     return out.to(x.dtype)
 
 
-def _dequantize_gate_up(
-    weight: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] | None
-) -> torch.Tensor:
+def _dequantize_gate_up(weight: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] | None) -> torch.Tensor:
     """One expert's e4m3 gate_up [2I, D] -> fp32; block-wise scales hold the gate's block rows, then the
     up's."""
     if block_size is None:
@@ -204,9 +192,7 @@ def moe_align_reference(
 
 # --- Triton: alignment --------------------------------------------------------------------------------------
 @triton.jit
-def _count_chunk(
-    topk_ids_ptr, counts_ptr, chunk, num_pairs, num_experts, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr
-):
+def _count_chunk(topk_ids_ptr, counts_ptr, chunk, num_pairs, num_experts, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
     """counts[chunk, e] = how many of the pairs [chunk * CHUNK, (chunk + 1) * CHUNK) chose expert e."""
     pairs = chunk * CHUNK + tl.arange(0, CHUNK)
     experts = tl.arange(0, BLOCK_E)
@@ -348,9 +334,7 @@ def _align_fused_kernel(
 
 
 @triton.jit
-def _count_kernel(
-    topk_ids_ptr, counts_ptr, num_pairs, num_experts, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr
-):
+def _count_kernel(topk_ids_ptr, counts_ptr, num_pairs, num_experts, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
     _count_chunk(topk_ids_ptr, counts_ptr, tl.program_id(0), num_pairs, num_experts, CHUNK, BLOCK_E)
 
 
@@ -399,9 +383,7 @@ def _scatter_kernel(
     CHUNK: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    _scatter_chunk(
-        topk_ids_ptr, bases_ptr, sorted_ids_ptr, tl.program_id(0), num_pairs, num_experts, CHUNK, BLOCK_E
-    )
+    _scatter_chunk(topk_ids_ptr, bases_ptr, sorted_ids_ptr, tl.program_id(0), num_pairs, num_experts, CHUNK, BLOCK_E)
 
 
 def padded_capacity(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -460,9 +442,7 @@ def moe_align_block_size(
     else:
         _count_kernel[(num_chunks,)](flat, counts, num_pairs, num_experts, CHUNK=chunk, BLOCK_E=block_e)
         _plan_kernel[(1,)](*plan_args, **common, num_warps=8)
-        _scatter_kernel[(num_chunks,)](
-            flat, bases, sorted_ids, num_pairs, num_experts, CHUNK=chunk, BLOCK_E=block_e
-        )
+        _scatter_kernel[(num_chunks,)](flat, bases, sorted_ids, num_pairs, num_experts, CHUNK=chunk, BLOCK_E=block_e)
     return sorted_ids, expert_ids, num_padded
 
 
@@ -515,9 +495,7 @@ def _moe_gate_up_kernel(
     scale_base = w_scale_ptr + expert * stride_wse
     if WEIGHT_MODE == 2:  # block rows of the gate half, then of the up half
         gate_scale_rows = scale_base + (cols // GROUP_N)[None, :] * stride_wsn
-        up_scale_rows = (
-            scale_base + ((width + GROUP_N - 1) // GROUP_N + cols // GROUP_N)[None, :] * stride_wsn
-        )
+        up_scale_rows = scale_base + ((width + GROUP_N - 1) // GROUP_N + cols // GROUP_N)[None, :] * stride_wsn
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     a_scale = 1.0
@@ -531,12 +509,8 @@ def _moe_gate_up_kernel(
         b_gate = tl.load(gate_cols + ks[:, None], mask=b_mask, other=0.0)
         b_up = tl.load(up_cols + ks[:, None], mask=b_mask, other=0.0)
         if WEIGHT_MODE == 2:
-            gate_scale = tl.load(
-                gate_scale_rows + (k0 // GROUP_K) * stride_wsk, mask=col_mask[None, :], other=0.0
-            )
-            up_scale = tl.load(
-                up_scale_rows + (k0 // GROUP_K) * stride_wsk, mask=col_mask[None, :], other=0.0
-            )
+            gate_scale = tl.load(gate_scale_rows + (k0 // GROUP_K) * stride_wsk, mask=col_mask[None, :], other=0.0)
+            up_scale = tl.load(up_scale_rows + (k0 // GROUP_K) * stride_wsk, mask=col_mask[None, :], other=0.0)
             if ACT_QUANT:
                 a_scale = tl.load(
                     x_scale_ptr + tokens[:, None] * stride_xsm + k0 // GROUP_K, mask=valid[:, None], other=0.0
@@ -643,9 +617,7 @@ def _moe_sum_kernel(pair_out_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_D:
     mask = cols < hidden
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for k in tl.static_range(TOP_K):
-        acc += tl.load(pair_out_ptr + (token * TOP_K + k) * hidden + cols, mask=mask, other=0.0).to(
-            tl.float32
-        )
+        acc += tl.load(pair_out_ptr + (token * TOP_K + k) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -680,9 +652,7 @@ def fused_moe_triton(
         x.dtype in (torch.float32, torch.bfloat16, torch.float16),
         f"fused_moe: activations must be fp32, bf16 or fp16; got {x.dtype}",
     )
-    check(
-        w_gate_up.stride(-1) == 1 and w_down.stride(-1) == 1, "fused_moe: expert weights need contiguous rows"
-    )
+    check(w_gate_up.stride(-1) == 1 and w_down.stride(-1) == 1, "fused_moe: expert weights need contiguous rows")
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
     experts, width = w_gate_up.shape[0], w_down.shape[2]

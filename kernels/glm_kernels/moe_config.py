@@ -47,9 +47,7 @@ def _load(path: Path) -> dict[int, dict]:
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(
-            f"MoE tile config {path} is unreadable or not JSON ({exc}); fix or delete it"
-        ) from exc
+        raise ValueError(f"MoE tile config {path} is unreadable or not JSON ({exc}); fix or delete it") from exc
     table: dict[int, dict] = {}
     for tokens, config in raw.items():
         missing = [k for k in CONFIG_KEYS if k not in config]

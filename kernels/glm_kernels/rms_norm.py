@@ -74,9 +74,7 @@ def rms_norm_triton(
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     res_rows = None if residual is None else residual.reshape(-1, dim).contiguous()
-    out_dtype = torch.promote_types(
-        weight.dtype, x.dtype
-    )  # `weight * normed` promotes like this in the reference
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)  # `weight * normed` promotes like this in the reference
     out = new_output(rows.shape, out_dtype, x.device)
     summed = new_output(rows.shape, x.dtype, x.device) if residual is not None else None
     if rows.shape[0] > 0:

@@ -122,9 +122,7 @@ def _route_kernel(
     slots = tl.arange(0, BLOCK_K)
     top_ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int64)
     top_weights = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    for k in tl.static_range(
-        TOP_K
-    ):  # tl.argmax takes the lowest index among equal maxima, as torch.topk does
+    for k in tl.static_range(TOP_K):  # tl.argmax takes the lowest index among equal maxima, as torch.topk does
         pick = tl.argmax(choice, axis=1)
         picked = experts[None, :] == pick[:, None]
         weight = tl.sum(tl.where(picked, scores, 0.0), axis=1)
@@ -175,13 +173,10 @@ def route_triton(
         f"route: n_group = {n_group} must divide E = {num_experts}",
     )
     check(1 <= topk_group <= n_group, f"route: topk_group = {topk_group} must be in [1, n_group = {n_group}]")
-    check(
-        n_group == 1 or num_experts // n_group >= 2, "route: group-limited routing needs >= 2 experts a group"
-    )
+    check(n_group == 1 or num_experts // n_group >= 2, "route: group-limited routing needs >= 2 experts a group")
     check(
         topk_group * (num_experts // n_group) >= top_k,
-        f"route: {topk_group} kept group(s) of {num_experts // n_group} experts hold fewer than "
-        f"top_k = {top_k}",
+        f"route: {topk_group} kept group(s) of {num_experts // n_group} experts hold fewer than top_k = {top_k}",
     )
     check(
         num_experts <= 1024,
