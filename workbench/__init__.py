@@ -4,3 +4,10 @@
 def _jupyter_labextension_paths() -> list[dict[str, str]]:
     """Where JupyterLab finds the prebuilt extension (labextension/ builds into workbench/labextension/)."""
     return [{"src": "labextension", "dest": "glm-workbench"}]
+
+
+def load_ipython_extension(ipython) -> None:
+    """`%load_ext workbench`: registers the `%%glm` and `%glm` magics (see workbench.magics)."""
+    from workbench.magics import load_ipython_extension as load
+
+    load(ipython)

@@ -1,0 +1,120 @@
+"""Helpers of the `%%glm` tests: a scripted OpenAI-compatible GLM endpoint (the network boundary: what a
+remote server would answer, known in advance) and small utilities. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from IPython.core.interactiveshell import InteractiveShell
+
+from workbench.magics import GLMMagics
+
+SCRIPTED_MODEL = "scripted-glm"
+REASONING = ["The user ", "wants code. ", "I will ", "print it."]
+
+
+def _code_for(prompt: str) -> str:
+    first_line = prompt.strip().splitlines()[-1] if prompt.strip() else ""
+    return f"print({first_line!r})"
+
+
+def answer_parts(prompt: str) -> list[str]:
+    return ["Here you go:\n\n", "```python\n", _code_for(prompt) + "\n", "```\n"]
+
+
+def answer_for(prompt: str) -> str:
+    """The whole answer the endpoint streams for a prompt (without NOCODE)."""
+    return "".join(answer_parts(prompt))
+
+
+class ScriptedUpstream:
+    """An OpenAI-compatible endpoint whose answers are known in advance; it records every request body.
+
+    - a prompt with NOCODE: a plain answer without a fenced block;
+    - FORGET-ME anywhere but the last message: 400 context_length_exceeded (memory too long);
+    - otherwise: reasoning in four deltas, then a fenced python block printing the prompt's last line.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                self._json(200, {"object": "list", "data": [{"id": SCRIPTED_MODEL, "object": "model"}]})
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                upstream.requests.append(body)
+                messages = body["messages"]
+                if any("FORGET-ME" in str(m.get("content")) for m in messages[:-1]):
+                    self._json(400, {"error": {"message": "This model's maximum context length is 100 tokens.",
+                                               "type": "invalid_request_error", "param": "messages",
+                                               "code": "context_length_exceeded"}})
+                    return
+                prompt = str(messages[-1]["content"])
+                if "NOCODE" in prompt:
+                    reasoning, content = [], ["Just ", "words."]
+                else:
+                    reasoning = REASONING
+                    content = answer_parts(prompt)
+                base = {"id": f"chatcmpl-{len(upstream.requests)}", "object": "chat.completion.chunk",
+                        "created": int(time.time()), "model": SCRIPTED_MODEL}
+                if not body.get("stream"):
+                    message = {"role": "assistant", "content": "".join(content),
+                               "reasoning_content": "".join(reasoning) or None}
+                    self._json(200, base | {"object": "chat.completion", "choices": [
+                        {"index": 0, "message": message, "finish_reason": "stop"}]})
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                deltas = [{"role": "assistant"}] + [{"reasoning_content": r} for r in reasoning] + \
+                    [{"content": c} for c in content]
+                for delta in deltas:
+                    self._event(base | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                self._event(base | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+                self.close_connection = True
+
+            def _event(self, payload: dict) -> None:
+                self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
+                self.wfile.flush()
+
+            def _json(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def magics_of(shell: InteractiveShell) -> GLMMagics:
+    return shell.magics_manager.registry["GLMMagics"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
