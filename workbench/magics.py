@@ -225,12 +225,12 @@ class ServerConnection(Connection):
             error = response.json().get("error")
         except (ValueError, AttributeError):
             error = None
-        if isinstance(error, dict) and error.get("message"):
-            return GLMError(str(error["message"]), code=error.get("code"))
-        if response.status_code in (401, 403):
+        if response.status_code in (401, 403):  # the server's own text speaks to HTTP clients, not notebooks
             return GLMError(f"the Jupyter server at {self.server.url} refused this kernel "
                             f"({response.status_code}): it did not accept the token. Name the server and its "
                             "token yourself: %glm use server URL TOKEN")
+        if isinstance(error, dict) and error.get("message"):
+            return GLMError(str(error["message"]), code=error.get("code"))
         if response.status_code == 404:
             return GLMError(f"the Jupyter server at {self.server.url} has no GLM API ({path} answered 404): "
                             "install glm-workbench in the server's environment, run `jupyter server extension "
@@ -407,16 +407,16 @@ class InProcessConnection(Connection):
         self.loop.close()
 
 
-def default_model_path() -> str | None:
-    """The bundled small checkpoint, when this installation has it."""
+def bundled_model() -> tuple[str | None, str]:
+    """The bundled small checkpoint's folder, or None and why not."""
     try:
-        from workbench.models import default_model_path as find
+        from workbench.models import default_model_path
     except ImportError:
-        return None
-    with contextlib.suppress(Exception):
-        path = find()
-        return str(path) if path and Path(path).exists() else None
-    return None
+        return None, "this installation has no bundled model"
+    try:
+        return str(default_model_path()), ""
+    except (FileNotFoundError, OSError) as exc:
+        return None, str(exc)
 
 
 # --- the session: where requests go, and what the conversation so far was ------------------------------
@@ -462,11 +462,11 @@ class Session:
             server = find_jupyter_server()
             if server is not None:
                 return ServerConnection(server, settings.timeout)
-        path = settings.model_path or default_model_path()
+        path, why_not = (settings.model_path, "") if settings.model_path else bundled_model()
         if not path:
-            raise GLMError("no model to run in this kernel: the bundled model is not installed and no "
-                           "checkpoint is set. `%glm config model_path=/path/to/checkpoint`, or "
-                           "`%glm use remote URL MODEL` for a hosted GLM endpoint")
+            raise GLMError(f"no model to run in this kernel ({why_not}). Set a checkpoint with "
+                           "`%glm config model_path=/path/to/checkpoint`, or `%glm use remote URL MODEL` for a "
+                           "hosted GLM endpoint")
         if not Path(path).expanduser().is_dir():
             raise GLMError(f"model_path {path} is not a checkpoint folder (config.json, *.safetensors, "
                            "tokenizer.json): `%glm config model_path=/path/to/checkpoint`")

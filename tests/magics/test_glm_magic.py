@@ -283,3 +283,23 @@ def test_no_model_in_process_says_what_to_do(shell, tmp_path):
 ])
 def test_extract_code(answer, code):
     assert extract_code(answer) == code
+
+
+# --- rich display in a notebook: the thinking block and the answer, updated in place -------------------
+
+def test_rich_display_streams_a_collapsible_thinking_block(remote, upstream):
+    run(remote, "%glm config display=rich")
+    result, captured = run(remote, "%%glm\nrich please")
+    assert result.success
+    shown = [o.transient.get("display_id") for o in captured.outputs]
+    thinking_id, answer_id = shown[0], shown[-1]
+    assert thinking_id and answer_id and thinking_id != answer_id
+    thinking = [o for o in captured.outputs if o.transient["display_id"] == thinking_id]
+    answer = [o for o in captured.outputs if o.transient["display_id"] == answer_id]
+    first, last = thinking[0].data["text/html"], thinking[-1].data["text/html"]
+    assert first.startswith("<details open") and "Thinking… " in first  # open while the model thinks
+    assert last.startswith("<details class") and "Thought for " in last and "· 4 tokens" in last  # folded
+    assert "".join(REASONING) in last
+    assert not thinking[0].update and all(o.update for o in thinking[1:])  # one block, updated in place
+    assert answer[-1].data["text/markdown"] == answer_for("rich please")
+    assert remote.rl_next_input == "print('rich please')"
