@@ -35,12 +35,14 @@ class ScriptedUpstream:
     """An OpenAI-compatible endpoint whose answers are known in advance; it records every request body.
 
     - a prompt with NOCODE: a plain answer without a fenced block;
+    - a prompt with SLOW: 100 words, 0.1 s apart (to interrupt); `dropped` counts streams the client left;
     - FORGET-ME anywhere but the last message: 400 context_length_exceeded (memory too long);
     - otherwise: reasoning in four deltas, then a fenced python block printing the prompt's last line.
     """
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
+        self.dropped = 0
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,8 +64,11 @@ class ScriptedUpstream:
                                                "code": "context_length_exceeded"}})
                     return
                 prompt = str(messages[-1]["content"])
+                pause = 0.1 if "SLOW" in prompt else 0.0
                 if "NOCODE" in prompt:
                     reasoning, content = [], ["Just ", "words."]
+                elif pause:
+                    reasoning, content = [], ["word "] * 100
                 else:
                     reasoning = REASONING
                     content = answer_parts(prompt)
@@ -82,7 +87,12 @@ class ScriptedUpstream:
                 deltas = [{"role": "assistant"}] + [{"reasoning_content": r} for r in reasoning] + \
                     [{"content": c} for c in content]
                 for delta in deltas:
-                    self._event(base | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                    time.sleep(pause)
+                    try:
+                        self._event(base | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                    except (BrokenPipeError, ConnectionResetError):
+                        upstream.dropped += 1
+                        return
                 self._event(base | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()

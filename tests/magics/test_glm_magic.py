@@ -303,3 +303,31 @@ def test_rich_display_streams_a_collapsible_thinking_block(remote, upstream):
     assert not thinking[0].update and all(o.update for o in thinking[1:])  # one block, updated in place
     assert answer[-1].data["text/markdown"] == answer_for("rich please")
     assert remote.rl_next_input == "print('rich please')"
+
+
+def test_interrupt_cancels_the_generation_and_keeps_nothing(remote, upstream):
+    import _thread
+    import threading
+    import time
+
+    # The kernel's interrupt button raises KeyboardInterrupt in the main thread, as interrupt_main does.
+    def interrupt_once_streaming() -> None:
+        deadline = time.monotonic() + 30
+        while not upstream.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.8)  # a few words in
+        _thread.interrupt_main()
+
+    timer = threading.Thread(target=interrupt_once_streaming)
+    timer.start()
+    result, captured = run(remote, "%%glm\nSLOW answer please")
+    timer.join()
+    assert len(captured.stdout.split("word")) < 60  # 100 words at 0.1 s: it stopped well before the end
+    assert "interrupted: the generation was cancelled" in captured.stdout
+    assert "word word" in captured.stdout  # what had come is still shown
+    assert magics_of(remote).session.turns == [] and remote.rl_next_input is None
+    deadline = time.monotonic() + 5
+    while upstream.dropped == 0 and time.monotonic() < deadline:  # the endpoint sees the client go
+        time.sleep(0.1)
+    assert upstream.dropped == 1
+    assert remote.run_cell("1 + 1").result == 2
