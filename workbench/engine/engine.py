@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from workbench.engine import quant
 from workbench.engine.config import ConfigError, GLMConfig
 from workbench.engine.kv_cache import PagedKVCache
 from workbench.engine.model import AttentionBatch, GLMForCausalLM, Segment
@@ -183,7 +184,9 @@ class Engine:
     # --- construction ---------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
-                        kernels: str = "auto", **engine_kwargs) -> Engine:
+                        kernels: str = "auto", quantize: str | None = None, **engine_kwargs) -> Engine:
+        """Load a checkpoint folder. FP8 checkpoints (a `quantization_config` in config.json) load as FP8;
+        `quantize="fp8-channel" | "fp8-block"` (add "-w8a8" for FP8 activations) quantises a dense one."""
         folder = Path(path).expanduser()
         if not folder.exists():
             raise FileNotFoundError(f"model path {folder} does not exist")
@@ -194,12 +197,20 @@ class Engine:
         config = GLMConfig.from_json(folder)
         tokenizer = Tokenizer.from_pretrained(folder)  # checked before the (slow) weights
         ops = select_kernels(kernels, torch_device)
+        scheme = quant.parse_quantization_config(config.extra.get("quantization_config"))
+        if quantize is not None:
+            if scheme is not None:
+                raise ValueError(f"{folder.name} is already quantised ({scheme.name}); drop quantize={quantize!r}")
+            scheme = quant.scheme_from_name(quantize)
         try:
             with torch.device("meta"):
                 model = GLMForCausalLM(config)
+                if scheme is not None:
+                    quant.quantize_model(model, scheme)  # FP8 shells, filled (or quantised into) by the loader
             load_weights(model, config, folder, torch_dtype, torch_device)
             model.materialize_buffers(torch_device)
             model.ops = ops
+            quant.use_kernels(model, ops.name)
         except BaseException:
             model = None
             gc.collect()  # nothing partially loaded stays in memory

@@ -18,12 +18,13 @@ import math
 import mmap
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from workbench.engine import quant
 from workbench.engine.config import GLMConfig
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ NAME_TABLE: list[tuple[str, str, str | None]] = [
     # transformers >= 5 holds experts fused in memory; accept files saved in that layout too.
     (_L + r"(?P<rest>mlp\.experts\.(gate_up_proj|down_proj))", "layers.{layer}.{rest}", None),
 ]
-_COMPILED = [(re.compile(pattern + "$"), target, part) for pattern, target, part in NAME_TABLE]
+_COMPILED = [(re.compile(pattern + "$"), target, part)
+             for pattern, target, part in NAME_TABLE + quant.FP8_NAME_TABLE]  # + FP8 scales
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -200,6 +202,7 @@ def load_weights(model: nn.Module, config: GLMConfig, folder: Path, dtype: torch
     filled: dict[str, torch.Tensor] = {}  # real tensors for parameters assigned so far
     covered: dict[str, set] = {}  # stacked expert params: which (expert, part) slots were written
     skipped_mtp = 0
+    scheme = getattr(model, "quant_scheme", None)  # set by quant.quantize_model when the model is FP8
     for name, file in iter_checkpoint_tensors(folder):
         layer = _LAYER.match(name)
         if layer and int(layer.group(1)) >= config.num_hidden_layers:
@@ -207,37 +210,42 @@ def load_weights(model: nn.Module, config: GLMConfig, folder: Path, dtype: torch
             continue
         if tied and name == "lm_head.weight":
             continue
+        if quant.UNUSED_CHECKPOINT_TENSORS.search(name):
+            continue  # static FP8 activation scales: activations are quantised per token, if at all
         placement = map_name(name)
         if placement is None or placement.param not in params:
             raise CheckpointError(f"unexpected tensor {name!r} in {file.path.name}: the {config.model_type} model "
                                   "built from config.json has no such parameter (does config.json match the weights?)")
-        meta = params[placement.param]
         target_dtype = torch.float32 if FP32_PARAMS.search(placement.param) else dtype
-        source = file.tensor(name)
-        if placement.expert is None:
-            if tuple(source.shape) != tuple(meta.shape):
-                raise CheckpointError(f"tensor {name!r} has shape {list(source.shape)} in the checkpoint but the model "
-                                      f"expects {list(meta.shape)} (from config.json)")
-            if source.dtype == target_dtype and device.type == "cpu":
-                filled[placement.param] = source  # a view of the mapped file: no copy
-            else:
-                filled[placement.param] = source.to(device=device, dtype=target_dtype)
-                file.release(name)
-            continue
-        if placement.param not in filled:
-            filled[placement.param] = torch.empty(meta.shape, dtype=target_dtype, device=device)
-        slot = _slot(filled[placement.param], placement)
-        if tuple(source.shape) != tuple(slot.shape):
-            raise CheckpointError(f"tensor {name!r} has shape {list(source.shape)} in the checkpoint but the model "
-                                  f"expects {list(slot.shape)} (from config.json)")
-        slot.copy_(source)
-        file.release(name)
-        covered.setdefault(placement.param, set()).add((placement.expert, placement.part))
+        # FP8 models: a dense tensor bound for an FP8 parameter is quantised here (weight + scale).
+        for param, source, target_dtype in quant.expand_fp8_load(  # noqa: B020 - each item replaces them
+                placement.param, file.tensor(name), params[placement.param], target_dtype, device, scheme):
+            placement = replace(placement, param=param)
+            meta = params[placement.param]
+            if placement.expert is None:
+                if tuple(source.shape) != tuple(meta.shape):
+                    raise CheckpointError(f"tensor {name!r} has shape {list(source.shape)} in the checkpoint but the "
+                                          f"model expects {list(meta.shape)} (from config.json)")
+                if source.dtype == target_dtype and device.type == "cpu":
+                    filled[placement.param] = source  # a view of the mapped file: no copy
+                else:
+                    filled[placement.param] = source.to(device=device, dtype=target_dtype)
+                    file.release(name)
+                continue
+            if placement.param not in filled:
+                filled[placement.param] = torch.empty(meta.shape, dtype=target_dtype, device=device)
+            slot = _slot(filled[placement.param], placement)
+            if tuple(source.shape) != tuple(slot.shape):
+                raise CheckpointError(f"tensor {name!r} has shape {list(source.shape)} in the checkpoint but the "
+                                      f"model expects {list(slot.shape)} (from config.json)")
+            slot.copy_(source)
+            file.release(name)
+            covered.setdefault(placement.param, set()).add((placement.expert, placement.part))
 
     if tied:
         filled["lm_head.weight"] = filled.get("embed_tokens.weight")
     for param, slots in covered.items():
-        parts = ("gate", "up") if param.endswith("gate_up_proj") else ("all",)
+        parts = ("gate", "up") if "gate_up_proj" in param else ("all",)
         want = {(e, p) for e in range(config.n_routed_experts) for p in parts}
         if slots != want:
             first = sorted(want - slots)[0]
