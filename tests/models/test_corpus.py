@@ -102,7 +102,7 @@ def test_request_and_reasoning_say_only_what_signature_docstring_and_body_show()
     assert "generator" in reasoning and "ValueError" in reasoning
     gcd = {f.qualname: f for f in extract_functions("demo", SOURCE)}["gcd"]
     gcd_reasoning = reasoning_for(gcd, named_in_request=True)
-    assert "generator" not in gcd_reasoning and "raises" not in gcd_reasoning and "returns a value" in gcd_reasoning
+    assert "generator" not in gcd_reasoning and "raise" not in gcd_reasoning and "returns a value" in gcd_reasoning
 
 
 @pytest.mark.parametrize("thinking", [True, False])

@@ -112,12 +112,14 @@ def balance_metrics(expert_ids: torch.Tensor, layer_ids: list[int], num_experts:
             for i, layer in enumerate(layer_ids)]
 
 
-def measure(model, train_docs, heldout_docs, vocab_size: int, seq_len: int) -> dict[str, Any]:
+def measure(model, train_docs, heldout_docs, vocab_size: int, seq_len: int,
+            splits: tuple[str, ...] = ("heldout", "train")) -> dict[str, Any]:
     """Held-out and train loss by document kind, the unigram baseline on the same tokens, routing balance."""
-    figures: dict[str, Any] = {"heldout": {}, "train": {}}
-    heldout_by_kind, train_by_kind = split_by_kind(heldout_docs), split_by_kind(train_docs)
+    figures: dict[str, Any] = {split: {} for split in splits}
+    by_split = {"heldout": split_by_kind(heldout_docs), "train": split_by_kind(train_docs)}
     routing = []
-    for split, by_kind in (("heldout", heldout_by_kind), ("train", train_by_kind)):
+    for split in splits:
+        by_kind = by_split[split]
         for kind, docs in sorted(by_kind.items()):
             if sum(len(d.ids) for d in docs) <= seq_len + 1:
                 continue
@@ -127,8 +129,8 @@ def measure(model, train_docs, heldout_docs, vocab_size: int, seq_len: int) -> d
                                     "tokens": sum(ev.tokens_by_kind.values())}
             if ev.expert_ids is not None:
                 routing.append(ev.expert_ids)
-    for split in ("heldout", "train"):
-        parts = figures[split].values()
+    for split in splits:
+        parts = list(figures[split].values())
         total = sum(p["tokens"] for p in parts)
         figures[split]["all"] = {
             "loss": round(sum(p["loss"] * p["tokens"] for p in parts) / max(total, 1), 4),

@@ -46,6 +46,21 @@ AWAIT_TOOL = "<|observation|>"
 END_OF_TEXT = "<|endoftext|>"
 
 HELDOUT_PERCENT = 10
+
+# System prompts some conversations open with, so that a system turn does not throw the model off: generic ones,
+# and the ones `%%glm` sends (workbench.magics.SYSTEM_PROMPTS, restated here so that this recipe's data stays
+# fixed whatever the magics say later).
+CODE_SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a Python expert. Answer with code.",
+    "You are a coding assistant inside a Jupyter notebook. Answer with Python code for the next cell, in one "
+    "fenced ```python block; explain only in code comments.",
+)
+TEXT_SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are an assistant inside a Jupyter notebook. Answer in Markdown.",
+    "You are an assistant inside a Jupyter notebook. Answer in plain text, without Markdown.",
+)
 MAX_FUNCTION_CHARS = 1200  # a pair must fit a 512-token training row with its prompt and reasoning
 MAX_FUNCTION_LINES = 40
 SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "__phello__"}
@@ -301,7 +316,7 @@ def reasoning_for(fn: FunctionInfo, named_in_request: bool) -> str:
     elif fn.returns_value:
         parts.append("It returns a value.")
     if fn.raises:
-        parts.append(f"On bad input it raises {', '.join(fn.raises)}.")
+        parts.append(f"It can raise {', '.join(fn.raises)}.")
     return " ".join(parts)
 
 
@@ -323,14 +338,17 @@ def explain_for(fn: FunctionInfo) -> tuple[str, str, str]:
 # --------------------------------------------------------------------------------------------------------------
 
 def render_segments(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                    enable_thinking: bool = True) -> list[tuple[str, bool]]:
-    """The conversation as (text, trained) segments: every assistant turn is trained, with the role token that
-    follows it (`<|user|>` at the end, `<|observation|>` before tool results), so the model learns to stop."""
+                    enable_thinking: bool = True, train_last_only: bool = False) -> list[tuple[str, bool]]:
+    """The conversation as (text, trained) segments: every assistant turn is trained (or only the last one),
+    with the role token that follows it (`<|user|>` at the end, `<|observation|>` before tool results), so the
+    model learns to stop. History turns are left untrained when `train_last_only`: the template renders them
+    with an empty `<think></think>`, which is not how a fresh answer should look."""
     segments: list[tuple[str, bool]] = []
     done = 0
     full = render_chat(messages, tools=tools, enable_thinking=enable_thinking, add_generation_prompt=False)
+    last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or (train_last_only and i != last_assistant):
             continue
         prompt = render_chat(messages[:i], tools=tools, enable_thinking=enable_thinking, add_generation_prompt=True)
         upto = render_chat(messages[: i + 1], tools=tools, enable_thinking=enable_thinking,
@@ -351,23 +369,34 @@ def render_segments(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
     return [(text, trained) for text, trained in segments if text]
 
 
-def chat_document(fn: FunctionInfo, rng: random.Random, thinking: bool, style: str | None = None) -> Document:
+def _opening(system: str | None, history: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    return ([{"role": "system", "content": system}] if system else []) + list(history or [])
+
+
+def chat_document(fn: FunctionInfo, rng: random.Random, thinking: bool, style: str | None = None,
+                  system: str | None = None, history: list[dict[str, Any]] | None = None) -> Document:
+    """A request for `fn` and the answer; optionally after a system prompt and earlier turns (not trained)."""
     request = request_for(fn, rng, style)
     named = f"`{fn.name}" in request
     message = {"role": "assistant", "content": answer_for(fn)}
     if thinking:
         message["reasoning_content"] = reasoning_for(fn, named)
-    messages = [{"role": "user", "content": request}, message]
-    return Document("chat", fn.module, render_segments(messages, enable_thinking=thinking))
+    messages = _opening(system, history) + [{"role": "user", "content": request}, message]
+    return Document("chat", fn.module, render_segments(messages, enable_thinking=thinking, train_last_only=True))
 
 
-def explain_document(fn: FunctionInfo, thinking: bool) -> Document:
+def explain_document(fn: FunctionInfo, thinking: bool, system: str | None = None) -> Document:
     question, reasoning, answer = explain_for(fn)
     message = {"role": "assistant", "content": answer}
     if thinking:
         message["reasoning_content"] = reasoning
-    messages = [{"role": "user", "content": question}, message]
+    messages = _opening(system, None) + [{"role": "user", "content": question}, message]
     return Document("explain", fn.module, render_segments(messages, enable_thinking=thinking))
+
+
+def history_for(fn: FunctionInfo, rng: random.Random) -> list[dict[str, Any]]:
+    """An earlier exchange about `fn`, as a conversation's history (the template drops its reasoning)."""
+    return [{"role": "user", "content": request_for(fn, rng)}, {"role": "assistant", "content": answer_for(fn)}]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -523,7 +552,8 @@ class Corpus:
 
 
 def build_corpus(seed: int = 0, root: Path | None = None, nothink_share: float = 0.25,
-                 explain_share: float = 0.3, tool_examples: int = 1500, max_files: int | None = None) -> Corpus:
+                 explain_share: float = 0.3, system_share: float = 0.3, multiturn_share: float = 0.1,
+                 tool_examples: int = 1500, max_files: int | None = None) -> Corpus:
     """Every document of the training and held-out sets, deterministic for a seed and a standard library."""
     rng = random.Random(seed)
     train: list[Document] = []
@@ -536,6 +566,7 @@ def build_corpus(seed: int = 0, root: Path | None = None, nothink_share: float =
         text = _read(path)
         if text is None or _is_generated(text):
             continue
+        previous: FunctionInfo | None = None  # earlier turns of a conversation come from the same module
         held = is_heldout(module) and module != "pydoc_data.topics"
         bucket = heldout if held else train
         if held:
@@ -553,9 +584,13 @@ def build_corpus(seed: int = 0, root: Path | None = None, nothink_share: float =
             if held:
                 heldout_functions.append(fn)
             thinking = rng.random() >= nothink_share
-            bucket.append(chat_document(fn, rng, thinking))
+            system = rng.choice(CODE_SYSTEM_PROMPTS) if rng.random() < system_share else None
+            history = history_for(previous, rng) if previous and rng.random() < multiturn_share else None
+            bucket.append(chat_document(fn, rng, thinking, system=system, history=history))
             if rng.random() < explain_share:
-                bucket.append(explain_document(fn, rng.random() >= nothink_share))
+                system = rng.choice(TEXT_SYSTEM_PROMPTS) if rng.random() < system_share else None
+                bucket.append(explain_document(fn, rng.random() >= nothink_share, system=system))
+            previous = fn
     for i in range(tool_examples):
         doc = tool_document(rng, thinking=rng.random() >= nothink_share)
         (heldout if i % 10 == 0 else train).append(doc)
@@ -573,3 +608,41 @@ def _topic_documents(text: str, module: str) -> list[Document]:
                     docs.append(Document("prose", module, [(value.value.strip() + "\n", True), (END_OF_TEXT, True)]))
             break
     return docs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation helpers: held-out requests and the code in an answer
+# --------------------------------------------------------------------------------------------------------------
+
+def heldout_requests(functions: list[FunctionInfo], count: int = 50, seed: int = 0) -> list[tuple[FunctionInfo, str]]:
+    """`count` "Write a function that ..." requests for held-out functions whose docstring reads as a request."""
+    usable = sorted((f for f in functions if describe(f.summary)), key=lambda f: (f.module, f.qualname))
+    if len(usable) < count:
+        raise ValueError(f"only {len(usable)} held-out functions have an imperative docstring; asked for {count}")
+    chosen = random.Random(seed).sample(usable, count)
+    return [(f, request_for(f, random.Random(0), "plain")) for f in chosen]
+
+
+def extract_code(answer: str) -> str | None:
+    """The code of the first fenced block of an answer (to the end if the fence never closes); None without one."""
+    start = answer.find("```")
+    if start < 0:
+        return None
+    body = answer[start + 3:]
+    newline = body.find("\n")
+    if newline < 0:
+        return None
+    body = body[newline + 1:]  # past the language tag
+    end = body.find("```")
+    return body if end < 0 else body[:end]
+
+
+def defines_function(code: str | None) -> bool:
+    """True when `code` parses with `ast.parse` and defines at least one function."""
+    if not code or not code.strip():
+        return False
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) for n in ast.walk(tree))
