@@ -7,8 +7,8 @@ permissive (extra fields allowed) so that a remote endpoint's additions pass thr
 
 GLM additions: `thinking: {"type": "enabled" | "disabled"}` (absent: the model decides), assistant
 `reasoning_content`, and the workbench's own `"routing": true`. Accepted for compatibility with clients of other
-GLM servers: vLLM/SGLang's `chat_template_kwargs.enable_thinking`, and Z.ai's `do_sample`, `request_id`,
-`user_id` (which the `zai-sdk` client sends).
+GLM servers: vLLM/SGLang's `chat_template_kwargs.enable_thinking` and `ignore_eos`, and Z.ai's `do_sample`,
+`request_id`, `user_id` (which the `zai-sdk` client sends).
 """
 
 from __future__ import annotations
@@ -259,6 +259,7 @@ class ChatCompletionRequest(_Strict):
     routing: bool = False
     # compatibility with clients of other GLM servers
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    ignore_eos: bool = False  # vLLM's: generate max_tokens tokens whatever the model says (benchmarks, tests)
     do_sample: bool | None = None
     request_id: str | None = None
     user_id: str | None = None

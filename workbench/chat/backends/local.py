@@ -233,7 +233,8 @@ class LocalBackend(Backend):
         try:
             params = SamplingParams(max_new_tokens=max_new_tokens or min(self.default_max_tokens, room),
                                     temperature=temperature, top_p=1.0 if request.top_p is None else request.top_p,
-                                    seed=request.seed, stop_strings=request.stop_list)
+                                    seed=request.seed, stop_strings=request.stop_list,
+                                    stop_token_ids=[] if request.ignore_eos else None)
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_value") from exc
         parse_tools = [t.model_dump() for t in request.tools] if request.tools and request.tool_choice != "none" \

@@ -104,6 +104,8 @@ class RemoteBackend(Backend):
         body = request.model_dump(exclude_none=True, exclude=_NOT_FORWARDED | {"stream", "stream_options"})
         body["model"] = self.remote_model
         body["stream"] = stream
+        if not request.ignore_eos:
+            body.pop("ignore_eos", None)  # vLLM's extension: sent only when asked for
         if stream:  # usage feeds our throughput figure; dropped again if the client did not ask for it
             body["stream_options"] = {"include_usage": True}
         explicit = request.thinking is not None or (

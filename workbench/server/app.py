@@ -1,0 +1,148 @@
+"""The jupyter-server extension: configuration (traitlets), the backend's lifetime, and the URL table.
+
+Owns `GLMWorkbench`, an `ExtensionApp`. Its traitlets are the one place configuration enters, e.g. in
+`jupyter_server_config.py`::
+
+    c.GLMWorkbench.backend = "local"              # or "remote"
+    c.GLMWorkbench.model_path = "/models/glm-4.5-air-fp8"
+    c.GLMWorkbench.device = "cuda"
+    c.GLMWorkbench.remote_base_url = "https://api.z.ai/api/paas/v4"
+    c.GLMWorkbench.remote_model = "glm-4.5-air"
+    c.GLMWorkbench.remote_api_key_env = "ZAI_API_KEY"   # the NAME of the variable; the key stays in the env
+
+or on the command line: `jupyter lab --GLMWorkbench.backend=remote ...`. One backend per server, shared by the
+sidebar, every notebook's `%%glm` and any OpenAI client; it starts loading when the server's event loop runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Enum, Float, Int, Unicode, default
+
+from workbench.chat.backends import Backend, LocalBackend, RemoteBackend
+from workbench.server import handlers
+from workbench.server.conversations import ConversationStore, conversation_handlers
+
+log = logging.getLogger(__name__)
+
+NO_MODEL_MESSAGE = (
+    "No model is configured, and the bundled model is not installed. Point the server at a GLM-4.5-style "
+    "checkpoint folder (config.json, *.safetensors, tokenizer.json): `jupyter lab --GLMWorkbench.model_path=/path`, "
+    "or use a remote endpoint: `--GLMWorkbench.backend=remote --GLMWorkbench.remote_base_url=... "
+    "--GLMWorkbench.remote_model=...`."
+)
+
+
+def bundled_model_path() -> str | None:
+    """The bundled small checkpoint (`workbench.models.default_model_path()`), when it is installed."""
+    try:
+        from workbench import models
+    except ImportError:
+        return None
+    find = getattr(models, "default_model_path", None)
+    if find is None:
+        return None
+    try:
+        path = find()
+    except (FileNotFoundError, OSError, RuntimeError, ValueError) as exc:
+        log.info("the bundled model is not available: %s", exc)
+        return None
+    return str(path) if path and Path(path).exists() else None
+
+
+class GLMWorkbench(ExtensionApp):
+    """GLM Workbench's server side: an OpenAI-compatible chat API under `{base_url}glm/`."""
+
+    name = "workbench"  # the package that exposes `_jupyter_server_extension_points`
+    description = "GLM Workbench: an OpenAI-compatible GLM-4.5 chat API with thinking, tools and routing traces"
+    load_other_extensions = True
+
+    backend = Enum(["local", "remote"], default_value="local", config=True,
+                   help="Where completions come from: this server's own engine (local) or an OpenAI-compatible "
+                        "GLM endpoint (remote: Z.ai, Zhipu, vLLM, SGLang, another workbench).")
+    model_path = Unicode(None, allow_none=True, config=True,
+                         help="Checkpoint folder for the local engine (config.json, *.safetensors, tokenizer.json). "
+                              "Default: the bundled small model, when installed.")
+    model_name = Unicode("", config=True,
+                         help="The model id clients send and v1/models lists. Default: the checkpoint folder's name "
+                              "(local) or remote_model (remote).")
+    device = Unicode("cpu", config=True, help="Torch device of the local engine: cpu, cuda, cuda:1, ...")
+    dtype = Enum(["auto", "float32", "bfloat16", "float16"], default_value="auto", config=True,
+                 help="Weight and activation dtype of the local engine; auto = float32 on CPU, bfloat16 on GPUs.")
+    kernels = Enum(["auto", "triton", "torch"], default_value="auto", config=True,
+                   help="Kernel backend of the local engine: triton on GPUs, torch references elsewhere (auto).")
+    max_concurrent_sequences = Int(8, config=True,
+                                   help="Sequences the local engine decodes together in one batched step.")
+    max_queued_requests = Int(64, config=True,
+                              help="Requests that may wait beyond max_concurrent_sequences; more get a 429.")
+    context_limit = Int(0, config=True, help="Tokens of context per sequence (0: the model's own limit).")
+    default_max_tokens = Int(1024, config=True, help="Completion length when a request gives no max_tokens.")
+    routing_history = Int(32, config=True, help="Routing traces kept for api/routing/{id} (the most recent ones).")
+    remote_base_url = Unicode("", config=True,
+                              help="API root of the remote endpoint, e.g. https://api.z.ai/api/paas/v4, "
+                                   "https://open.bigmodel.cn/api/paas/v4 or http://host:8000/v1.")
+    remote_model = Unicode("", config=True, help="Model name at the remote endpoint, e.g. glm-4.5-air.")
+    remote_api_key_env = Unicode("ZAI_API_KEY", config=True,
+                                 help="NAME of the environment variable holding the remote API key (the key itself "
+                                      "is never configured, logged or sent anywhere but the endpoint). Empty: no key.")
+    remote_thinking_style = Enum(["auto", "thinking", "chat_template_kwargs"], default_value="auto", config=True,
+                                 help="How the endpoint switches thinking: the `thinking` field (Z.ai, Zhipu) or "
+                                      "`chat_template_kwargs.enable_thinking` (vLLM, SGLang); auto picks by host.")
+    remote_timeout = Float(600.0, config=True, help="Seconds to wait for the remote endpoint.")
+    conversations_dir = Unicode(None, allow_none=True, config=True,
+                                help="Where the sidebar's saved conversations live (default: in Jupyter's data "
+                                     "directory).")
+
+    @default("model_path")
+    def _default_model_path(self) -> str | None:
+        return bundled_model_path()
+
+    def initialize_settings(self) -> None:
+        self.glm_backend = self.make_backend()
+        self._backend_started: asyncio.Task | None = None
+        self.settings["glm_workbench"] = self
+
+    def make_backend(self) -> Backend:
+        if self.backend == "remote":
+            return RemoteBackend(self.remote_base_url, self.remote_model, api_key_env=self.remote_api_key_env,
+                                 thinking_style=self.remote_thinking_style, timeout=self.remote_timeout)
+        return LocalBackend(model_path=self.model_path, model_id=self.model_name or None, device=self.device,
+                            dtype=self.dtype, kernels=self.kernels,
+                            max_concurrent_sequences=self.max_concurrent_sequences,
+                            max_queued_requests=self.max_queued_requests, context_limit=self.context_limit,
+                            default_max_tokens=self.default_max_tokens, routing_history=self.routing_history,
+                            unconfigured_message=None if self.model_path else NO_MODEL_MESSAGE)
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(handlers.ROUTES)
+        self.handlers.extend(conversation_handlers(ConversationStore(self.conversations_dir)))
+        self.handlers.append(handlers.CATCH_ALL)
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        self.start_backend()
+
+    def start_backend(self) -> asyncio.Task:
+        """Start the backend once (loading a model takes a while: requests wait for it, the server does not)."""
+        if self._backend_started is None:
+            self._backend_started = asyncio.ensure_future(self.glm_backend.start())
+        return self._backend_started
+
+    async def ready_backend(self) -> Backend:
+        await asyncio.shield(self.start_backend())
+        return self.glm_backend
+
+    async def stop_extension(self) -> None:
+        await self.glm_backend.close()
+
+
+def main() -> None:  # `python -m workbench.server.app`: a Jupyter server with just this API
+    GLMWorkbench.launch_instance()
+
+
+if __name__ == "__main__":
+    main()

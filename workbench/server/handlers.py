@@ -1,0 +1,205 @@
+"""HTTP handlers of the GLM API under `{base_url}glm/`: chat completions (JSON or server-sent events), models,
+status, routing traces and the OpenAPI description.
+
+Owns the HTTP side only: authentication (jupyter-server's token, or cookie + XSRF, via `APIHandler` and
+`@web.authenticated`), turning `APIError`s and any other failure into OpenAI-shaped error bodies, and the link
+between a client's connection and its generation: a client that disconnects cancels it. Generation itself runs
+in the backend, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from jupyter_server.base.handlers import APIHandler
+from tornado import web
+from tornado.iostream import StreamClosedError
+
+from workbench.chat.protocol import APIError, ModelList, parse_request, to_json
+from workbench.server.openapi import openapi_spec
+
+log = logging.getLogger(__name__)
+
+_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+            504: "Gateway Timeout"}
+
+
+class GLMHandler(APIHandler):
+    """Base: OpenAI-shaped errors for everything, including tornado's own (403 without a token, 405, ...)."""
+
+    @property
+    def glm_app(self) -> Any:
+        return self.settings["glm_workbench"]
+
+    def send_api_error(self, error: APIError) -> None:
+        if error.status >= 500:
+            log.error("GLM API %s %s -> %d: %s", self.request.method, self.request.path, error.status, error.message)
+        self.clear()
+        self.set_status(error.status, _REASONS.get(error.status))
+        self.set_header("Content-Type", "application/json")
+        for name, value in error.headers.items():
+            self.set_header(name, value)
+        self.finish(json.dumps(error.to_dict()))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc_info = kwargs.get("exc_info")
+        exc = exc_info[1] if exc_info else None
+        if isinstance(exc, APIError):
+            message, code = exc.message, exc.code
+        elif isinstance(exc, web.HTTPError):
+            message = exc.log_message % exc.args if exc.log_message and exc.args else exc.log_message
+            message = message or exc.reason or _REASONS.get(status_code, "error")
+            if status_code == 403:
+                message = ("Forbidden: authenticate with the Jupyter server's token (Authorization: token <token>, "
+                           "or Bearer <token> as OpenAI clients send it), or a session cookie with its XSRF token.")
+            code = None
+        else:
+            message, code = f"Internal server error ({type(exc).__name__}): see the server log.", "internal_error"
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(APIError(status_code, message, code=code).to_dict()))
+
+
+class ChatCompletionsHandler(GLMHandler):
+    """`POST v1/chat/completions`."""
+
+    _task: asyncio.Task | None = None
+    _disconnected = False
+
+    def on_connection_close(self) -> None:
+        self._disconnected = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the generation stops at the engine's next step
+
+    @web.authenticated
+    async def post(self) -> None:
+        self._task = asyncio.ensure_future(self._serve())
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            if not self._disconnected:
+                raise
+            log.info("GLM API: client disconnected; its generation was cancelled")
+
+    async def _serve(self) -> None:
+        try:
+            request = parse_request(self.request.body)
+            backend = await self.glm_app.ready_backend()
+            if request.stream:
+                await self._stream(backend, request)
+            else:
+                completion = await backend.complete(request)
+                self.set_header("Content-Type", "application/json")
+                await self.finish(to_json(completion))
+        except APIError as error:
+            self.send_api_error(error)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a failure inside the backend fails this request only
+            log.exception("GLM API: chat completion failed")
+            self.send_api_error(APIError(500, f"The completion failed ({type(exc).__name__}: {exc}). The server "
+                                              "is still running: retry the request.", code="internal_error"))
+
+    async def _stream(self, backend: Any, request: Any) -> None:
+        chunks = backend.stream(request)
+        try:
+            first = await chunks.__anext__()  # errors before any output are a plain HTTP error answer
+        except StopAsyncIteration:
+            first = None
+        try:
+            self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.set_header("Cache-Control", "no-cache")
+            self.set_header("X-Accel-Buffering", "no")  # proxies must not hold the events back
+            if first is not None:
+                await self._event(to_json(first))
+                try:
+                    async for chunk in chunks:
+                        await self._event(to_json(chunk))
+                except Exception as exc:  # after the headers went out: the error is the stream's last event
+                    error = exc if isinstance(exc, APIError) else APIError(
+                        500, f"The completion failed ({type(exc).__name__}: {exc}). The server is still running: "
+                             "retry the request.", code="internal_error")
+                    log.error("GLM API: stream failed: %s", error.message, exc_info=not isinstance(exc, APIError))
+                    await self._event(json.dumps(error.to_dict()))
+                    return
+            await self._event("[DONE]")
+        except StreamClosedError:
+            log.info("GLM API: client disconnected mid-stream; its generation was cancelled")
+        finally:
+            await chunks.aclose()  # cancels the generation if it is still running
+        if not self._finished:
+            self.finish()
+
+    async def _event(self, data: str) -> None:
+        if self._disconnected:
+            raise StreamClosedError()
+        self.write(f"data: {data}\n\n")
+        await self.flush()
+
+
+class ModelsHandler(GLMHandler):
+    """`GET v1/models`."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        backend = self.glm_app.glm_backend
+        self.finish(ModelList(data=backend.models()).model_dump_json())
+
+
+class StatusHandler(GLMHandler):
+    """`GET api/status`: backend, model, device, memory, active and queued requests, recent tok/s."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        self.glm_app.start_backend()  # a server run without the start hook (tests, embedding) starts loading here
+        self.finish(json.dumps(self.glm_app.glm_backend.status()))
+
+
+class RoutingHandler(GLMHandler):
+    """`GET api/routing/{completion_id}`: the routing trace of a recent local completion made with routing."""
+
+    @web.authenticated
+    async def get(self, completion_id: str) -> None:
+        trace = self.glm_app.glm_backend.routing_trace(completion_id)
+        if trace is None:
+            self.send_api_error(APIError(
+                404, f"No routing trace for {completion_id!r}: traces are kept for the most recent "
+                     f"{self.glm_app.routing_history} local completions made with \"routing\": true.",
+                param="completion_id", code="routing_trace_not_found"))
+            return
+        self.finish(json.dumps(trace))
+
+
+class OpenAPIHandler(GLMHandler):
+    """`GET api/openapi.json`."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        self.finish(json.dumps(openapi_spec(self.base_url)))
+
+
+class NotFoundHandler(GLMHandler):
+    """Anything else under `glm/`: an OpenAI-shaped 404 that names the endpoints there are."""
+
+    @web.authenticated
+    def _not_found(self, *args: Any) -> None:
+        self.send_api_error(APIError(
+            404, f"No endpoint {self.request.method} {self.request.path}. The GLM API has POST "
+                 "glm/v1/chat/completions, GET glm/v1/models, GET glm/api/status, GET "
+                 "glm/api/routing/{completion_id} and GET glm/api/openapi.json.", code="not_found"))
+
+    get = post = put = patch = delete = _not_found
+
+
+ROUTES = [
+    (r"/glm/v1/chat/completions", ChatCompletionsHandler),
+    (r"/glm/v1/models", ModelsHandler),
+    (r"/glm/api/status", StatusHandler),
+    (r"/glm/api/routing/([^/]+)", RoutingHandler),
+    (r"/glm/api/openapi.json", OpenAPIHandler),
+]
+# registered after every other glm/ route (the conversation store's too): it answers only what none of them do
+CATCH_ALL = (r"/glm/.*", NotFoundHandler)
