@@ -1,0 +1,30 @@
+"""The engine through the Triton kernels: a tiny model generates the same greedy tokens, and routes the same
+way, as through the torch references (in Triton's CPU interpreter when there is no GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workbench.engine import Engine
+
+PROMPT = [5, 17, 33, 2, 90, 41]
+
+
+@pytest.mark.parametrize("quantize", [None, "fp8-block"], ids=["dense fp32", "fp8 block weights"])
+def test_triton_path_generates_like_torch(tiny_checkpoint, device, quantize):
+    runs = {}
+    for kernels in ("torch", "triton"):
+        engine = Engine.from_pretrained(tiny_checkpoint, dtype="float32", device=str(device), kernels=kernels,
+                                        quantize=quantize)
+        assert engine.kernels == kernels
+        runs[kernels] = engine.generate(PROMPT, max_new_tokens=3, temperature=0.0, routing=True)
+    torch_run, triton_run = runs["torch"], runs["triton"]
+    assert triton_run.token_ids == torch_run.token_ids
+    assert torch.equal(triton_run.routing.expert_ids, torch_run.routing.expert_ids)
+
+
+def test_kernel_choice_from_environment(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_KERNELS", "torch")
+    engine = Engine.from_pretrained(tiny_checkpoint, dtype="float32", device="cpu", kernels="triton")
+    assert engine.kernels == "torch"
