@@ -171,7 +171,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
         widget.title.caption = content.title.caption;
         widget.title.closable = true;
         void routingTracker.add(widget);
-        app.shell.add(widget, 'main', { mode: 'split-right' });
+        app.shell.add(widget, 'main');
         app.shell.activateById(widget.id);
       }
     });

@@ -101,7 +101,7 @@ export function CodeBlock({ code, lang }: { code: string; lang: string }): JSX.E
           aria-label="Insert code below the active cell"
           onClick={() => actions?.insertBelow(code)}
         >
-          Insert below
+          Insert
         </button>
         <button
           className="glm-Button glm-CodeBlock-replace"

@@ -24,7 +24,7 @@ type PlotlyModule = typeof import('plotly.js-dist-min');
 
 let plotlyPromise: Promise<PlotlyModule> | null = null;
 function loadPlotly(): Promise<PlotlyModule> {
-  plotlyPromise ??= import(/* webpackChunkName: "glm-plotly" */ 'plotly.js-dist-min').then(
+  plotlyPromise ??= import('plotly.js-dist-min').then(
     m => ((m as { default?: PlotlyModule }).default ?? m) as PlotlyModule
   );
   return plotlyPromise;
@@ -172,7 +172,7 @@ export function RoutingView({
           y: data.layer_ids.map(l => `L${l}`),
           text: hover,
           customdata: data.layer_ids.map(() => tokens.map(t => labels[t])),
-          colorscale: 'Turbo',
+          colorscale: 'Jet',
           zmin: 0,
           zmax: Math.max(1, data.num_experts - 1),
           colorbar: { title: { text: 'top expert' } },
@@ -180,11 +180,12 @@ export function RoutingView({
         }
       ],
       layout: {
-        title: { text: 'Top expert per token and layer (click a token)' },
+        title: { text: 'Top expert per token and layer' },
         xaxis: {
           title: { text: 'token' },
-          tickvals: tokens.length <= 60 ? tokens : undefined,
-          ticktext: tokens.length <= 60 ? tokens.map(t => labels[t]) : undefined
+          // token texts as ticks only while they stay legible; hover and the strip above always name them
+          tickvals: tokens.length <= 40 ? tokens : undefined,
+          ticktext: tokens.length <= 40 ? tokens.map(t => labels[t]) : undefined
         },
         yaxis: { title: { text: 'layer' }, autorange: 'reversed' },
         height: Math.max(220, 60 + 22 * data.layer_ids.length)
@@ -246,7 +247,7 @@ export function RoutingView({
         <Plot
           data={gridPlot.data}
           layout={gridPlot.layout}
-          label="Grid of the top expert of each token in each layer"
+          label="Grid of the top expert of each token in each layer; click a cell to see that token's experts"
           onClick={onGridClick}
           themeVersion={themeVersion}
         />

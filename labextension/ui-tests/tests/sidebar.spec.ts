@@ -15,6 +15,16 @@ fs.mkdirSync(ARTIFACTS, { recursive: true });
 const SCRIPTED_MODEL = 'scripted-glm';
 const INSERTED_SOURCE = "print('inserted by the tool')";
 
+// The machines these run on are small and shared: give JupyterLab longer than galata's 15 s to start.
+test.use({
+  waitForApplication: async ({}, use) => {
+    await use(async (page, helpers) => {
+      await page.locator('#jupyterlab-splash').waitFor({ state: 'detached', timeout: 120 * 1000 });
+      await helpers.waitForCondition(() => helpers.activity.isTabActive('Launcher'), 90 * 1000);
+    });
+  }
+});
+
 async function shot(page: IJupyterLabPageFixture, name: string): Promise<void> {
   await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
 }
@@ -47,7 +57,7 @@ const scripted = (chat: Locator) => chooseModel(chat, id => id === SCRIPTED_MODE
 const local = (chat: Locator) => chooseModel(chat, id => id !== SCRIPTED_MODEL && id !== '');
 
 async function send(chat: Locator, text: string): Promise<void> {
-  const input = chat.getByLabel('Message');
+  const input = chat.getByRole('textbox', { name: 'Message' });
   await input.fill(text);
   await input.press('Enter');
 }
@@ -109,7 +119,7 @@ test.describe('GLM Workbench sidebar', () => {
     const answer = await lastAnswer(chat);
     await expect(answer).toContainText('word5');
     await shot(page, '03-long-answer-streaming');
-    await chat.getByLabel('Message').press('Escape');
+    await chat.getByRole('textbox', { name: 'Message' }).press('Escape');
     await expect(answer.locator('.glm-Note')).toHaveText('Stopped.');
     await expect(chat.getByLabel('Send message')).toBeVisible();
     const stoppedText = await answer.locator('.glm-Markdown').textContent();
@@ -196,7 +206,8 @@ test.describe('GLM Workbench sidebar', () => {
 
   test('shows failure states and recovers', async ({ page }) => {
     // The server answers "model still loading" (503) for a moment.
-    await page.route('**/glm/v1/models', route =>
+    const models = /\/glm\/v1\/models(\?|$)/;
+    await page.route(models, route =>
       route.fulfill({
         status: 503,
         contentType: 'application/json',
@@ -212,7 +223,7 @@ test.describe('GLM Workbench sidebar', () => {
     await expect(banner).toContainText('Model still loading');
     await expect(banner).toContainText('loading weights 40%');
     await shot(page, '10-model-loading');
-    await page.unroute('**/glm/v1/models');
+    await page.unroute(models);
     await banner.getByRole('button', { name: 'Retry' }).click();
     await expect(chat.getByRole('alert')).toHaveCount(0);
     await expect(chat.locator('.glm-ModelPicker option').first()).not.toHaveText('no model');

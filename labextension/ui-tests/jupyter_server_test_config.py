@@ -1,0 +1,41 @@
+"""Configuration of the `jupyter lab` that the browser tests start (see playwright.config.js).
+
+Galata's test settings (no token, app exposed to the page, temporary root and workspaces), plus the workbench
+server extension on the backend named by $GLM_UI_BACKEND:
+
+- ``local``: the engine on a tiny random-weight GLM-4.5-architecture checkpoint written here at start-up
+  (real routing traces, no download);
+- ``remote``: the remote backend pointed at $GLM_UI_UPSTREAM_URL, the scripted endpoint of
+  tests/ui/scripted_upstream.py (known thinking, code and tool calls).
+
+Never use this configuration outside tests: it turns off Jupyter's security.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+from jupyterlab.galata import configure_jupyter_server
+
+c = get_config()  # noqa: F821 (provided by the config loader)
+configure_jupyter_server(c)
+c.ServerApp.allow_root = True  # CI and the dev machines run as root
+
+c.ServerApp.jpserver_extensions.update({"workbench": True})
+work = Path(tempfile.mkdtemp(prefix="glm-ui-"))
+c.GLMWorkbench.conversations_dir = str(work / "conversations")
+
+backend = os.environ.get("GLM_UI_BACKEND", "local")
+c.GLMWorkbench.backend = backend
+if backend == "remote":
+    c.GLMWorkbench.remote_base_url = os.environ["GLM_UI_UPSTREAM_URL"]
+    c.GLMWorkbench.remote_model = "scripted-glm"
+    c.GLMWorkbench.remote_api_key_env = ""  # the scripted endpoint takes no key
+else:
+    from workbench.engine.testing import write_tiny_checkpoint
+
+    # a longer context than the preset's 2048: the notebook tools' definitions alone take most of it
+    write_tiny_checkpoint(work / "glm-tiny", preset="tiny", seed=0, max_position_embeddings=16384)
+    c.GLMWorkbench.model_path = str(work / "glm-tiny")
+    c.GLMWorkbench.dtype = "float32"
+    c.GLMWorkbench.kernels = "torch"
