@@ -85,8 +85,13 @@ def decode_attention_reference(
     kt = keys.permute(0, 2, 1, 3)[:, :, None]
     vt = values.permute(0, 2, 1, 3)[:, :, None]
     valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)
+    # Slots past a sequence's length hold whatever the pool held (uninitialised memory, other sequences):
+    # zero probability is not enough, 0 * NaN is NaN, so those values are zeroed too.
+    vt = vt.masked_fill(~valid[:, None, None, :, None], 0.0)
     scores = (qg.float() @ kt.float().transpose(-1, -2)) * scale  # [B, Hk, G, 1, L]
     scores = scores.masked_fill(~valid[:, None, None, None, :], float("-inf"))
+    # past a sequence's length the (torch.empty) cache may hold NaN or inf, and 0 * NaN is NaN
+    vt = vt.masked_fill(~valid[:, None, None, :, None], 0.0)
     probs = scores.softmax(dim=-1)
     out = probs @ vt.float()
     return out.view(batch, num_heads, head_dim).to(q.dtype)
