@@ -25,12 +25,17 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages")
 
 
+@functools.lru_cache(maxsize=16)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index).replace(" ", "_")
+
+
 def device_name(device: torch.device | str | None = None) -> str:
     """The file-name form of a device's name: 'NVIDIA_H200', or 'cpu' off CUDA."""
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return "cpu"
-    return torch.cuda.get_device_name(device).replace(" ", "_")
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def config_file_name(experts: int, width: int, device: str, dtype: str) -> str:
@@ -86,11 +91,24 @@ def moe_tile_config(
     hidden: int | None = None,
     device: torch.device | str | None = None,
 ) -> dict:
-    """The tile config of a fused MoE call: a tuned file's entry nearest to `num_tokens`, else a default."""
-    name = device_name(device)
-    path = tuned_config_path(experts, width, dtype, name)
+    """The tile config of a fused MoE call: a tuned file's entry nearest to `num_tokens`, else a default.
+
+    Looked up once per key and remembered, as every MoE layer of every step asks (`clear_cache()` forgets).
+    """
+    return dict(_cached_config(experts, width, num_tokens, dtype, device_name(device)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_config(experts: int, width: int, num_tokens: int, dtype: str, device: str) -> dict:
+    path = tuned_config_path(experts, width, dtype, device)
     if path is not None:
         return _nearest(_load(path), num_tokens)
     defaults = json.loads((CONFIG_DIR / "defaults.json").read_text())
     table = {int(k): v for k, v in defaults[dtype_family(dtype)].items()}
     return _nearest(table, num_tokens)
+
+
+def clear_cache() -> None:
+    """Forget looked-up configs (after writing new files, or changing $GLM_KERNELS_CONFIG_DIR)."""
+    _cached_config.cache_clear()
+    _load.cache_clear()
