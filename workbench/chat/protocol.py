@@ -232,6 +232,10 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormat(_Strict):
+    type: Literal["text"] = Field(description="only 'text': this server cannot constrain output to JSON")
+
+
 class ChatTemplateKwargs(_Strict):
     enable_thinking: bool | None = None
 
@@ -260,6 +264,7 @@ class ChatCompletionRequest(_Strict):
     # compatibility with clients of other GLM servers
     chat_template_kwargs: ChatTemplateKwargs | None = None
     ignore_eos: bool = False  # vLLM's: generate max_tokens tokens whatever the model says (benchmarks, tests)
+    response_format: ResponseFormat | None = None  # zai-sdk always sends it (null); only plain text is supported
     do_sample: bool | None = None
     request_id: str | None = None
     user_id: str | None = None

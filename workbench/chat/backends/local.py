@@ -84,6 +84,8 @@ class LocalBackend(Backend):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._routing: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self.requests_completed = 0
+        self.requests_cancelled = 0
 
     # --- lifetime ---------------------------------------------------------------------------------------------
     @property
@@ -321,18 +323,20 @@ class LocalBackend(Backend):
             result = engine_request.result()
             for item in to_chunks(parser.finish(truncated=result.finish_reason == "length")):
                 yield item
-            yield chunk(Delta(), finish_reason=parser.finish_reason)
-            if request.routing and result.routing is not None:
+            if request.routing and result.routing is not None:  # kept before the client can see the end
                 self._keep_routing(completion_id, result.routing)
+            yield chunk(Delta(), finish_reason=parser.finish_reason)
             if include_usage:
                 completion_tokens = len(result.token_ids) + (result.stop_token_id is not None)
                 yield ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[],
                                           usage=Usage(prompt_tokens=result.prompt_tokens,
                                                       completion_tokens=completion_tokens,
                                                       total_tokens=result.prompt_tokens + completion_tokens))
+            self.requests_completed += 1
         finally:
             if not engine_request.finished:
                 engine_request.cancel()  # the client left (or the task was cancelled): stop at the next step
+                self.requests_cancelled += 1
 
     # --- routing traces and status --------------------------------------------------------------------------------
     def _keep_routing(self, completion_id: str, trace: Any) -> None:
@@ -360,6 +364,7 @@ class LocalBackend(Backend):
             "dtype": self.dtype, "kernels": self.kernels, "max_concurrent_sequences": self.max_concurrent_sequences,
             "max_queued_requests": self.max_queued_requests, "active_requests": 0,
             "queued_requests": self._preparing, "recent_tokens_per_second": self.throughput.rate(),
+            "requests_completed": self.requests_completed, "requests_cancelled": self.requests_cancelled,
             "memory": memory,
         }
         if engine is not None:
