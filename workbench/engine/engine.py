@@ -143,6 +143,8 @@ class TokenStream:
             try:
                 event = self.request.events.get_nowait()
             except queue.Empty:
+                if self.request.finished:  # its end marker was already consumed
+                    raise StopIteration from None
                 self._engine._step_or_wait(self.request)
                 continue
             if event is None:
