@@ -7,16 +7,11 @@ HTTP layer: nothing in between is replaced.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import torch
+
+from workbench.server.launch import GLMServer, start_server
 
 MODEL = "ckpt"  # the served model id: the checkpoint folder's name
 
@@ -94,88 +89,7 @@ def train_scripted(folder: Path, steps: int = 80, lr: float = 1e-2) -> Path:
 # ------------------------------------------------------------------------------------------ live servers
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class LiveServer:
-    process: subprocess.Popen
-    port: int
-    token: str
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def api(self) -> str:
-        """Base URL for OpenAI-style clients."""
-        return f"{self.url}/glm/v1"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"token {self.token}"}
-
-    def status(self) -> dict:
-        return httpx.get(f"{self.url}/glm/api/status", headers=self.headers, timeout=10).json()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_idle(self, timeout: float = 20.0) -> dict:
-        """Wait until the engine holds no running or waiting sequence; return the last status."""
-        deadline = time.monotonic() + timeout
-        status = self.status()
-        while (status["active_requests"] or status["queued_requests"]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-            status = self.status()
-        return status
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def start_live_server(tmp: Path, glm_config: dict, env: dict[str, str] | None = None, token: str = "test-token",
-                      ready_timeout: float = 120.0) -> LiveServer:
-    """`jupyter server` with the extension enabled, on a free loopback port; returns once the backend is ready."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    for name in ("config", "data", "runtime", "root"):
-        (tmp / name).mkdir(exist_ok=True)
-    # only this extension (and no JupyterLab, LSP, ...): the server starts faster
-    others = {name: False for name in ("jupyterlab", "jupyter_lsp", "notebook_shim", "notebook",
-                                       "jupyter_server_terminals", "nbclassic", "voila")}
-    config = {"ServerApp": {"jpserver_extensions": {**others, "workbench": True}, "open_browser": False},
-              "IdentityProvider": {"token": token}, "GLMWorkbench": glm_config}
-    (tmp / "config" / "jupyter_server_config.json").write_text(json.dumps(config))
-    port = free_port()
-    log_path = tmp / "server.log"
-    process_env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "config"), "JUPYTER_DATA_DIR": str(tmp / "data"),
-                   "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "OMP_NUM_THREADS": "1", **(env or {})}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", f"--port={port}", "--ip=127.0.0.1", "--ServerApp.port_retries=0",
-             "--allow-root", f"--ServerApp.root_dir={tmp / 'root'}", "--ServerApp.log_level=DEBUG"],
-            env=process_env, stdout=log, stderr=subprocess.STDOUT)
-    server = LiveServer(process, port, token, log_path)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"jupyter server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
-        try:
-            status = server.status()
-            if status.get("state") in ("ready", "error", "unconfigured"):
-                return server
-        except (httpx.HTTPError, json.JSONDecodeError):
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"jupyter server did not become ready in {ready_timeout}s:\n{server.log_text()[-3000:]}")
+def start_live_server(tmp: Path, glm_config: dict, env: dict[str, str] | None = None,
+                      token: str = "test-token") -> GLMServer:
+    """A live server for the tests: one torch thread (the cores are shared)."""
+    return start_server(tmp, glm_config, env={"OMP_NUM_THREADS": "1", **(env or {})}, token=token)

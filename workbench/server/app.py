@@ -38,21 +38,17 @@ NO_MODEL_MESSAGE = (
 )
 
 
-def bundled_model_path() -> str | None:
-    """The bundled small checkpoint (`workbench.models.default_model_path()`), when it is installed."""
+def bundled_model_path() -> tuple[str | None, str]:
+    """The bundled small checkpoint (`workbench.models.default_model_path()`) when it is installed, else None and
+    why not."""
     try:
-        from workbench import models
-    except ImportError:
-        return None
-    find = getattr(models, "default_model_path", None)
-    if find is None:
-        return None
+        from workbench.models import default_model_path
+    except ImportError as exc:
+        return None, f"the bundled model is not part of this installation ({exc})"
     try:
-        path = find()
+        return str(default_model_path()), ""
     except (FileNotFoundError, OSError, RuntimeError, ValueError) as exc:
-        log.info("the bundled model is not available: %s", exc)
-        return None
-    return str(path) if path and Path(path).exists() else None
+        return None, str(exc)
 
 
 class GLMWorkbench(ExtensionApp):
@@ -100,7 +96,8 @@ class GLMWorkbench(ExtensionApp):
 
     @default("model_path")
     def _default_model_path(self) -> str | None:
-        return bundled_model_path()
+        path, self._no_bundled_model = bundled_model_path()
+        return path
 
     def initialize_settings(self) -> None:
         self.glm_backend = self.make_backend()
@@ -116,7 +113,11 @@ class GLMWorkbench(ExtensionApp):
                             max_concurrent_sequences=self.max_concurrent_sequences,
                             max_queued_requests=self.max_queued_requests, context_limit=self.context_limit,
                             default_max_tokens=self.default_max_tokens, routing_history=self.routing_history,
-                            unconfigured_message=None if self.model_path else NO_MODEL_MESSAGE)
+                            unconfigured_message=None if self.model_path else self._unconfigured_message())
+
+    def _unconfigured_message(self) -> str:
+        why = getattr(self, "_no_bundled_model", "")
+        return NO_MODEL_MESSAGE + (f" (The bundled model: {why}.)" if why else "")
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers.ROUTES)
