@@ -300,9 +300,10 @@ def _fp8_linear_kernel(
     a_rows = a_ptr + rows[:, None].to(tl.int64) * stride_am
     w_cols = w_ptr + cols[None, :].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    a_scale = 1.0
-    b_scale = 1.0
     for k0 in range(0, depth, BLOCK_K):
+        # Per-iteration (not loop-carried): with block scales they become tiles below.
+        a_scale = 1.0
+        b_scale = 1.0
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < depth
         a = tl.load(a_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)

@@ -498,10 +498,11 @@ def _moe_gate_up_kernel(
         up_scale_rows = scale_base + ((width + GROUP_N - 1) // GROUP_N + cols // GROUP_N)[None, :] * stride_wsn
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    a_scale = 1.0
-    gate_scale = 1.0
-    up_scale = 1.0
     for k0 in range(0, hidden, BLOCK_K):
+        # Per-iteration (not loop-carried): with block scales they become tiles below.
+        a_scale = 1.0
+        gate_scale = 1.0
+        up_scale = 1.0
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < hidden
         a = tl.load(x_rows + ks[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)
@@ -578,9 +579,10 @@ def _moe_down_kernel(
     w_cols = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn
     scale_base = w_scale_ptr + expert * stride_wse
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    a_scale = 1.0
-    b_scale = 1.0
     for k0 in range(0, width, BLOCK_K):
+        # Per-iteration (not loop-carried): with block scales they become tiles below.
+        a_scale = 1.0
+        b_scale = 1.0
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < width
         a = tl.load(a_rows + ks[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)

@@ -213,7 +213,7 @@ def route_triton(
         BLOCK_E=block_e,
         BLOCK_D=block_d,
         BLOCK_G=max(2, next_power_of_2(n_group)),
-        BLOCK_K=next_power_of_2(top_k),
+        BLOCK_K=max(2, next_power_of_2(top_k)),
         num_warps=4 if block_e <= 128 else 8,
     )
     return ids, weights, scores
