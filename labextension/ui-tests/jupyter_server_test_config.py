@@ -34,8 +34,7 @@ if backend == "remote":
 else:
     from workbench.engine.testing import write_tiny_checkpoint
 
-    # a longer context than the preset's 2048: the notebook tools' definitions alone take most of it
-    write_tiny_checkpoint(work / "glm-tiny", preset="tiny", seed=0, max_position_embeddings=16384)
+    write_tiny_checkpoint(work / "glm-tiny", preset="tiny", seed=0)
     c.GLMWorkbench.model_path = str(work / "glm-tiny")
     c.GLMWorkbench.dtype = "float32"
     c.GLMWorkbench.kernels = "torch"

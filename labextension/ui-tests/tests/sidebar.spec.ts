@@ -3,7 +3,7 @@
  * code-block insertion, tool approval, the routing panel, saved history and failure states.
  * Each state is saved as a screenshot in the artifacts folder.
  */
-import { expect, test, type IJupyterLabPageFixture } from '@jupyterlab/galata';
+import { expect, galata, test, type IJupyterLabPageFixture } from '@jupyterlab/galata';
 import type { Locator } from '@playwright/test';
 import * as fs from 'fs';
 import * as path from 'path';
@@ -165,25 +165,25 @@ test.describe('GLM Workbench sidebar', () => {
     await shot(page, '07-tool-call-approved');
   });
 
-  test('shows the expert routing of a local answer @local', async ({ page }) => {
+  test('explains an error from the cell context menu', async ({ page }) => {
+    await page.notebook.createNew('error.ipynb');
+    await page.notebook.setCell(0, 'code', 'total = 1 / 0');
+    await page.notebook.runCell(0, true);
+    await expect(page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')).toContainText(
+      'ZeroDivisionError'
+    );
     const chat = await openChat(page);
-    await local(chat);
-    await chat.getByLabel('Thinking mode').selectOption('off');
-    await send(chat, 'hello');
-    const answer = await lastAnswer(chat);
-    const experts = answer.getByRole('button', { name: 'Show expert routing of this answer' });
-    await expect(experts).toBeVisible({ timeout: 60 * 1000 });
-    await experts.click();
-    const panel = page.locator('.glm-RoutingPanel');
-    await expect(panel.locator('.glm-Routing-summary')).toContainText('MoE layers');
-    // plotly drew both heatmaps
-    await expect(panel.locator('.glm-Plot .heatmaplayer')).toHaveCount(2);
-    await panel.locator('.glm-Token').first().click();
-    const detail = panel.locator('.glm-TokenDetail');
-    await expect(detail).toBeVisible();
-    expect(await detail.locator('tbody tr').count()).toBeGreaterThan(0);
-    await expect(detail.locator('.glm-ExpertChip').first()).toHaveText(/^e\d+/);
-    await shot(page, '08-routing-panel');
+    await scripted(chat);
+    await page.notebook.selectCells(0);
+    const cell = await page.notebook.getCellLocator(0);
+    await cell!.click({ button: 'right' });
+    await page.getByRole('menuitem', { name: 'Explain / Fix This Error (GLM)' }).click();
+    const question = chat.locator('.glm-Message.glm-mod-user').last();
+    await expect(question).toContainText('Explain this error and fix the code.');
+    await expect(question.locator('.glm-ContextChip', { hasText: 'Error' })).toHaveAttribute('title', /ZeroDivisionError/);
+    await expect(question.locator('.glm-ContextChip', { hasText: 'Cell' })).toHaveAttribute('title', /total = 1 \/ 0/);
+    await expect(await lastAnswer(chat)).toContainText('Hello from the scripted model.');
+    await shot(page, '12-explain-error');
   });
 
   test('keeps conversations across reloads', async ({ page }) => {
@@ -240,5 +240,34 @@ test.describe('GLM Workbench sidebar', () => {
     expect(r + g + b, `a dark background, got ${background}`).toBeLessThan(3 * 100);
     await shot(page, '11-dark-theme');
     await page.theme.setLightTheme();
+  });
+});
+
+test.describe('Routing panel (local engine) @local', () => {
+  // Short answers from the tiny random-weight model, and no tool definitions to prefill: the test is about
+  // the routing of whatever it says, and the machines are slow.
+  test.use({
+    mockSettings: { ...galata.DEFAULT_SETTINGS, 'glm-workbench:plugin': { maxTokens: 24, enableTools: false } }
+  });
+
+  test('shows the expert routing of a local answer', async ({ page }) => {
+    const chat = await openChat(page);
+    await local(chat);
+    await chat.getByLabel('Thinking mode').selectOption('off');
+    await send(chat, 'hello');
+    const answer = await lastAnswer(chat);
+    const experts = answer.getByRole('button', { name: 'Show expert routing of this answer' });
+    await expect(experts).toBeVisible({ timeout: 60 * 1000 });
+    await experts.click();
+    const panel = page.locator('.glm-RoutingPanel');
+    await expect(panel.locator('.glm-Routing-summary')).toContainText('MoE layers');
+    // plotly drew both heatmaps
+    await expect(panel.locator('.glm-Plot .heatmaplayer')).toHaveCount(2);
+    await panel.locator('.glm-Token').first().click();
+    const detail = panel.locator('.glm-TokenDetail');
+    await expect(detail).toBeVisible();
+    expect(await detail.locator('tbody tr').count()).toBeGreaterThan(0);
+    await expect(detail.locator('.glm-ExpertChip').first()).toHaveText(/^e\d+/);
+    await shot(page, '08-routing-panel');
   });
 });
