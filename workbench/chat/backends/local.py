@@ -49,6 +49,10 @@ from workbench.chat.protocol import (
 
 log = logging.getLogger(__name__)
 
+# Prompts up to this many characters are rendered and tokenized on the event loop: a thread hop costs more than
+# the work (and, on a busy machine, a scheduler time slice); longer ones go to a worker thread.
+INLINE_PREPARE_CHARS = 8192
+
 
 @dataclass
 class _Prepared:
@@ -265,7 +269,10 @@ class LocalBackend(Backend):
         engine = await self._wait_ready()
         self._admit()
         try:
-            prepared = await asyncio.to_thread(self._prepare, request)
+            if _prompt_chars(request) < INLINE_PREPARE_CHARS:
+                prepared = self._prepare(request)  # a short prompt renders and tokenizes in well under a ms
+            else:  # a long one could hold the event loop up: a worker thread does it
+                prepared = await asyncio.to_thread(self._prepare, request)
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
             try:
@@ -388,6 +395,11 @@ def _safe(read: Any) -> Any:
         return read()
     except AttributeError:
         return None
+
+
+def _prompt_chars(request: ChatCompletionRequest) -> int:
+    return sum(len(m.model_dump_json()) for m in request.messages) + sum(
+        len(t.model_dump_json()) for t in request.tools or [])
 
 
 def _tool_choice_prefill(request: ChatCompletionRequest, enable_thinking: bool) -> str:

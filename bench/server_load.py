@@ -1,0 +1,159 @@
+"""Server load: does the GLM API batch concurrent clients, and what does HTTP add to the first token?
+
+Measured side by side in one run, against a live `jupyter server` with the extension (local engine):
+
+1. aggregate tokens/s of N concurrent streaming clients against the same N requests one after another
+   (target: at least 4x with N = 8): the scheduler should put concurrent requests into shared decode steps;
+2. time to the first token through HTTP (a streaming request for one token, until its finish event) against a
+   direct `Engine.generate(max_new_tokens=1)` call on the same prompt in this process (target: under 20 ms
+   extra): rendering, tokenizing, the scheduler hand-off and server-sent events should cost little.
+
+The model is --model (default: the bundled model when it is installed, else a random-weight checkpoint of
+--preset written to a temporary folder). Requests use ignore_eos so every client generates exactly --max-tokens.
+
+    python bench/server_load.py [--model PATH] [--preset bench-10m] [--clients 8] [--max-tokens 64] [--device cpu]
+
+The last line reads `concurrent_vs_sequential=X.XX ttft_overhead_ms=Y.Y`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from workbench.chat import render_prompt
+from workbench.server.launch import GLMServer, start_server
+
+
+def messages_for(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Client {i}: summarise the benefits of mixture-of-experts models."}]
+
+
+async def stream_one(client: httpx.AsyncClient, server: GLMServer, model: str, i: int, max_tokens: int) -> int:
+    """One streaming request to its end; returns the completion tokens the server counted."""
+    body = {"model": model, "messages": messages_for(i), "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    tokens = 0
+    async with client.stream("POST", f"{server.api}/chat/completions", json=body, headers=server.headers) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"request {i} failed: {r.status_code} {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"request {i} failed mid-stream: {chunk['error']}")
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    return tokens
+
+
+async def throughput(server: GLMServer, model: str, clients: int, max_tokens: int) -> tuple[float, float]:
+    """(sequential tok/s, concurrent tok/s) for the same `clients` requests."""
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients * 2)) as client:
+        await stream_one(client, server, model, 0, 4)  # warm-up
+        start = time.perf_counter()
+        sequential_tokens = 0
+        for i in range(clients):
+            sequential_tokens += await stream_one(client, server, model, i, max_tokens)
+        sequential = sequential_tokens / (time.perf_counter() - start)
+        start = time.perf_counter()
+        counts = await asyncio.gather(*[stream_one(client, server, model, i, max_tokens) for i in range(clients)])
+        concurrent = sum(counts) / (time.perf_counter() - start)
+    expected = clients * max_tokens
+    if sequential_tokens != expected or sum(counts) != expected:
+        raise RuntimeError(f"token counts are off: sequential {sequential_tokens}, concurrent {sum(counts)}, "
+                           f"expected {expected} each")
+    return sequential, concurrent
+
+
+def first_token_ms(server: GLMServer, model: str, model_path: Path, device: str, runs: int) -> tuple[float, float]:
+    """Median ms to the first token via HTTP (a one-token streaming request, until its finish event) and via a
+    direct `Engine.generate(max_new_tokens=1)` in this process on the same prompt, alternated run by run so that
+    both see the same machine (the server's engine is idle during the direct calls)."""
+    from workbench.engine import Engine
+
+    engine = Engine.from_pretrained(model_path, dtype="float32" if device == "cpu" else "bfloat16", device=device)
+    ids = engine.tokenizer.encode(render_prompt(messages_for(0), template=engine.tokenizer.chat_template))
+    body = {"model": model, "messages": messages_for(0), "max_tokens": 1, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    http_times, direct_times = [], []
+    with httpx.Client(timeout=120, headers=server.headers) as client:
+        for run in range(runs + 2):
+            start = time.perf_counter()
+            with client.stream("POST", f"{server.api}/chat/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if '"finish_reason"' in line:
+                        http_ms = (time.perf_counter() - start) * 1000
+                        break
+                else:
+                    raise RuntimeError(f"no finish event: {response.status_code}")
+            start = time.perf_counter()
+            engine.generate(ids, max_new_tokens=1, temperature=0, stop_token_ids=[])
+            direct_ms = (time.perf_counter() - start) * 1000
+            if run >= 2:  # two warm-up rounds
+                http_times.append(http_ms)
+                direct_times.append(direct_ms)
+    return statistics.median(http_times), statistics.median(direct_times)
+
+
+def default_model(preset: str, workdir: Path) -> Path:
+    try:
+        from workbench.models import default_model_path
+
+        return default_model_path()
+    except (ImportError, FileNotFoundError):
+        from workbench.engine.testing import write_tiny_checkpoint
+
+        print(f"(no bundled model: using a random-weight '{preset}' checkpoint)")
+        return write_tiny_checkpoint(workdir / "model", preset, seed=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="checkpoint folder (default: bundled model, else --preset)")
+    parser.add_argument("--preset", default="bench-10m", help="preset of the random checkpoint when no model")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--ttft-runs", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (server and direct engine)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="glm-server-load-") as tmp:
+        workdir = Path(tmp)
+        model_path = args.model or default_model(args.preset, workdir)
+        server = start_server(workdir / "server", {
+            "model_path": str(model_path), "device": args.device, "max_concurrent_sequences": args.clients,
+            "max_queued_requests": args.clients}, env={"OMP_NUM_THREADS": str(args.threads)}, log_level="WARN")
+        try:
+            status = server.status()
+            if status["state"] != "ready":
+                raise RuntimeError(f"the server did not load the model: {status.get('message')}")
+            model = status["model"]
+            print(f"model {model_path} on {status['device']} ({status['dtype']}, kernels={status['kernels']}), "
+                  f"{args.clients} clients x {args.max_tokens} tokens")
+            sequential, concurrent = asyncio.run(throughput(server, model, args.clients, args.max_tokens))
+            http_ms, direct_ms = first_token_ms(server, model, model_path, args.device, args.ttft_runs)
+        finally:
+            server.stop()
+
+    ratio = concurrent / sequential
+    overhead = http_ms - direct_ms
+    print(f"sequential   {sequential:9.1f} tok/s  ({args.clients} requests one after another)")
+    print(f"concurrent   {concurrent:9.1f} tok/s  ({args.clients} streaming clients at once)   target >= 4x")
+    print(f"first token  {http_ms:9.1f} ms via HTTP, {direct_ms:.1f} ms direct (median of {args.ttft_runs})   "
+          "target < 20 ms extra")
+    print(f"concurrent_vs_sequential={ratio:.2f} ttft_overhead_ms={overhead:.1f}")
+
+
+if __name__ == "__main__":
+    main()
