@@ -24,7 +24,7 @@ import {
   toApiMessages,
   type ToolMessage
 } from './chatState';
-import { WorkbenchError } from './errors';
+import { statusFailure, WorkbenchError } from './errors';
 import type { ChatCompletionRequest, ModelInfo, ServerStatus, ThinkingMode } from './protocol';
 import { approve, createToolMessage, latestToolMessages, NOTEBOOK_TOOLS, readyToContinue, reject, startRun, complete, fail } from './tools';
 
@@ -171,10 +171,36 @@ export class ChatModel {
         this.client.listConversations().catch(() => this._state.history)
       ]);
       const model = models.some(m => m.id === this._state.model) ? this._state.model : (models[0]?.id ?? '');
-      this.update({ models, status, history, model, failure: null });
+      const failure = statusFailure(status);
+      this.update({ models, status, history, model, failure });
+      if (failure?.kind === 'loading') {
+        this.pollWhileLoading();
+      }
     } catch (error) {
       this.reportFailure(error);
     }
+  }
+
+  /** How often the status is asked again while the model loads (ms). */
+  loadingPollMs = 2000;
+  private polling = false;
+
+  /** Ask the status until the model stops loading, then refresh once more (which clears the banner). */
+  private pollWhileLoading(): void {
+    if (this.polling) {
+      return;
+    }
+    this.polling = true;
+    const tick = async () => {
+      const status = await this.client.status().catch(() => null);
+      if (status && statusFailure(status)?.kind === 'loading') {
+        setTimeout(() => void tick(), this.loadingPollMs);
+        return;
+      }
+      this.polling = false;
+      await this.refresh();
+    };
+    setTimeout(() => void tick(), this.loadingPollMs);
   }
 
   /** Whether answers from this model come from the local engine, which can record routing. */

@@ -74,3 +74,19 @@ export function unreachableError(cause: unknown): WorkbenchError {
     `Cannot reach the Jupyter server (${why}). Check that it is still running, then try again.`
   );
 }
+
+/**
+ * The failure a server status implies, if any: `GET glm/api/status` says `state` is ready, loading, error,
+ * unconfigured or stopped (with a `message` for the last three).
+ */
+export function statusFailure(status: { state?: unknown; message?: unknown } | null): WorkbenchError | null {
+  const state = typeof status?.state === 'string' ? status.state : 'ready';
+  const detail = typeof status?.message === 'string' && status.message ? status.message : '';
+  if (state === 'loading') {
+    return new WorkbenchError('loading', `The model is still loading${detail ? ` (${detail})` : ''}. The chat is ready in a moment.`);
+  }
+  if (state === 'error' || state === 'unconfigured' || state === 'stopped') {
+    return new WorkbenchError('backend', detail || `The workbench backend is ${state}; see the Jupyter server's log.`);
+  }
+  return null;
+}

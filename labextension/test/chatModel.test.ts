@@ -206,6 +206,16 @@ describe('ChatModel', () => {
     expect(lastAssistant(model).status).toBe('error');
   });
 
+  it('shows "model loading" from the server status and clears it once the model is ready', async () => {
+    const client = new FakeClient([], { backend: 'local', state: 'loading' });
+    const model = new ChatModel(client as unknown as WorkbenchClient, new FakeBridge(), DEFAULT_PREFERENCES);
+    model.loadingPollMs = 5;
+    await model.refresh();
+    expect(model.state.failure?.kind).toBe('loading');
+    (client as unknown as { serverStatus: Record<string, unknown> }).serverStatus = { backend: 'local', state: 'ready' };
+    await until(() => model.state.failure === null, 'the banner to clear');
+  });
+
   it('regenerates the last answer from the same user message', async () => {
     const { client, model } = await makeModel([
       () => say(chunk({ content: 'first' })),

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { classifyHttpError, errorMessageFromBody } from '../src/errors';
+import { classifyHttpError, errorMessageFromBody, statusFailure } from '../src/errors';
 
 describe('failure states', () => {
   it('reads OpenAI and Jupyter error bodies', () => {
@@ -22,5 +22,14 @@ describe('failure states', () => {
     expect(classifyHttpError(500, '{"error": {"message": "CUDA OOM"}}')).toMatchObject({ kind: 'backend' });
     expect(classifyHttpError(404, '').kind).toBe('unreachable');
     expect(classifyHttpError(404, '<html>404 : Not Found</html>').message).toMatch(/server extension is not running/);
+  });
+
+  it('reads the server status into a failure state', () => {
+    expect(statusFailure({ state: 'ready' })).toBeNull();
+    expect(statusFailure(null)).toBeNull();
+    expect(statusFailure({ state: 'loading' })?.kind).toBe('loading');
+    const broken = statusFailure({ state: 'error', message: 'could not load the model from /x: no config.json' });
+    expect(broken).toMatchObject({ kind: 'backend', message: 'could not load the model from /x: no config.json' });
+    expect(statusFailure({ state: 'unconfigured' })?.message).toMatch(/unconfigured/);
   });
 });
