@@ -7,6 +7,7 @@ server extension, which talks to this endpoint as it would to Z.ai or vLLM. The 
 keyword in the last user message:
 
 - ``think``: reasoning streamed over about 1.5 s, then an answer with a Python code block;
+- ``ponder``: a very long reasoning trace streamed fast, then a one-line answer;
 - ``long``:  an answer that streams for up to a minute, for the stop button;
 - ``tool``:  a call to ``insert_cell``; after the tool result comes back, a short confirmation;
 - anything else: a one-line answer.
@@ -48,6 +49,10 @@ def script_for(messages: list[dict]) -> tuple[list[Delta], float, str]:
     if last.get("role") == "tool":
         return [{"content": w} for w in _words("Done: the new cell is in the notebook.")], 0.02, "stop"
     text = str(last.get("content") or "").lower()
+    if "ponder" in text:
+        # a very long trace (about 60 000 characters), streamed fast: the viewer must stay responsive
+        reasoning = [{"reasoning_content": f"step {i}: still pondering. "} for i in range(2500)]
+        return reasoning + [{"content": "Done pondering."}], 0.002, "stop"
     if "think" in text:
         reasoning = [{"reasoning_content": w} for w in _words(
             "The user wants a function that adds two numbers. A plain def with two parameters is enough, "

@@ -112,6 +112,26 @@ test.describe('GLM Workbench sidebar', () => {
     await shot(page, '02-answer-with-thought');
   });
 
+  test('a very long thinking trace stays responsive', async ({ page }) => {
+    const chat = await openChat(page);
+    await scripted(chat);
+    await send(chat, 'ponder this for a long time');
+    const body = chat.locator('.glm-Thinking-body');
+    await expect(body).toContainText('step 1500');
+    // while it streams only the tail is in the DOM, however long the trace has grown
+    expect((await body.textContent())!.length).toBeLessThanOrEqual(20002);
+    const header = chat.locator('.glm-Thinking-header');
+    await header.click();
+    await expect(header).toHaveAttribute('aria-expanded', 'false');
+    await expect(chat.locator('.glm-Thinking-label')).toHaveText(/^Thinking \d+\.\d s$/);
+    await shot(page, '13-long-trace-collapsed-while-streaming');
+    await expect(await lastAnswer(chat)).toContainText('Done pondering.');
+    await expect(chat.locator('.glm-Thinking-label')).toHaveText(/^Thought for \d+\.\d s · \d+ tokens$/);
+    await header.click();
+    await expect(body).toContainText('step 2499: still pondering.');
+    await expect(body).toContainText('step 0: still pondering.');
+  });
+
   test('Escape stops a long answer', async ({ page }) => {
     const chat = await openChat(page);
     await scripted(chat);
