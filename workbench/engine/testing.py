@@ -7,6 +7,8 @@ BPE tokenizer that has every GLM-4.5 special token, written in the Hugging Face 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -93,3 +95,31 @@ def write_tiny_checkpoint(folder: str | Path, preset: str | GLMConfig = "tiny", 
     save_checkpoint(random_model(config, seed), folder, dtype=dtype, max_shard_bytes=max_shard_bytes)
     write_tokenizer_files(folder, tokenizer)
     return folder
+
+
+_LOAD_MEMORY_CHILD = r"""
+import json, sys, torch
+from pathlib import Path
+from workbench.engine import Engine
+torch.set_num_threads(1)
+
+def status(key):  # kB figures of /proc/self/status
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+# VmHWM is this process's own peak (ru_maxrss is not: Linux carries the parent's peak across fork and exec);
+# writing 5 to clear_refs resets it, so the peak below is the load's alone.
+Path("/proc/self/clear_refs").write_text("5")
+before = status("VmRSS")
+engine = Engine.from_pretrained(sys.argv[1], dtype=sys.argv[2], kernels="torch", cache_tokens=1024)
+weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+print(json.dumps({"growth": status("VmHWM") - before, "weights": weights}))
+"""
+
+
+def measure_load_memory(folder: str | Path, dtype: str) -> dict[str, int]:
+    """Load `folder` in a fresh process (Linux) and return its peak RSS growth and the weights' bytes."""
+    out = subprocess.run([sys.executable, "-c", _LOAD_MEMORY_CHILD, str(folder), dtype], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,49 @@
+"""Peak resident-memory growth while loading a checkpoint, against the weights' size in the target dtype.
+
+Writes a random checkpoint (default about 400 MB in bf16), then loads it in a fresh process per case and reads
+that process's peak RSS (ru_maxrss) before and after `Engine.from_pretrained`. Target: growth <= 1.3x.
+
+    python bench/load_memory.py [--hidden 1024] [--layers 6] [--experts 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--shard-mb", type=int, default=0, help="write sharded files of this size (0: one file)")
+    args = parser.parse_args()
+
+    import torch
+
+    from workbench.engine import GLMConfig
+    from workbench.engine.testing import measure_load_memory, write_tiny_checkpoint
+
+    config = GLMConfig.preset("tiny", vocab_size=8192, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                              num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
+                              head_dim=args.hidden // 8, n_routed_experts=args.experts, num_experts_per_tok=4,
+                              moe_intermediate_size=args.hidden // 2)
+    folder = Path(tempfile.mkdtemp(prefix="glm-mem-")) / "ckpt"
+    shard = args.shard_mb * 2**20 or None
+    write_tiny_checkpoint(folder, config, dtype=torch.bfloat16, max_shard_bytes=shard)
+    print(f"checkpoint: {config.num_parameters() / 1e6:.0f}M parameters, bf16 on disk"
+          f"{f', shards of {args.shard_mb} MB' if shard else ', one file'}")
+    worst = 0.0
+    for dtype in ("bfloat16", "float32"):
+        figures = measure_load_memory(folder, dtype)
+        ratio = figures["growth"] / figures["weights"]
+        worst = max(worst, ratio)
+        print(f"load as {dtype:9}: weights {figures['weights'] / 2**20:7.1f} MiB, peak RSS growth "
+              f"{figures['growth'] / 2**20:7.1f} MiB, ratio {ratio:.2f}")
+    print(f"peak_rss_growth_vs_weights={worst:.2f}")
+
+
+if __name__ == "__main__":
+    main()
