@@ -140,11 +140,14 @@ class UserMessage(_Strict):
 
 class FunctionCall(_Strict):
     name: str = Field(min_length=1)
-    arguments: str  # a JSON object, serialised, as OpenAI sends it
+    # a JSON object serialised as a string, as OpenAI sends it (Hugging Face-style messages hold the object itself)
+    arguments: str | dict[str, Any]
 
     @field_validator("arguments")
     @classmethod
-    def _json_object(cls, value: str) -> str:
+    def _json_object(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        if isinstance(value, dict):
+            return value
         try:
             decoded = json.loads(value)
         except json.JSONDecodeError as exc:
@@ -155,7 +158,7 @@ class FunctionCall(_Strict):
 
 
 class ToolCall(_Strict):
-    id: str = Field(min_length=1)
+    id: str | None = Field(default=None, min_length=1)  # OpenAI clients always send it; HF-style messages may not
     type: Literal["function"] = "function"
     function: FunctionCall
 
@@ -177,7 +180,7 @@ class AssistantMessage(_Strict):
 class ToolMessage(_Strict):
     role: Literal["tool"]
     content: Content
-    tool_call_id: str = Field(min_length=1)
+    tool_call_id: str | None = Field(default=None, min_length=1)
 
 
 Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
@@ -357,12 +360,12 @@ def _check_message_order(messages: list[Any]) -> None:
             if open_call_ids is None:
                 raise _FieldError(f"messages[{index}].role", f"messages[{index}] is a tool result, but it does not "
                                   "follow an assistant message with tool_calls (or another tool result)")
-            if message.tool_call_id not in open_call_ids:
+            if open_call_ids and message.tool_call_id is not None and message.tool_call_id not in open_call_ids:
                 raise _FieldError(f"messages[{index}].tool_call_id",
                                   f"messages[{index}].tool_call_id {message.tool_call_id!r} matches none of the "
                                   f"preceding assistant message's tool_calls ids ({', '.join(sorted(open_call_ids))})")
             continue
-        open_call_ids = ({call.id for call in message.tool_calls}
+        open_call_ids = ({call.id for call in message.tool_calls if call.id is not None}
                          if message.role == "assistant" and message.tool_calls else None)
     if messages[-1].role == "assistant":
         raise _FieldError(f"messages[{len(messages) - 1}].role",

@@ -104,6 +104,10 @@ class RemoteBackend(Backend):
         body = request.model_dump(exclude_none=True, exclude=_NOT_FORWARDED | {"stream", "stream_options"})
         body["model"] = self.remote_model
         body["stream"] = stream
+        for message in body["messages"]:  # OpenAI-compatible servers take arguments as JSON strings only
+            for call in message.get("tool_calls") or []:
+                if isinstance(call["function"]["arguments"], dict):
+                    call["function"]["arguments"] = json.dumps(call["function"]["arguments"], ensure_ascii=False)
         if not request.ignore_eos:
             body.pop("ignore_eos", None)  # vLLM's extension: sent only when asked for
         if stream:  # usage feeds our throughput figure; dropped again if the client did not ask for it
