@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
