@@ -1,4 +1,4 @@
-"""Command line: `python -m workbench generate ...` (and `glm-workbench`, which opens JupyterLab once the UI lands).
+"""Command line: `glm-workbench` opens JupyterLab with the workbench; `python -m workbench generate` streams.
 
 Owns argument parsing and terminal output only: generation goes through the engine, the split of thinking from
 answer through the chat layer's output parser.
@@ -59,9 +59,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lab(args: argparse.Namespace) -> int:
+    """Open JupyterLab with the workbench (server extension + sidebar) on the quickstart notebook."""
+    import os
+    import subprocess
+
+    repo_notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    command = [sys.executable, "-m", "jupyter", "lab", *args.lab_args]
+    if repo_notebooks.is_dir() and not any(a.endswith(".ipynb") for a in args.lab_args):
+        command += [f"--ServerApp.root_dir={repo_notebooks}", str(repo_notebooks / "01_quickstart.ipynb")]
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in args.lab_args:
+        command.append("--allow-root")  # containers and CI machines run as root
+    print("[glm-workbench] " + " ".join(command), file=sys.stderr)
+    return subprocess.call(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workbench", description="GLM Workbench")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command")
     generate = commands.add_parser("generate", help="stream an answer from a local checkpoint")
     generate.add_argument("--model", help="checkpoint folder (default: the bundled model)")
     generate.add_argument("--prompt", required=True)
@@ -74,12 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu")
     generate.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
     generate.set_defaults(run=cmd_generate)
+    lab = commands.add_parser("lab", help="open JupyterLab with the workbench (the default command)")
+    lab.add_argument("lab_args", nargs=argparse.REMAINDER, help="passed on to `jupyter lab`")
+    lab.set_defaults(run=cmd_lab)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
+        argv = ["lab", *argv]  # `glm-workbench` alone opens JupyterLab
+    if argv[0] == "lab":  # everything after `lab` belongs to `jupyter lab`, options included
+        return cmd_lab(argparse.Namespace(lab_args=argv[1:]))
     args = build_parser().parse_args(argv)
-    if not args.prompt.strip() if hasattr(args, "prompt") else False:
+    if getattr(args, "prompt", None) is not None and not args.prompt.strip():
         print("error: --prompt is empty", file=sys.stderr)
         return 2
     try:
