@@ -1,7 +1,8 @@
 """CPU benchmark: our engine against transformers' generate, side by side in one run, on one ~10M checkpoint.
 
 Prints batch-1 decode tok/s and 512-token prefill tok/s for both, the aggregate decode tok/s of 8 sequences
-batched, and the ratios. Last line: `decode_vs_transformers=X.XX prefill_vs_transformers=Y.YY`.
+batched, our decode with the routing trace on,
+and the ratios. Last line: `decode_vs_transformers=X.XX prefill_vs_transformers=Y.YY`.
 
     python bench/engine_cpu.py [--decode-tokens 64] [--repeats 3] [--threads 2]
 """
@@ -84,6 +85,12 @@ def main() -> None:
     prefill_ours = len(long) / best_of(args.repeats, ours_prefill)
     prefill_theirs = len(long) / best_of(args.repeats, theirs_prefill)
 
+    def ours_decode_routed():
+        result = ours.generate(short, max_new_tokens=n, temperature=0.0, stop_token_ids=[], routing=True)
+        assert result.routing.num_tokens == len(short) + n
+
+    decode_routed = (n - 1) / (best_of(args.repeats, ours_decode_routed) - t_prefill_short_ours)
+
     batch_prompts = [torch.randint(100, config.vocab_size, (16,), generator=generator).tolist() for _ in range(8)]
     batched = best_of(args.repeats, lambda: ours.generate_batch(batch_prompts, max_new_tokens=n, temperature=0.0,
                                                                 stop_token_ids=[]))
@@ -94,6 +101,8 @@ def main() -> None:
     print(f"{'prefill tok/s (' + str(len(long)) + ')':24}{prefill_ours:12.1f}{prefill_theirs:14.1f}"
           f"{prefill_ours / prefill_theirs:8.2f}")
     print(f"{'decode tok/s, 8 batched':24}{batched_tps:12.1f}")
+    print(f"{'decode tok/s, routing on':24}{decode_routed:12.1f}{'':14}{decode_routed / decode_ours:8.2f}"
+          "  (routing trace recorded: slowdown = 1 - ratio)")
     print(f"decode_vs_transformers={decode_ours / decode_theirs:.2f} "
           f"prefill_vs_transformers={prefill_ours / prefill_theirs:.2f}")
 
