@@ -231,7 +231,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bench-10m": dict(
         vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=2, head_dim=32, attention_bias=True, partial_rotary_factor=0.5,
-        first_k_dense_replace=1, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
+        first_k_dense_replace=1, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
         n_shared_experts=1, max_position_embeddings=4096,
     ),
 }
