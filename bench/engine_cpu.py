@@ -4,7 +4,7 @@ Prints batch-1 decode tok/s and 512-token prefill tok/s for both, the aggregate 
 batched, our decode with the routing trace on,
 and the ratios. Last line: `decode_vs_transformers=X.XX prefill_vs_transformers=Y.YY`.
 
-    python bench/engine_cpu.py [--decode-tokens 64] [--repeats 3] [--threads 2]
+    python bench/engine_cpu.py [--decode-tokens 64] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine two threads spin against each other)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -57,15 +58,36 @@ def main() -> None:
     long = torch.randint(100, config.vocab_size, (args.prefill_tokens,), generator=generator).tolist()
     n = args.decode_tokens
 
-    def ours_decode():
-        result = ours.generate(short, max_new_tokens=n, temperature=0.0, stop_token_ids=[])
-        assert len(result.token_ids) == n
+    class TokenClock:
+        """A transformers streamer that notes when each generated token arrives (put() first gets the prompt)."""
 
-    def theirs_decode():
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    # Decode tok/s on both sides: generated tokens after the first, over the time from the first to the last,
+    # so prefill never enters the figure (the same clock our engine keeps in GenerationResult.decode_seconds).
+    def ours_decode_rate(routing: bool = False) -> float:
+        result = ours.generate(short, max_new_tokens=n, temperature=0.0, stop_token_ids=[], routing=routing)
+        assert len(result.token_ids) == n
+        return result.decode_tokens_per_second
+
+    def theirs_decode_rate() -> float:
+        clock = TokenClock()
         with torch.no_grad():
-            out = theirs.generate(torch.tensor([short]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)
-        assert out.shape[1] == len(short) + n
+            theirs.generate(torch.tensor([short]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            eos_token_id=None, pad_token_id=0, streamer=clock)
+        generated = clock.times[1:]  # the first put() is the prompt
+        return (len(generated) - 1) / (generated[-1] - generated[0])
+
+    def best_rate(fn) -> float:
+        fn()
+        return statistics.median(fn() for _ in range(args.repeats))
 
     def ours_prefill():
         ours.generate(long, max_new_tokens=1, temperature=0.0, stop_token_ids=[])
@@ -75,21 +97,11 @@ def main() -> None:
             theirs.generate(torch.tensor([long]), max_new_tokens=1, do_sample=False, eos_token_id=None,
                             pad_token_id=0)
 
-    # Prefill time is taken from a 1-token generation; decode tok/s subtracts it so both measure steps only.
-    t_prefill_short_ours = best_of(args.repeats, lambda: ours.generate(short, max_new_tokens=1, temperature=0.0,
-                                                                      stop_token_ids=[]))
-    t_prefill_short_theirs = best_of(args.repeats, lambda: theirs.generate(
-        torch.tensor([short]), max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0))
-    decode_ours = (n - 1) / (best_of(args.repeats, ours_decode) - t_prefill_short_ours)
-    decode_theirs = (n - 1) / (best_of(args.repeats, theirs_decode) - t_prefill_short_theirs)
+    decode_ours = best_rate(ours_decode_rate)
+    decode_theirs = best_rate(theirs_decode_rate)
+    decode_routed = best_rate(lambda: ours_decode_rate(routing=True))
     prefill_ours = len(long) / best_of(args.repeats, ours_prefill)
     prefill_theirs = len(long) / best_of(args.repeats, theirs_prefill)
-
-    def ours_decode_routed():
-        result = ours.generate(short, max_new_tokens=n, temperature=0.0, stop_token_ids=[], routing=True)
-        assert result.routing.num_tokens == len(short) + n
-
-    decode_routed = (n - 1) / (best_of(args.repeats, ours_decode_routed) - t_prefill_short_ours)
 
     batch_prompts = [torch.randint(100, config.vocab_size, (16,), generator=generator).tolist() for _ in range(8)]
     batched = best_of(args.repeats, lambda: ours.generate_batch(batch_prompts, max_new_tokens=n, temperature=0.0,
