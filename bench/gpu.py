@@ -504,6 +504,7 @@ def _params(max_new_tokens: int):
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
+@torch.no_grad()  # scoped, not torch.set_grad_enabled(False): a test runs main() inside the pytest process
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU under the Triton interpreter")
@@ -516,7 +517,6 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("no CUDA device: run on a GPU, or pass --tiny for the CPU smoke run")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = TINY if args.tiny else AIR
-    torch.set_grad_enabled(False)
     report = Report()
     started = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
