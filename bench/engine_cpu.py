@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and activations, the same on both sides")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine two threads spin against each other)")
     args = parser.parse_args()
@@ -47,11 +49,11 @@ def main() -> None:
     config = GLMConfig.preset("bench-10m")
     folder = Path(tempfile.mkdtemp(prefix="glm-bench-")) / "bench-10m"
     write_tiny_checkpoint(folder, config, seed=0)
-    ours = Engine.from_pretrained(folder, dtype="float32", kernels="torch")
-    theirs = Glm4MoeForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = Engine.from_pretrained(folder, dtype=args.dtype, kernels="torch")
+    theirs = Glm4MoeForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
     print(f"model: {config.num_parameters() / 1e6:.1f}M parameters ({config.num_hidden_layers} layers, "
           f"{config.n_routed_experts} experts top-{config.num_experts_per_tok}, hidden {config.hidden_size}), "
-          f"fp32, {torch.get_num_threads()} threads")
+          f"{args.dtype}, {torch.get_num_threads()} threads")
 
     generator = torch.Generator().manual_seed(0)
     short = torch.randint(100, config.vocab_size, (16,), generator=generator).tolist()

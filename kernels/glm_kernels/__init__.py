@@ -13,6 +13,7 @@ from glm_kernels.attention import (
     prefill_attention_reference,
     prefill_attention_triton,
 )
+from glm_kernels.cpu import decode_attention_cpu, fused_moe_cpu, rms_norm_cpu
 from glm_kernels.fp8 import (
     fp8_linear_reference,
     fp8_linear_triton,
@@ -29,10 +30,12 @@ from glm_kernels.triton_support import HAS_TRITON
 
 __all__ = [
     "HAS_TRITON",
+    "decode_attention_cpu",
     "decode_attention_reference",
     "decode_attention_triton",
     "fp8_linear_reference",
     "fp8_linear_triton",
+    "fused_moe_cpu",
     "fused_moe_reference",
     "fused_moe_triton",
     "moe_align_block_size",
@@ -42,6 +45,7 @@ __all__ = [
     "prefill_attention_triton",
     "quantize_weight_blockwise",
     "quantize_weight_per_channel",
+    "rms_norm_cpu",
     "rms_norm_reference",
     "rms_norm_triton",
     "rotary_reference",

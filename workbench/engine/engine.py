@@ -213,6 +213,7 @@ class Engine:
             model.materialize_buffers(torch_device)
             model.ops = ops
             quant.use_kernels(model, ops.name)
+            model.fuse_projections()
         except BaseException:
             model = None
             gc.collect()  # nothing partially loaded stays in memory

@@ -88,11 +88,23 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
+        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Put q, k and v in one [Hq*Dh + 2*Hk*Dh, D] matrix: one GEMM instead of three (at decode sizes the call
+        count, not the arithmetic, costs). q_proj/k_proj/v_proj become views of it, so names and memory stay."""
+        self.fused_qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
     def forward(self, x, cos, sin, batch: AttentionBatch, kv: tuple[torch.Tensor, torch.Tensor] | None, ops: KernelOps):
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.fused_qkv is not None:
+            q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, *self.fused_qkv).split((q_width, kv_width, kv_width), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.use_qk_norm:
             q, _ = self.q_norm(q, ops)
             k, _ = self.k_norm(k, ops)
@@ -140,9 +152,39 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, width, bias=False)
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.fused_gate_up: tuple[torch.Tensor, None] | None = None  # by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """gate and up in one matrix (one GEMM instead of two); gate_proj/up_proj become views of it."""
+        self.fused_gate_up = _fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor, ops: KernelOps | None = None, recorder=None) -> torch.Tensor:
+        if self.fused_gate_up is not None:
+            gate, up = F.linear(x, *self.fused_gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of one GEMM computing the given linears side by side; their parameters become views of it.
+
+    Plain tensors, not parameters: the fused copy is not a second set of weights in state_dict() or
+    parameters(). None (nothing changed) unless all are plain nn.Linear modules of one dtype and device with
+    biases alike: quantised replacements (FP8) keep their own kernels."""
+    weights = [m.weight for m in linears]
+    if any(type(m) is not nn.Linear for m in linears) or len({(w.dtype, w.device) for w in weights}) != 1 \
+            or len({m.bias is None for m in linears}) != 1:
+        return None
+    weight = torch.cat([w.detach() for w in weights])
+    bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+    start = 0
+    for m in linears:  # the originals now read the fused storage: no second copy of the weights
+        rows = slice(start, start + m.weight.shape[0])
+        m.weight = nn.Parameter(weight[rows], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[rows], requires_grad=False)
+        start = rows.stop
+    return weight, bias
 
 
 class Router(nn.Module):
@@ -234,6 +276,14 @@ class GLMForCausalLM(nn.Module):
         dim = self.config.rotary_dim
         exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
         return 1.0 / (self.config.rope_theta**exponents)
+
+    def fuse_projections(self) -> None:
+        """For inference: q/k/v of every attention, and gate/up of every dense MLP and shared expert, each become
+        one GEMM. Parameter names and shapes are unchanged (the originals become views), so this is invisible to
+        checkpoints; training keeps the separate matrices."""
+        for module in self.modules():
+            if isinstance(module, Attention | MLP):
+                module.fuse_projections()
 
     def materialize_buffers(self, device: torch.device) -> None:
         """Recompute non-persistent buffers after the weights were assigned to a model built on `meta`."""

@@ -30,14 +30,15 @@ class KernelOps:
     linear: Callable
 
 
+# The torch path: the references' contracts, with the short decode paths of glm_kernels.cpu where they exist.
 TORCH_OPS = KernelOps(
     name="torch",
-    rms_norm=glm_kernels.rms_norm_reference,
+    rms_norm=glm_kernels.rms_norm_cpu,
     rotary=glm_kernels.rotary_reference,
     route=glm_kernels.route_reference,
-    fused_moe=glm_kernels.fused_moe_reference,
+    fused_moe=glm_kernels.fused_moe_cpu,
     prefill_attention=glm_kernels.prefill_attention_reference,
-    decode_attention=glm_kernels.decode_attention_reference,
+    decode_attention=glm_kernels.decode_attention_cpu,
     linear=F.linear,
 )
 

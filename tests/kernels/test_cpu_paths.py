@@ -1,0 +1,85 @@
+"""The engine's CPU paths (glm_kernels.cpu) against the torch references they stand in for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from glm_kernels import (
+    decode_attention_cpu,
+    decode_attention_reference,
+    fused_moe_cpu,
+    fused_moe_reference,
+    rms_norm_cpu,
+    rms_norm_reference,
+)
+from kernel_testing import DTYPE_IDS, DTYPES, assert_close
+
+
+def cpu_gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("tokens, experts, top_k, hidden, width", [
+    pytest.param(1, 16, 4, 64, 32, id="one token: the expert-by-expert path"),
+    pytest.param(1, 8, 1, 32, 16, id="one token, top-1"),
+    pytest.param(1, 4, 4, 32, 16, id="one token routed to every expert"),
+    pytest.param(5, 8, 2, 32, 16, id="several tokens: handed to the reference"),
+])
+def test_fused_moe_cpu_matches_reference(tokens, experts, top_k, hidden, width, dtype):
+    g = cpu_gen()
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    w_gate_up = (torch.randn(experts, 2 * width, hidden, generator=g) / hidden**0.5).to(dtype)
+    w_down = (torch.randn(experts, hidden, width, generator=g) / width**0.5).to(dtype)
+    topk_ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    topk_weights = torch.rand(tokens, top_k, generator=g)
+    assert_close(fused_moe_cpu(x, w_gate_up, w_down, topk_ids, topk_weights),
+                 fused_moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights))
+
+
+def test_fused_moe_cpu_rejects_what_the_reference_rejects():
+    x = torch.randn(1, 32)
+    with pytest.raises(ValueError, match="must have x's dtype"):
+        fused_moe_cpu(x, torch.randn(4, 32, 32, dtype=torch.float64), torch.randn(4, 32, 16, dtype=torch.float64),
+                      torch.tensor([[0, 1]]), torch.rand(1, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("q_heads, kv_heads, head_dim, block_size, lens", [
+    pytest.param(4, 2, 16, 4, [1], id="one cached token"),
+    pytest.param(6, 2, 24, 4, [16], id="ending exactly on a block edge"),
+    pytest.param(5, 5, 16, 8, [17], id="no grouping, one token into a new block"),
+    pytest.param(12, 1, 32, 16, [70], id="Air head group 12"),
+    pytest.param(4, 2, 16, 4, [9, 3], id="two sequences: handed to the reference"),
+])
+def test_decode_attention_cpu_matches_reference(q_heads, kv_heads, head_dim, block_size, lens, dtype):
+    g = cpu_gen(1)
+    num_blocks = 24
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    width = max(-(-n // block_size) for n in lens) + 1
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in lens]).to(torch.int32)
+    # Slots past each length hold NaN: they must not reach the output.
+    for row, length in enumerate(lens):
+        last_block = tables[row, (length - 1) // block_size].long()
+        k_cache[last_block, (length - 1) % block_size + 1:] = float("nan")
+        v_cache[last_block, (length - 1) % block_size + 1:] = float("nan")
+    q = torch.randn(len(lens), q_heads, head_dim, generator=g).to(dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    scale = head_dim**-0.5
+    assert_close(decode_attention_cpu(q, k_cache, v_cache, tables, seq_lens, scale),
+                 decode_attention_reference(q, k_cache, v_cache, tables, seq_lens, scale))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows, with_residual", [pytest.param(1, True, id="decode row with residual"),
+                                                 pytest.param(7, False, id="prefill rows, no residual")])
+def test_rms_norm_cpu_matches_reference(rows, with_residual, dtype):
+    g = cpu_gen(2)
+    x = torch.randn(rows, 96, generator=g).to(dtype)
+    residual = torch.randn(rows, 96, generator=g).to(dtype) if with_residual else None
+    weight = torch.rand(96, generator=g).to(dtype)
+    normed, summed = rms_norm_cpu(x, weight, 1e-6, residual)
+    want_normed, want_summed = rms_norm_reference(x, weight, 1e-6, residual)
+    assert_close(normed, want_normed)
+    assert torch.equal(summed, want_summed)
