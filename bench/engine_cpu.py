@@ -4,7 +4,7 @@ Prints batch-1 decode tok/s and 512-token prefill tok/s for both, the aggregate 
 batched, our decode with the routing trace on,
 and the ratios. Last line: `decode_vs_transformers=X.XX prefill_vs_transformers=Y.YY`.
 
-    python bench/engine_cpu.py [--decode-tokens 64] [--repeats 3] [--threads 1]
+    python bench/engine_cpu.py [--decode-tokens 64] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and activations, the same on both sides")
     parser.add_argument("--threads", type=int, default=1,
@@ -87,9 +87,21 @@ def main() -> None:
         generated = clock.times[1:]  # the first put() is the prompt
         return (len(generated) - 1) / (generated[-1] - generated[0])
 
-    def best_rate(fn) -> float:
-        fn()
-        return statistics.median(fn() for _ in range(args.repeats))
+    def interleaved(contenders: dict) -> dict[str, float]:
+        """Median rate of each contender over `repeats` rounds; every round runs each contender once in turn
+        (after a warm-up round), so a change in the shared machine's load hits all of them alike."""
+        for measure in contenders.values():
+            measure()
+        samples: dict[str, list[float]] = {name: [] for name in contenders}
+        for _ in range(args.repeats):
+            for name, measure in contenders.items():
+                samples[name].append(measure())
+        return {name: statistics.median(values) for name, values in samples.items()}
+
+    def prefill_rate(run) -> float:
+        start = time.perf_counter()
+        run()
+        return len(long) / (time.perf_counter() - start)
 
     def ours_prefill():
         ours.generate(long, max_new_tokens=1, temperature=0.0, stop_token_ids=[])
@@ -99,11 +111,11 @@ def main() -> None:
             theirs.generate(torch.tensor([long]), max_new_tokens=1, do_sample=False, eos_token_id=None,
                             pad_token_id=0)
 
-    decode_ours = best_rate(ours_decode_rate)
-    decode_theirs = best_rate(theirs_decode_rate)
-    decode_routed = best_rate(lambda: ours_decode_rate(routing=True))
-    prefill_ours = len(long) / best_of(args.repeats, ours_prefill)
-    prefill_theirs = len(long) / best_of(args.repeats, theirs_prefill)
+    decode = interleaved({"ours": ours_decode_rate, "theirs": theirs_decode_rate,
+                          "routed": lambda: ours_decode_rate(routing=True)})
+    decode_ours, decode_theirs, decode_routed = decode["ours"], decode["theirs"], decode["routed"]
+    prefill = interleaved({"ours": lambda: prefill_rate(ours_prefill), "theirs": lambda: prefill_rate(theirs_prefill)})
+    prefill_ours, prefill_theirs = prefill["ours"], prefill["theirs"]
 
     batch_prompts = [torch.randint(100, config.vocab_size, (16,), generator=generator).tolist() for _ in range(8)]
     batched = best_of(args.repeats, lambda: ours.generate_batch(batch_prompts, max_new_tokens=n, temperature=0.0,
