@@ -41,3 +41,16 @@ def test_quantised_linears_are_left_to_their_own_kernels():
     with torch.no_grad():
         hidden = model.hidden_states(torch.arange(5), AttentionBatch.uniform(1, 5, torch.device("cpu")))
     assert torch.isfinite(hidden).all()
+
+
+def test_a_fused_model_still_trains_every_projection():
+    # Fused matrices are plain tensors autograd does not see: with grad on, the separate GEMMs run instead.
+    config = GLMConfig.preset("tiny")
+    model = random_model(config, seed=2)
+    model.fuse_projections()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model(torch.arange(6)[None]).sum().backward()
+    attention, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    for param in (attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight, mlp.gate_proj.weight):
+        assert param.grad is not None and param.grad.abs().sum() > 0

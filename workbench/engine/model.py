@@ -97,7 +97,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, batch: AttentionBatch, kv: tuple[torch.Tensor, torch.Tensor] | None, ops: KernelOps):
         num_tokens = x.shape[0]
-        if self.fused_qkv is not None:
+        # The fused matrix shares the originals' storage, so it always holds their values; but autograd only sees
+        # the originals, so a model whose weights train again (requires_grad) takes the separate GEMMs.
+        if self.fused_qkv is not None and not self.q_proj.weight.requires_grad:
             q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = F.linear(x, *self.fused_qkv).split((q_width, kv_width, kv_width), dim=-1)
         else:
@@ -159,7 +161,7 @@ class MLP(nn.Module):
         self.fused_gate_up = _fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor, ops: KernelOps | None = None, recorder=None) -> torch.Tensor:
-        if self.fused_gate_up is not None:
+        if self.fused_gate_up is not None and not self.gate_proj.weight.requires_grad:  # see Attention.forward
             gate, up = F.linear(x, *self.fused_gate_up).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
