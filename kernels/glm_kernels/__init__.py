@@ -13,7 +13,7 @@ from glm_kernels.attention import (
     prefill_attention_reference,
     prefill_attention_triton,
 )
-from glm_kernels.cpu import decode_attention_cpu, fused_moe_cpu, rms_norm_cpu
+from glm_kernels.cpu import decode_attention_cpu, fused_moe_cpu, rms_norm_cpu, rotary_cpu
 from glm_kernels.fp8 import (
     fp8_linear_reference,
     fp8_linear_triton,
@@ -48,6 +48,7 @@ __all__ = [
     "rms_norm_cpu",
     "rms_norm_reference",
     "rms_norm_triton",
+    "rotary_cpu",
     "rotary_reference",
     "rotary_triton",
     "route_reference",

@@ -7,7 +7,8 @@ path for the shapes decode produces, handing everything else to the reference:
 
 - `fused_moe_cpu`: one token -> a loop over its K experts (no sort, no bincount, no scatter);
 - `decode_attention_cpu`: one sequence -> gather its cache blocks, one SDPA call with grouped-query heads;
-- `rms_norm_cpu`: torch's fused `rms_norm` instead of five elementwise ops.
+- `rms_norm_cpu`: torch's fused `rms_norm` instead of five elementwise ops;
+- `rotary_cpu`: one token -> q and k rotated together, in one pass.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from glm_kernels.attention import decode_attention_reference
 from glm_kernels.fused_moe import fused_moe_reference
+from glm_kernels.rotary import rotary_reference
 
 
 def fused_moe_cpu(x, w_gate_up, w_down, topk_ids, topk_weights, **fp8_args) -> torch.Tensor:
@@ -53,3 +55,20 @@ def rms_norm_cpu(x, weight, eps: float, residual=None) -> tuple[torch.Tensor, to
     hidden = x if residual is None else x + residual
     normed = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=eps)
     return weight * normed.to(x.dtype), hidden
+
+
+def rotary_cpu(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_reference` (same arguments, same result); one token's q and k heads are rotated as one tensor.
+
+    Rotate-half written out: with x = (x1, x2) the two halves of the rotated dims, the result is
+    (x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2). The returned q and k are views of one new tensor."""
+    if q.shape[0] != 1:
+        return rotary_reference(q, k, cos, sin)
+    rotary_dim, num_q_heads = cos.shape[-1], q.shape[1]
+    half = rotary_dim // 2
+    heads = torch.cat((q, k), dim=1)
+    x1, x2 = heads[..., :half], heads[..., half:rotary_dim]
+    cos1, cos2 = cos[:, None, :half], cos[:, None, half:]
+    sin1, sin2 = sin[:, None, :half], sin[:, None, half:]
+    rotated = torch.cat((x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2, heads[..., rotary_dim:]), dim=-1)
+    return rotated[:, :num_q_heads], rotated[:, num_q_heads:]

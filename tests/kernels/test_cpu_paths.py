@@ -11,7 +11,10 @@ from glm_kernels import (
     fused_moe_reference,
     rms_norm_cpu,
     rms_norm_reference,
+    rotary_cpu,
+    rotary_reference,
 )
+from glm_kernels.rotary import rotary_cos_sin
 from kernel_testing import DTYPE_IDS, DTYPES, assert_close
 
 
@@ -83,3 +86,20 @@ def test_rms_norm_cpu_matches_reference(rows, with_residual, dtype):
     want_normed, want_summed = rms_norm_reference(x, weight, 1e-6, residual)
     assert_close(normed, want_normed)
     assert torch.equal(summed, want_summed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("tokens, q_heads, kv_heads, head_dim, rotary_dim", [
+    pytest.param(1, 8, 2, 32, 16, id="one token, half the head rotated (GLM-4.5)"),
+    pytest.param(1, 4, 4, 16, 16, id="one token, the whole head rotated"),
+    pytest.param(6, 4, 2, 32, 16, id="several tokens: handed to the reference"),
+])
+def test_rotary_cpu_matches_reference(tokens, q_heads, kv_heads, head_dim, rotary_dim, dtype):
+    g = cpu_gen(3)
+    q = torch.randn(tokens, q_heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(tokens, kv_heads, head_dim, generator=g).to(dtype)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    cos, sin = rotary_cos_sin(torch.arange(37, 37 + tokens), inv_freq, dtype)
+    (q_out, k_out), (q_want, k_want) = rotary_cpu(q, k, cos, sin), rotary_reference(q, k, cos, sin)
+    assert_close(q_out, q_want)
+    assert_close(k_out, k_want)

@@ -34,7 +34,7 @@ class KernelOps:
 TORCH_OPS = KernelOps(
     name="torch",
     rms_norm=glm_kernels.rms_norm_cpu,
-    rotary=glm_kernels.rotary_reference,
+    rotary=glm_kernels.rotary_cpu,
     route=glm_kernels.route_reference,
     fused_moe=glm_kernels.fused_moe_cpu,
     prefill_attention=glm_kernels.prefill_attention_reference,
