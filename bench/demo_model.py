@@ -5,13 +5,17 @@
 
 Everything is measured here, in this run: the held-out set is rebuilt from this machine's standard library with
 the recipe that trained the model (whole packages the model never saw), the prompts come from those packages'
-functions, and generation is greedy through the engine the workbench serves with. The last line reads
+functions, and generation runs through the engine the workbench serves with: sampled at a low temperature with a
+fixed seed (the parse rate of the last line), and greedy for comparison (a model this small falls into repetition
+loops when greedy, and a loop cut off at the token limit does not parse). The last line reads
 `heldout_loss=X.XX unigram_loss=Y.YY parse_rate=Z.ZZ`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import time
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from workbench.engine import Engine
 from workbench.engine.routing import RoutingTrace
 from workbench.models import default_model_path
 from workbench.models.build import balance_metrics, measure
+from workbench.models.card import DEMO_FILE, write_card
 from workbench.models.corpus import build_corpus, defines_function, extract_code, heldout_requests
 from workbench.models.training import tokenize_documents
 
@@ -33,8 +38,14 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the bundled model)")
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--max-new-tokens", type=int, default=384)
+    parser.add_argument("--temperature", type=float, default=0.3,
+                        help="sampling temperature of the parse-rate run (seeded); greedy is reported beside it")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-greedy", action="store_true", help="skip the greedy comparison run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--show", type=int, default=3, help="print this many generated answers")
+    parser.add_argument("--write-card", action="store_true",
+                        help=f"save the figures as {DEMO_FILE} in the model folder and re-render its README.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = args.model or default_model_path()
@@ -66,24 +77,35 @@ def main() -> None:
     # 2. Held-out "write a function that ..." prompts: does the generated code parse and define a function?
     requests = heldout_requests(corpus.heldout_functions, args.prompts)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}]) for _, text in requests]
-    t0 = time.perf_counter()
-    results = engine.generate_batch(prompts, routing=True, max_new_tokens=args.max_new_tokens, temperature=0.0)
-    gen_seconds = time.perf_counter() - t0
-    ok, thought, stopped = [], 0, 0
-    for result in results:
-        parsed = parse_completion(result.text, truncated=result.finish_reason == "length")
-        ok.append(defines_function(extract_code(parsed.content or "")))
-        thought += bool(parsed.reasoning_content)
-        stopped += result.finish_reason == "stop"
-    parse_rate = float(np.mean(ok))
-    generated = sum(len(r.token_ids) for r in results)
-    print(f"\n{len(requests)} held-out prompts, greedy, max {args.max_new_tokens} new tokens: "
-          f"{generated} tokens in {gen_seconds:.0f}s ({generated / gen_seconds:.0f} tok/s batched)")
-    print(f"  code parses and defines a function: {sum(ok)}/{len(ok)}; reasoned in <think>: {thought}; "
-          f"stopped by itself: {stopped}")
-    for (fn, text), result, good in list(zip(requests, results, ok, strict=True))[:args.show]:
-        print(f"\n--- {fn.module}.{fn.qualname} ({'parses' if good else 'does not parse'})\nuser: {text}\n"
-              f"model: {result.text[:700]}")
+    runs = [("sampled", dict(temperature=args.temperature, seed=args.seed))]
+    if not args.no_greedy:
+        runs.append(("greedy", dict(temperature=0.0)))
+    rates: dict[str, float] = {}
+    counts: dict[str, tuple[int, int]] = {}  # per run: (answers that reasoned first, answers that stopped)
+    for label, sampling in runs:
+        t0 = time.perf_counter()
+        results = engine.generate_batch(prompts, routing=True, max_new_tokens=args.max_new_tokens, **sampling)
+        gen_seconds = time.perf_counter() - t0
+        ok, thought, stopped = [], 0, 0
+        for result in results:
+            parsed = parse_completion(result.text, truncated=result.finish_reason == "length")
+            ok.append(defines_function(extract_code(parsed.content or "")))
+            thought += bool(parsed.reasoning_content)
+            stopped += result.finish_reason == "stop"
+        rates[label] = float(np.mean(ok))
+        counts[label] = (thought, stopped)
+        generated = sum(len(r.token_ids) for r in results)
+        print(f"\n{len(requests)} held-out prompts, {label} {sampling}, max {args.max_new_tokens} new tokens: "
+              f"{generated} tokens in {gen_seconds:.0f}s ({generated / gen_seconds:.0f} tok/s batched)")
+        print(f"  code parses and defines a function: {sum(ok)}/{len(ok)}; reasoned in <think>: {thought}; "
+              f"stopped by itself: {stopped}")
+        for (fn, text), result, good in list(zip(requests, results, ok, strict=True))[:args.show]:
+            print(f"\n--- {fn.module}.{fn.qualname} ({'parses' if good else 'does not parse'})\nuser: {text}\n"
+                  f"model: {result.text[:700]}")
+        if label == "sampled":
+            sampled_results = results
+    parse_rate = rates["sampled"]
+    results = sampled_results
 
     # 3. Expert load while generating (prompt and generated tokens of all the answers together).
     traces = [r.routing for r in results if r.routing is not None]
@@ -101,7 +123,21 @@ def main() -> None:
           + " ".join(f"L{layer}={score:.3f}" for layer, score in zip(spec.layer_ids, spec.score, strict=True)))
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     heldout = figures["heldout"]["all"]
-    print(f"heldout_loss={heldout['loss']:.2f} unigram_loss={heldout['unigram_loss']:.2f} parse_rate={parse_rate:.2f}")
+    if "greedy" in rates:
+        print(f"parse rate: sampled (temperature {args.temperature}, seed {args.seed}) {parse_rate:.2f}, "
+              f"greedy {rates['greedy']:.2f}")
+    last_line = (f"heldout_loss={heldout['loss']:.2f} unigram_loss={heldout['unigram_loss']:.2f} "
+                 f"parse_rate={parse_rate:.2f}")
+    if args.write_card:
+        demo = dict(heldout_loss=heldout["loss"], unigram_loss=heldout["unigram_loss"], parse_rate=parse_rate,
+                    parse_rate_greedy=rates.get("greedy"), prompts=len(requests), max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, seed=args.seed, reasoned=counts["sampled"][0],
+                    stopped=counts["sampled"][1], seconds=time.perf_counter() - started, last_line=last_line,
+                    machine=f"{platform.machine()} CPU, {args.threads} torch threads, "
+                            f"Python {platform.python_version()}")
+        (folder / DEMO_FILE).write_text(json.dumps(demo, indent=1) + "\n")
+        print(f"wrote {folder / DEMO_FILE} and {write_card(folder)}")
+    print(last_line)
 
 
 if __name__ == "__main__":

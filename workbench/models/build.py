@@ -27,6 +27,7 @@ from workbench.engine.config import GLMConfig
 from workbench.engine.routing import RoutingTrace
 from workbench.engine.weights import save_checkpoint
 from workbench.models import MODEL_NAME  # noqa: E402  (one name, kept with default_model_path)
+from workbench.models.card import DEMO_FILE, write_card
 from workbench.models.corpus import Corpus, build_corpus
 from workbench.models.tokenizer_build import save_tokenizer, train_tokenizer
 from workbench.models.training import (
@@ -51,8 +52,8 @@ MODEL_CONFIG: dict[str, Any] = dict(
     routed_scaling_factor=1.0, max_position_embeddings=1024, tie_word_embeddings=False,
     num_nextn_predict_layers=0,
 )
-TRAIN_CONFIG = TrainConfig(seq_len=512, batch_size=4, steps=600, lr=2e-3, min_lr=2e-4, warmup_steps=30,
-                           weight_decay=0.1, grad_clip=1.0, bias_update_rate=1e-2, seed=0, source_fraction=0.2,
+TRAIN_CONFIG = TrainConfig(seq_len=512, batch_size=4, steps=2000, lr=2e-3, min_lr=2e-4, warmup_steps=50,
+                           weight_decay=0.1, grad_clip=1.0, bias_update_rate=1e-2, seed=0, source_fraction=0.15,
                            checkpoint_every=25, threads=1)
 
 # A seconds-long recipe for CI and for trying the pipeline: same code path, tiny everything.
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds_this_run": round(time.monotonic() - started, 1),
     }
     (args.out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (args.out / DEMO_FILE).unlink(missing_ok=True)  # measured on the previous weights
+    write_card(args.out)
     all_h = figures["heldout"]["all"]
     print(f"heldout_loss={all_h['loss']:.2f} unigram_loss={all_h['unigram_loss']:.2f} -> {args.out}", flush=True)
     return 0

@@ -29,6 +29,7 @@ import os
 import posixpath
 import random
 import statistics
+import string
 import sysconfig
 import textwrap
 import unicodedata
@@ -61,8 +62,8 @@ TEXT_SYSTEM_PROMPTS = (
     "You are an assistant inside a Jupyter notebook. Answer in Markdown.",
     "You are an assistant inside a Jupyter notebook. Answer in plain text, without Markdown.",
 )
-MAX_FUNCTION_CHARS = 1200  # a pair must fit a 512-token training row with its prompt and reasoning
-MAX_FUNCTION_LINES = 40
+MAX_FUNCTION_CHARS = 600  # short answers: a pair fits a 512-token row, and the model learns to finish
+MAX_FUNCTION_LINES = 20
 SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "__phello__"}
 
 
@@ -420,13 +421,34 @@ class ToolSpec:
             "parameters": {"type": "object", "properties": self.properties, "required": list(self.required)}}}
 
 
-_WORDS = ("apple", "river", "cloud", "expert", "router", "token", "layer", "python", "kernel", "matrix", "garden",
-          "window", "bridge", "signal", "harbor", "lantern", "meadow", "pencil", "rocket", "silver", "thunder",
-          "violet", "wander", "yellow")
+def _doc_words() -> tuple[str, ...]:
+    """Plain words from the builtins' docstrings: a vocabulary for tool arguments, the same on every machine
+    with the same Python. Many and varied on purpose: arguments the model cannot guess, it has to copy."""
+    import builtins
+
+    words = {w for name in dir(builtins) for w in (getattr(builtins, name).__doc__ or "").split()
+             if w.isalpha() and w.islower() and w.isascii() and 3 <= len(w) <= 10}
+    return tuple(sorted(words))
+
+
+_WORDS = _doc_words()
 _CITIES = ("Paris", "Rome", "Berlin", "Madrid", "Lisbon", "Vienna", "Prague", "Oslo", "Dublin", "Athens", "Warsaw",
-           "Tokyo", "Beijing", "Seoul", "Cairo", "Lima", "Quito", "Boston", "Denver", "Toronto")
-_PATHS = ("/home/ada/notes.txt", "/srv/data/archive.tar.gz", "/tmp/report.final.pdf", "./src/main.py",
-          "/var/log/syslog", "docs/index.md", "/etc/hosts", "~/photos/cat.jpeg")
+           "Tokyo", "Beijing", "Seoul", "Cairo", "Lima", "Quito", "Boston", "Denver", "Toronto", "Nairobi", "Lagos",
+           "Mumbai", "Delhi", "Jakarta", "Manila", "Hanoi", "Bangkok", "Sydney", "Auckland", "Santiago", "Bogota",
+           "Havana", "Montreal", "Chicago", "Seattle", "Zurich", "Geneva", "Krakow", "Tallinn", "Riga", "Helsinki")
+_PLACE_ENDINGS = ("ville", "burg", "ton", "port", "field", "stad", "grad", "haven")
+_EXTENSIONS = ("txt", "py", "md", "json", "csv", "tar.gz", "log", "pdf", "png", "toml")
+
+
+def _city(rng: random.Random) -> str:
+    # Half real cities, half made-up places: a name the model has never seen can only be copied.
+    return rng.choice(_CITIES) if rng.random() < 0.5 else rng.choice(_WORDS).capitalize() + rng.choice(_PLACE_ENDINGS)
+
+
+def _path(rng: random.Random) -> str:
+    parts = [rng.choice(_WORDS) for _ in range(rng.randint(1, 3))]
+    root = rng.choice(("/", "./", "~/", "/home/", "/srv/", ""))
+    return root + "/".join(parts) + "/" + rng.choice(_WORDS) + "." + rng.choice(_EXTENSIONS)
 
 
 def _sentence(rng: random.Random, n: int) -> str:
@@ -434,7 +456,8 @@ def _sentence(rng: random.Random, n: int) -> str:
 
 
 def _numbers(rng: random.Random) -> list[int]:
-    return [rng.randint(1, 99) for _ in range(rng.randint(3, 6))]
+    top = rng.choice((9, 99, 999))
+    return [rng.randint(0, top) for _ in range(rng.randint(2, 7))]
 
 
 def _fake_weather(city: str, days: int = 1) -> dict[str, Any]:
@@ -446,14 +469,14 @@ def _fake_weather(city: str, days: int = 1) -> dict[str, Any]:
 TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec("gcd", "Greatest common divisor of two integers",
              {"a": {"type": "integer"}, "b": {"type": "integer"}}, ("a", "b"), lambda a, b: math.gcd(a, b),
-             lambda r: {"a": r.randint(2, 300), "b": r.randint(2, 300)},
+             lambda r: {"a": r.randint(2, 5000), "b": r.randint(2, 5000)},
              ("What is the greatest common divisor of {a} and {b}?", "gcd of {a} and {b}?"),
              "The greatest common divisor of {a} and {b} is {result}."),
     ToolSpec("factorial", "Factorial of a non-negative integer", {"n": {"type": "integer"}}, ("n",),
              lambda n: math.factorial(n), lambda r: {"n": r.randint(0, 15)},
              ("What is {n} factorial?", "Compute the factorial of {n}."), "{n}! = {result}."),
     ToolSpec("isqrt", "Integer square root of a non-negative integer", {"n": {"type": "integer"}}, ("n",),
-             lambda n: math.isqrt(n), lambda r: {"n": r.randint(0, 100000)},
+             lambda n: math.isqrt(n), lambda r: {"n": r.randint(0, 10**7)},
              ("What is the integer square root of {n}?",), "The integer square root of {n} is {result}."),
     ToolSpec("mean", "Arithmetic mean of a list of numbers",
              {"data": {"type": "array", "items": {"type": "number"}}}, ("data",), lambda data: statistics.mean(data),
@@ -479,25 +502,26 @@ TOOLS: tuple[ToolSpec, ...] = (
              lambda r: {"text": _sentence(r, r.randint(6, 12)), "width": r.randint(15, 40)},
              ("Shorten \"{text}\" to {width} characters.",), "Shortened: {result}"),
     ToolSpec("char_name", "The Unicode name of a character", {"char": {"type": "string"}}, ("char",),
-             lambda char: unicodedata.name(char), lambda r: {"char": r.choice("aZ7?%éßπΩж中€☃")},
+             lambda char: unicodedata.name(char), lambda r: {"char": r.choice("aZ7?%éßπΩжЯλ中文字€☃♥→≤∑")},
              ("What is the Unicode name of {char}?", "Name the character {char}."),
              "{char} is {result}."),
     ToolSpec("basename", "The final component of a path", {"path": {"type": "string"}}, ("path",),
-             lambda path: posixpath.basename(path), lambda r: {"path": r.choice(_PATHS)},
+             lambda path: posixpath.basename(path), lambda r: {"path": _path(r)},
              ("What is the file name in {path}?",), "The file name is {result}."),
     ToolSpec("split_extension", "Split a path into root and extension", {"path": {"type": "string"}}, ("path",),
-             lambda path: list(os.path.splitext(path)), lambda r: {"path": r.choice(_PATHS)},
+             lambda path: list(os.path.splitext(path)), lambda r: {"path": _path(r)},
              ("What is the extension of {path}?",), "Root and extension: {result}."),
     ToolSpec("get_weather", "Get the weather for a city",
              {"city": {"type": "string"}, "days": {"type": "integer"}}, ("city",), _fake_weather,
-             lambda r: {"city": r.choice(_CITIES), **({"days": r.randint(1, 5)} if r.random() < 0.4 else {})},
-             ("What is the weather in {city}?", "Weather in {city}?", "Will it rain in {city}?"),
+             lambda r: {"city": _city(r), **({"days": r.randint(1, 5)} if r.random() < 0.4 else {})},
+             ("What is the weather in {city}?", "Weather in {city}?", "Will it rain in {city}?",
+              "What is the weather in {city} for the next {days} days?", "Weather in {city} over {days} days?"),
              "In {city} it is {result[sky]} and {result[temp_c]} °C."),
     ToolSpec("sort_numbers", "Sort a list of numbers",
              {"numbers": {"type": "array", "items": {"type": "number"}},
               "reverse": {"type": "boolean"}}, ("numbers",),
              lambda numbers, reverse=False: sorted(numbers, reverse=reverse),
-             lambda r: {"numbers": _numbers(r), **({"reverse": True} if r.random() < 0.3 else {})},
+             lambda r: {"numbers": _numbers(r)},
              ("Sort {numbers}.", "Put {numbers} in order."), "Sorted: {result}."),
 )
 
@@ -510,7 +534,9 @@ def tool_document(rng: random.Random, thinking: bool) -> Document:
     rng.shuffle(offered)
     args = spec.make_args(rng)
     fmt_args = {name: args.get(name, "") for name in spec.properties}
-    question = rng.choice(spec.questions).format(**fmt_args)
+    # A question that names exactly the arguments of the call, so that no argument value is made up.
+    fitting = [q for q in spec.questions if {f for _, f, _, _ in string.Formatter().parse(q) if f} == set(args)]
+    question = rng.choice(fitting).format(**fmt_args)
     result = spec.call(**args)
     result_text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
     call = {"role": "assistant", "content": "",
@@ -553,7 +579,7 @@ class Corpus:
 
 def build_corpus(seed: int = 0, root: Path | None = None, nothink_share: float = 0.25,
                  explain_share: float = 0.3, system_share: float = 0.3, multiturn_share: float = 0.1,
-                 tool_examples: int = 1500, max_files: int | None = None) -> Corpus:
+                 tool_examples: int = 1200, max_files: int | None = None) -> Corpus:
     """Every document of the training and held-out sets, deterministic for a seed and a standard library."""
     rng = random.Random(seed)
     train: list[Document] = []
