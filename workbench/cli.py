@@ -24,7 +24,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model = Path(args.model) if args.model else _default_model()
     started = time.perf_counter()
-    engine = Engine.from_pretrained(model, dtype=args.dtype, device=args.device, kernels=args.kernels)
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if args.device == "cpu" else "bfloat16")
+    engine = Engine.from_pretrained(model, dtype=dtype, device=args.device, kernels=args.kernels)
     print(f"[loaded {engine} in {time.perf_counter() - started:.1f} s]", file=sys.stderr)
     messages = [{"role": "user", "content": args.prompt}]
     ids = engine.tokenizer.apply_chat_template(messages, enable_thinking=not args.no_think)
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.7)
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--seed", type=int, default=None)
-    generate.add_argument("--dtype", default="bfloat16")
+    generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                          help="auto (as the server and %%%%glm): float32 on the CPU, bfloat16 on GPUs")
     generate.add_argument("--device", default="cpu")
     generate.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
     generate.set_defaults(run=cmd_generate)
