@@ -26,6 +26,7 @@ import queue
 import re
 import shlex
 import string
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ SYSTEM_PROMPTS = {
 DEFAULT_CONTEXT_LIMIT = 8192  # memory budget when the backend does not say its context length
 DEFAULT_ANSWER_RESERVE = 1024  # tokens kept free for the answer when --max-tokens is not given
 CELL_OUTPUT_CHARS = 2000  # of each cell's output sent with --cells
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class GLMError(Exception):
@@ -513,8 +515,92 @@ def interpolate(template: str, namespace: dict[str, Any]) -> str:
         raise GLMError(f"could not fill in the prompt: {exc}") from None
 
 
-def cells_context(shell, count: int) -> str:
-    """The source and text output of the last `count` cells before this one, as a Markdown block."""
+class _Tee:
+    """A stand-in for sys.stdout / sys.stderr during a cell: passes everything on, and hands written text to `keep`."""
+
+    def __init__(self, stream, keep) -> None:
+        self._stream, self._keep = stream, keep
+
+    def write(self, text):
+        self._keep(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+class CellOutputLog:
+    """What each cell printed (stdout and stderr) and the error it ended with, by execution count, for `--cells`.
+
+    IPython keeps cells' sources and results (In, Out), but printed text goes straight to the frontend. While the
+    extension is loaded, sys.stdout and sys.stderr are teed during each cell: the text goes out unchanged, and the
+    last CELL_OUTPUT_CHARS of it are kept, for the last MAX_CELLS cells."""
+
+    MAX_CELLS = 100
+
+    def __init__(self, shell) -> None:
+        self.shell = shell
+        self.printed: dict[int, str] = {}
+        self.errors: dict[int, str] = {}
+        self._chunks: list[str] = []
+        self._size = 0
+        self._saved: tuple[Any, Any] | None = None
+
+    def register(self) -> None:
+        self.shell.events.register("pre_run_cell", self.pre_run_cell)
+        self.shell.events.register("post_run_cell", self.post_run_cell)
+
+    def unregister(self) -> None:
+        self._restore()
+        for event, callback in (("pre_run_cell", self.pre_run_cell), ("post_run_cell", self.post_run_cell)):
+            with contextlib.suppress(ValueError):
+                self.shell.events.unregister(event, callback)
+
+    def pre_run_cell(self, info=None) -> None:
+        self._restore()
+        self._chunks, self._size = [], 0
+        self._saved = (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = _Tee(sys.stdout, self._keep), _Tee(sys.stderr, self._keep)
+
+    def post_run_cell(self, result) -> None:
+        self._restore()
+        number = getattr(result, "execution_count", None)
+        if number is None:  # a cell run without history has no In[n] to attach its output to
+            return
+        text = "".join(self._chunks)
+        if result.result is not None:  # a terminal shell's displayhook prints "Out[n]: ..." too: Out has it already
+            marker = text.rfind(f"Out[{number}]:")
+            text = text if marker < 0 else text[:marker]
+        text = ANSI_ESCAPE.sub("", text)[-CELL_OUTPUT_CHARS:]  # colours are for eyes, not for the model
+        if text.strip():
+            self.printed[number] = text
+        error = result.error_before_exec or result.error_in_exec
+        if error is not None:
+            self.errors[number] = f"{type(error).__name__}: {error}"
+        for kept in (self.printed, self.errors):
+            for old in sorted(kept)[:-self.MAX_CELLS]:
+                del kept[old]
+
+    def _keep(self, text) -> None:
+        if isinstance(text, str):
+            self._chunks.append(text)
+            self._size += len(text)
+            if self._size > 2 * CELL_OUTPUT_CHARS:  # keep memory bounded for cells that print a lot
+                self._chunks = ["".join(self._chunks)[-CELL_OUTPUT_CHARS:]]
+                self._size = len(self._chunks[0])
+
+    def _restore(self) -> None:
+        # Put the streams back only where they are still ours: a cell may have replaced them on purpose.
+        if self._saved is not None:
+            if isinstance(sys.stdout, _Tee):
+                sys.stdout = self._saved[0]
+            if isinstance(sys.stderr, _Tee):
+                sys.stderr = self._saved[1]
+            self._saved = None
+
+
+def cells_context(shell, count: int, log: CellOutputLog | None = None) -> str:
+    """The source, printed text, result and error of the last `count` cells before this one, as Markdown."""
     history = shell.user_ns.get("In", [])
     outputs = shell.user_ns.get("Out", {})
     current = len(history) - 1  # In[-1] is the cell running now
@@ -524,11 +610,15 @@ def cells_context(shell, count: int) -> str:
         if not source:
             continue
         block = f"In [{number}]:\n```python\n{source}\n```"
+        if log is not None and number in log.printed:
+            block += f"\nprinted:\n```\n{log.printed[number].rstrip()}\n```"
         if number in outputs:
             text = repr(outputs[number])
             if len(text) > CELL_OUTPUT_CHARS:
                 text = text[:CELL_OUTPUT_CHARS] + " ..."
             block += f"\nOut[{number}]:\n```\n{text}\n```"
+        if log is not None and number in log.errors:
+            block += f"\nerror: {log.errors[number]}"
         parts.append(block)
     if not parts:
         return ""
@@ -571,6 +661,7 @@ class GLMMagics(Magics):
     def __init__(self, shell) -> None:
         super().__init__(shell)
         self.session = Session()
+        self.output_log: CellOutputLog | None = None  # set by load_ipython_extension
 
     @magic_arguments()
     @argument("-f", "--format", choices=FORMATS, default="code",
@@ -699,7 +790,7 @@ class GLMMagics(Magics):
         prompt = interpolate(cell, self.shell.user_ns).strip()
         if not prompt:
             raise GLMError("the prompt is empty: write it on the lines below %%glm")
-        user_text = (cells_context(self.shell, args.cells) if args.cells else "") + prompt
+        user_text = (cells_context(self.shell, args.cells, self.output_log) if args.cells else "") + prompt
 
         connection = self.session.connection()
         model = args.model or settings.model or self._default_model(connection)
@@ -830,10 +921,18 @@ def _shorten(text: str, limit: int = 200) -> str:
 
 def load_ipython_extension(ipython) -> None:
     """`%load_ext workbench` (or `%load_ext workbench.magics`): registers `%%glm` and `%glm`."""
-    ipython.register_magics(GLMMagics)
+    previous = ipython.magics_manager.registry.get("GLMMagics")
+    if previous is not None and previous.output_log is not None:
+        previous.output_log.unregister()
+    magics = GLMMagics(ipython)
+    magics.output_log = CellOutputLog(ipython)
+    magics.output_log.register()
+    ipython.register_magics(magics)
 
 
 def unload_ipython_extension(ipython) -> None:
     magics = ipython.magics_manager.registry.get("GLMMagics")
     if magics is not None:
         magics.session.disconnect()
+        if magics.output_log is not None:
+            magics.output_log.unregister()

@@ -136,6 +136,34 @@ def test_cells_sends_the_last_cells_with_their_output(remote, upstream):
     assert "%%glm" not in prompt  # only earlier cells, not this one
 
 
+def test_cells_sends_what_the_cells_printed_and_the_errors_they_raised(remote, upstream):
+    printed, _ = run(remote, "print('hello from the cell'); import sys; print('to stderr', file=sys.stderr)")
+    failed, _ = run(remote, "1 / 0")
+    result, captured = run(remote, "%%glm --cells 2\nwhy does it fail")
+    assert result.success, result.error_in_exec
+    prompt = upstream.requests[-1]["messages"][-1]["content"]
+    assert "printed:\n```\nhello from the cell\nto stderr\n```" in prompt
+    # (an in-process shell also prints the traceback, which is kept as printed text, without its colours)
+    failed_block = prompt.split(f"In [{failed.execution_count}]:\n```python\n1 / 0\n```", 1)[1]
+    assert failed_block.rstrip().endswith("error: ZeroDivisionError: division by zero\n\nwhy does it fail")
+    assert "\x1b[" not in prompt
+    assert printed.execution_count == failed.execution_count - 1
+    # The cells' own output still reached the notebook, and the streams are the kernel's again afterwards.
+    import sys
+
+    assert type(sys.stdout).__name__ != "_Tee" and type(sys.stderr).__name__ != "_Tee"
+
+
+def test_printed_output_is_bounded_per_cell(remote, upstream):
+    from workbench.magics import CELL_OUTPUT_CHARS
+
+    run(remote, "for i in range(3000): print('line', i)")
+    run(remote, "%%glm --cells 1\nsummarise")
+    prompt = upstream.requests[-1]["messages"][-1]["content"]
+    printed = prompt.split("printed:\n```\n", 1)[1].split("\n```", 1)[0]
+    assert len(printed) <= CELL_OUTPUT_CHARS and printed.endswith("line 2999")  # the tail: the latest lines
+
+
 def test_interpolate_unit():
     namespace = {"x": 3, "In": ["", "a = 1"], "Out": {1: 5}}
     assert interpolate("{x} {In[1]} {Out[1]} {{x}}", namespace) == "3 a = 1 5 {x}"
