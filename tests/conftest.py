@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,6 +24,26 @@ def shared_fixtures() -> Path:
     if not SHARED_FIXTURES.is_dir():
         pytest.fail(f"the shared fixtures are missing: expected {SHARED_FIXTURES} (../shared beside the repo)")
     return SHARED_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def check_chat_fixtures(shared_fixtures):
+    """A check that a tokenizer's `apply_chat_template` (ours or Hugging Face's) renders every case of the shared
+    chat-format fixtures byte for byte; it returns the rendered texts."""
+    cases = json.loads((shared_fixtures / "glm45_chat_format.json").read_text())["cases"]
+    assert len(cases) >= 10
+
+    def check(tokenizer) -> list[str]:
+        rendered = []
+        for case in cases:
+            text = tokenizer.apply_chat_template(case["messages"], tools=case["tools"], tokenize=False,
+                                                 enable_thinking=case["enable_thinking"],
+                                                 add_generation_prompt=case["add_generation_prompt"])
+            assert text == case["expected"], case["name"]
+            rendered.append(text)
+        return rendered
+
+    return check
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,10 @@ from glm_kernels.rotary import rotary_cos_sin
 from kernel_testing import DTYPE_IDS, DTYPES, assert_close
 
 
-def cpu_gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+@pytest.fixture
+def device() -> torch.device:
+    """These are the CPU paths: the kernel tests' seeded `gen` fixture makes its inputs here, even with a GPU."""
+    return torch.device("cpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -29,13 +31,12 @@ def cpu_gen(seed: int = 0) -> torch.Generator:
     pytest.param(1, 4, 4, 32, 16, id="one token routed to every expert"),
     pytest.param(5, 8, 2, 32, 16, id="several tokens: handed to the reference"),
 ])
-def test_fused_moe_cpu_matches_reference(tokens, experts, top_k, hidden, width, dtype):
-    g = cpu_gen()
-    x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    w_gate_up = (torch.randn(experts, 2 * width, hidden, generator=g) / hidden**0.5).to(dtype)
-    w_down = (torch.randn(experts, hidden, width, generator=g) / width**0.5).to(dtype)
-    topk_ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
-    topk_weights = torch.rand(tokens, top_k, generator=g)
+def test_fused_moe_cpu_matches_reference(tokens, experts, top_k, hidden, width, dtype, gen):
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w_gate_up = (torch.randn(experts, 2 * width, hidden, generator=gen) / hidden**0.5).to(dtype)
+    w_down = (torch.randn(experts, hidden, width, generator=gen) / width**0.5).to(dtype)
+    topk_ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    topk_weights = torch.rand(tokens, top_k, generator=gen)
     assert_close(fused_moe_cpu(x, w_gate_up, w_down, topk_ids, topk_weights),
                  fused_moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights))
 
@@ -55,19 +56,18 @@ def test_fused_moe_cpu_rejects_what_the_reference_rejects():
     pytest.param(12, 1, 32, 16, [70], id="Air head group 12"),
     pytest.param(4, 2, 16, 4, [9, 3], id="two sequences: handed to the reference"),
 ])
-def test_decode_attention_cpu_matches_reference(q_heads, kv_heads, head_dim, block_size, lens, dtype):
-    g = cpu_gen(1)
+def test_decode_attention_cpu_matches_reference(q_heads, kv_heads, head_dim, block_size, lens, dtype, gen):
     num_blocks = 24
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
     width = max(-(-n // block_size) for n in lens) + 1
-    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in lens]).to(torch.int32)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:width] for _ in lens]).to(torch.int32)
     # Slots past each length hold NaN: they must not reach the output.
     for row, length in enumerate(lens):
         last_block = tables[row, (length - 1) // block_size].long()
         k_cache[last_block, (length - 1) % block_size + 1:] = float("nan")
         v_cache[last_block, (length - 1) % block_size + 1:] = float("nan")
-    q = torch.randn(len(lens), q_heads, head_dim, generator=g).to(dtype)
+    q = torch.randn(len(lens), q_heads, head_dim, generator=gen).to(dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     scale = head_dim**-0.5
     assert_close(decode_attention_cpu(q, k_cache, v_cache, tables, seq_lens, scale),
@@ -77,11 +77,10 @@ def test_decode_attention_cpu_matches_reference(q_heads, kv_heads, head_dim, blo
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("rows, with_residual", [pytest.param(1, True, id="decode row with residual"),
                                                  pytest.param(7, False, id="prefill rows, no residual")])
-def test_rms_norm_cpu_matches_reference(rows, with_residual, dtype):
-    g = cpu_gen(2)
-    x = torch.randn(rows, 96, generator=g).to(dtype)
-    residual = torch.randn(rows, 96, generator=g).to(dtype) if with_residual else None
-    weight = torch.rand(96, generator=g).to(dtype)
+def test_rms_norm_cpu_matches_reference(rows, with_residual, dtype, gen):
+    x = torch.randn(rows, 96, generator=gen).to(dtype)
+    residual = torch.randn(rows, 96, generator=gen).to(dtype) if with_residual else None
+    weight = torch.rand(96, generator=gen).to(dtype)
     normed, summed = rms_norm_cpu(x, weight, 1e-6, residual)
     want_normed, want_summed = rms_norm_reference(x, weight, 1e-6, residual)
     assert_close(normed, want_normed)
@@ -94,10 +93,9 @@ def test_rms_norm_cpu_matches_reference(rows, with_residual, dtype):
     pytest.param(1, 4, 4, 16, 16, id="one token, the whole head rotated"),
     pytest.param(6, 4, 2, 32, 16, id="several tokens: handed to the reference"),
 ])
-def test_rotary_cpu_matches_reference(tokens, q_heads, kv_heads, head_dim, rotary_dim, dtype):
-    g = cpu_gen(3)
-    q = torch.randn(tokens, q_heads, head_dim, generator=g).to(dtype)
-    k = torch.randn(tokens, kv_heads, head_dim, generator=g).to(dtype)
+def test_rotary_cpu_matches_reference(tokens, q_heads, kv_heads, head_dim, rotary_dim, dtype, gen):
+    q = torch.randn(tokens, q_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dtype)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
     cos, sin = rotary_cos_sin(torch.arange(37, 37 + tokens), inv_freq, dtype)
     (q_out, k_out), (q_want, k_want) = rotary_cpu(q, k, cos, sin), rotary_reference(q, k, cos, sin)

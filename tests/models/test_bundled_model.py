@@ -39,18 +39,13 @@ def test_it_is_glm45_air_in_miniature():
     assert header["architectures"] == ["Glm4MoeForCausalLM"]
 
 
-def test_tokenizer_has_every_glm_token_and_the_glm_stop_ids(engine, shared_fixtures):
+def test_tokenizer_has_every_glm_token_and_the_glm_stop_ids(engine, check_chat_fixtures):
     tok = engine.tokenizer
     for token in ALL_ADDED_TOKENS:
         assert len(tok.encode(token)) == 1, token
     stops = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
     assert sorted(tok.stop_token_ids) == sorted(stops)
-    cases = json.loads((shared_fixtures / "glm45_chat_format.json").read_text())["cases"]
-    for case in cases:
-        rendered = tok.apply_chat_template(case["messages"], tools=case["tools"], tokenize=False,
-                                           enable_thinking=case["enable_thinking"],
-                                           add_generation_prompt=case["add_generation_prompt"])
-        assert rendered == case["expected"], case["name"]
+    check_chat_fixtures(tok)
 
 
 def test_transformers_and_the_engine_agree(engine):
