@@ -80,8 +80,7 @@ def main() -> None:
     runs = [("sampled", dict(temperature=args.temperature, seed=args.seed))]
     if not args.no_greedy:
         runs.append(("greedy", dict(temperature=0.0)))
-    rates: dict[str, float] = {}
-    counts: dict[str, tuple[int, int]] = {}  # per run: (answers that reasoned first, answers that stopped)
+    outcomes: dict[str, dict] = {}  # per run: its results, parse rate and counts
     for label, sampling in runs:
         t0 = time.perf_counter()
         results = engine.generate_batch(prompts, routing=True, max_new_tokens=args.max_new_tokens, **sampling)
@@ -92,8 +91,7 @@ def main() -> None:
             ok.append(defines_function(extract_code(parsed.content or "")))
             thought += bool(parsed.reasoning_content)
             stopped += result.finish_reason == "stop"
-        rates[label] = float(np.mean(ok))
-        counts[label] = (thought, stopped)
+        outcomes[label] = dict(results=results, parse_rate=float(np.mean(ok)), reasoned=thought, stopped=stopped)
         generated = sum(len(r.token_ids) for r in results)
         print(f"\n{len(requests)} held-out prompts, {label} {sampling}, max {args.max_new_tokens} new tokens: "
               f"{generated} tokens in {gen_seconds:.0f}s ({generated / gen_seconds:.0f} tok/s batched)")
@@ -102,10 +100,8 @@ def main() -> None:
         for (fn, text), result, good in list(zip(requests, results, ok, strict=True))[:args.show]:
             print(f"\n--- {fn.module}.{fn.qualname} ({'parses' if good else 'does not parse'})\nuser: {text}\n"
                   f"model: {result.text[:700]}")
-        if label == "sampled":
-            sampled_results = results
-    parse_rate = rates["sampled"]
-    results = sampled_results
+    sampled = outcomes["sampled"]
+    parse_rate, results = sampled["parse_rate"], sampled["results"]
 
     # 3. Expert load while generating (prompt and generated tokens of all the answers together).
     traces = [r.routing for r in results if r.routing is not None]
@@ -123,16 +119,17 @@ def main() -> None:
           + " ".join(f"L{layer}={score:.3f}" for layer, score in zip(spec.layer_ids, spec.score, strict=True)))
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     heldout = figures["heldout"]["all"]
-    if "greedy" in rates:
+    greedy_rate = outcomes["greedy"]["parse_rate"] if "greedy" in outcomes else None
+    if greedy_rate is not None:
         print(f"parse rate: sampled (temperature {args.temperature}, seed {args.seed}) {parse_rate:.2f}, "
-              f"greedy {rates['greedy']:.2f}")
+              f"greedy {greedy_rate:.2f}")
     last_line = (f"heldout_loss={heldout['loss']:.2f} unigram_loss={heldout['unigram_loss']:.2f} "
                  f"parse_rate={parse_rate:.2f}")
     if args.write_card:
         demo = dict(heldout_loss=heldout["loss"], unigram_loss=heldout["unigram_loss"], parse_rate=parse_rate,
-                    parse_rate_greedy=rates.get("greedy"), prompts=len(requests), max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, seed=args.seed, reasoned=counts["sampled"][0],
-                    stopped=counts["sampled"][1], seconds=time.perf_counter() - started, last_line=last_line,
+                    parse_rate_greedy=greedy_rate, prompts=len(requests), max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, seed=args.seed, reasoned=sampled["reasoned"],
+                    stopped=sampled["stopped"], seconds=time.perf_counter() - started, last_line=last_line,
                     machine=f"{platform.machine()} CPU, {args.threads} torch threads, "
                             f"Python {platform.python_version()}")
         (folder / DEMO_FILE).write_text(json.dumps(demo, indent=1) + "\n")

@@ -21,17 +21,6 @@ from workbench.engine import Engine, GLMConfig
 from workbench.engine.testing import write_tiny_checkpoint
 
 
-def best_of(repeats: int, fn) -> float:
-    """Median seconds of `repeats` runs (after one warm-up run)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decode-tokens", type=int, default=64)
@@ -98,10 +87,10 @@ def main() -> None:
                 samples[name].append(measure())
         return {name: statistics.median(values) for name, values in samples.items()}
 
-    def prefill_rate(run) -> float:
+    def rate(tokens: int, run) -> float:
         start = time.perf_counter()
         run()
-        return len(long) / (time.perf_counter() - start)
+        return tokens / (time.perf_counter() - start)
 
     def ours_prefill():
         ours.generate(long, max_new_tokens=1, temperature=0.0, stop_token_ids=[])
@@ -114,13 +103,13 @@ def main() -> None:
     decode = interleaved({"ours": ours_decode_rate, "theirs": theirs_decode_rate,
                           "routed": lambda: ours_decode_rate(routing=True)})
     decode_ours, decode_theirs, decode_routed = decode["ours"], decode["theirs"], decode["routed"]
-    prefill = interleaved({"ours": lambda: prefill_rate(ours_prefill), "theirs": lambda: prefill_rate(theirs_prefill)})
+    prefill = interleaved({"ours": lambda: rate(len(long), ours_prefill),
+                           "theirs": lambda: rate(len(long), theirs_prefill)})
     prefill_ours, prefill_theirs = prefill["ours"], prefill["theirs"]
 
     batch_prompts = [torch.randint(100, config.vocab_size, (16,), generator=generator).tolist() for _ in range(8)]
-    batched = best_of(args.repeats, lambda: ours.generate_batch(batch_prompts, max_new_tokens=n, temperature=0.0,
-                                                                stop_token_ids=[]))
-    batched_tps = 8 * n / batched
+    batched_tps = interleaved({"batched": lambda: rate(8 * n, lambda: ours.generate_batch(
+        batch_prompts, max_new_tokens=n, temperature=0.0, stop_token_ids=[]))})["batched"]
 
     print(f"{'':24}{'ours':>12}{'transformers':>14}{'ratio':>8}")
     print(f"{'decode tok/s (batch 1)':24}{decode_ours:12.1f}{decode_theirs:14.1f}{decode_ours / decode_theirs:8.2f}")

@@ -542,8 +542,7 @@ class CellOutputLog:
         self.shell = shell
         self.printed: dict[int, str] = {}
         self.errors: dict[int, str] = {}
-        self._chunks: list[str] = []
-        self._size = 0
+        self._text = ""  # what the running cell printed so far (its tail, past 2 * CELL_OUTPUT_CHARS)
         self._saved: tuple[Any, Any] | None = None
 
     def register(self) -> None:
@@ -558,7 +557,7 @@ class CellOutputLog:
 
     def pre_run_cell(self, info=None) -> None:
         self._restore()
-        self._chunks, self._size = [], 0
+        self._text = ""
         self._saved = (sys.stdout, sys.stderr)
         sys.stdout, sys.stderr = _Tee(sys.stdout, self._keep), _Tee(sys.stderr, self._keep)
 
@@ -567,7 +566,7 @@ class CellOutputLog:
         number = getattr(result, "execution_count", None)
         if number is None:  # a cell run without history has no In[n] to attach its output to
             return
-        text = "".join(self._chunks)
+        text = self._text
         if result.result is not None:  # a terminal shell's displayhook prints "Out[n]: ..." too: Out has it already
             marker = text.rfind(f"Out[{number}]:")
             text = text if marker < 0 else text[:marker]
@@ -583,11 +582,9 @@ class CellOutputLog:
 
     def _keep(self, text) -> None:
         if isinstance(text, str):
-            self._chunks.append(text)
-            self._size += len(text)
-            if self._size > 2 * CELL_OUTPUT_CHARS:  # keep memory bounded for cells that print a lot
-                self._chunks = ["".join(self._chunks)[-CELL_OUTPUT_CHARS:]]
-                self._size = len(self._chunks[0])
+            self._text += text
+            if len(self._text) > 2 * CELL_OUTPUT_CHARS:  # keep memory bounded for cells that print a lot
+                self._text = self._text[-CELL_OUTPUT_CHARS:]
 
     def _restore(self) -> None:
         # Put the streams back only where they are still ours: a cell may have replaced them on purpose.
@@ -661,7 +658,7 @@ class GLMMagics(Magics):
     def __init__(self, shell) -> None:
         super().__init__(shell)
         self.session = Session()
-        self.output_log: CellOutputLog | None = None  # set by load_ipython_extension
+        self.output_log = CellOutputLog(shell)  # registered by load_ipython_extension
 
     @magic_arguments()
     @argument("-f", "--format", choices=FORMATS, default="code",
@@ -922,10 +919,9 @@ def _shorten(text: str, limit: int = 200) -> str:
 def load_ipython_extension(ipython) -> None:
     """`%load_ext workbench` (or `%load_ext workbench.magics`): registers `%%glm` and `%glm`."""
     previous = ipython.magics_manager.registry.get("GLMMagics")
-    if previous is not None and previous.output_log is not None:
+    if previous is not None:
         previous.output_log.unregister()
     magics = GLMMagics(ipython)
-    magics.output_log = CellOutputLog(ipython)
     magics.output_log.register()
     ipython.register_magics(magics)
 
@@ -934,5 +930,4 @@ def unload_ipython_extension(ipython) -> None:
     magics = ipython.magics_manager.registry.get("GLMMagics")
     if magics is not None:
         magics.session.disconnect()
-        if magics.output_log is not None:
-            magics.output_log.unregister()
+        magics.output_log.unregister()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glm_kernels.attention import decode_attention_reference
+from glm_kernels.attention import decode_attention_reference, gather_kv
 from glm_kernels.fused_moe import fused_moe_reference
 from glm_kernels.rotary import rotary_reference
 
@@ -39,12 +39,11 @@ def decode_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale: flo
     if q.shape[0] != 1:
         return decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)
     _, num_heads, head_dim = q.shape
-    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     length = int(seq_lens[0])
-    blocks = block_tables[0, : (length + block_size - 1) // block_size].long()
     # [L, Hk, Dh] -> [Hk, L, Dh]: only this sequence's slots, so nothing past its length enters the softmax.
-    keys = k_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[:length].transpose(0, 1).float()
-    values = v_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[:length].transpose(0, 1).float()
+    keys = gather_kv(k_cache, block_tables[0], length).transpose(0, 1).float()
+    values = gather_kv(v_cache, block_tables[0], length).transpose(0, 1).float()
+    kv_heads = keys.shape[0]
     query = q[0].float().view(num_heads, 1, head_dim)
     out = F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=num_heads != kv_heads)
     return out.view(1, num_heads, head_dim).to(q.dtype)
