@@ -27,7 +27,7 @@ from workbench.engine.config import GLMConfig
 from workbench.engine.routing import RoutingTrace
 from workbench.engine.weights import save_checkpoint
 from workbench.models import MODEL_NAME  # noqa: E402  (one name, kept with default_model_path)
-from workbench.models.card import DEMO_FILE, write_card
+from workbench.models.card import DEMO_FILE, SUMMARY_FILE, write_card
 from workbench.models.corpus import Corpus, build_corpus
 from workbench.models.tokenizer_build import save_tokenizer, train_tokenizer
 from workbench.models.training import (
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_violation_curve": [(h["step"], h["max_violation"]) for h in history[::10]],
         "total_seconds_this_run": round(time.monotonic() - started, 1),
     }
-    (args.out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (args.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     (args.out / DEMO_FILE).unlink(missing_ok=True)  # measured on the previous weights
     write_card(args.out)
     all_h = figures["heldout"]["all"]
