@@ -24,8 +24,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model = Path(args.model) if args.model else _default_model()
     started = time.perf_counter()
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if args.device == "cpu" else "bfloat16")
-    engine = Engine.from_pretrained(model, dtype=dtype, device=args.device, kernels=args.kernels)
+    engine = Engine.from_pretrained(model, dtype=args.dtype, device=args.device, kernels=args.kernels)
     print(f"[loaded {engine} in {time.perf_counter() - started:.1f} s]", file=sys.stderr)
     messages = [{"role": "user", "content": args.prompt}]
     ids = engine.tokenizer.apply_chat_template(messages, enable_thinking=not args.no_think)

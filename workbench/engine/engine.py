@@ -194,8 +194,8 @@ class Engine:
             raise FileNotFoundError(f"model path {folder} does not exist")
         if not folder.is_dir():
             raise CheckpointError(f"model path {folder} is a file: point at the checkpoint folder holding config.json")
-        torch_dtype = _parse_dtype(dtype)
         torch_device = torch.device(device)
+        torch_dtype = _parse_dtype(dtype, torch_device)
         config = GLMConfig.from_json(folder)
         tokenizer = Tokenizer.from_pretrained(folder)  # checked before the (slow) weights
         ops = select_kernels(kernels, torch_device)
@@ -519,11 +519,15 @@ class Engine:
                 f"context {self.max_context})")
 
 
-def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def _parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """A dtype name or torch dtype; "auto" is float32 on the CPU (CPUs without bf16 units run it slower than
+    fp32) and bfloat16 elsewhere."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ConfigError(f"dtype {dtype} is not supported: use float32, bfloat16 or float16")
         return dtype
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
     if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r} is not supported: use auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]

@@ -124,11 +124,8 @@ class LocalBackend(Backend):
     def _load(self) -> Any:
         from workbench.engine import Engine
 
-        dtype = self.dtype
-        if dtype == "auto":
-            dtype = "float32" if self.device == "cpu" else "bfloat16"
-        log.info("loading %s (%s, %s, kernels=%s)", self.model_path, self.device, dtype, self.kernels)
-        return Engine.from_pretrained(self.model_path, dtype=dtype, device=self.device, kernels=self.kernels,
+        log.info("loading %s (%s, dtype %s, kernels=%s)", self.model_path, self.device, self.dtype, self.kernels)
+        return Engine.from_pretrained(self.model_path, dtype=self.dtype, device=self.device, kernels=self.kernels,
                                       max_batch_size=self.max_concurrent_sequences,
                                       max_context=self.context_limit_setting or None)
 
