@@ -38,6 +38,8 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from workbench.models import bundled_model
+
 FORMATS = ("code", "markdown", "text")
 SYSTEM_PROMPTS = {
     "code": ("You are a coding assistant inside a Jupyter notebook. Answer with Python code for the next cell, "
@@ -407,18 +409,6 @@ class InProcessConnection(Connection):
         with contextlib.suppress(Exception):
             self.loop.run(self.backend.close(), timeout=10)
         self.loop.close()
-
-
-def bundled_model() -> tuple[str | None, str]:
-    """The bundled small checkpoint's folder, or None and why not."""
-    try:
-        from workbench.models import default_model_path
-    except ImportError:
-        return None, "this installation has no bundled model"
-    try:
-        return str(default_model_path()), ""
-    except (FileNotFoundError, OSError) as exc:
-        return None, str(exc)
 
 
 # --- the session: where requests go, and what the conversation so far was ------------------------------

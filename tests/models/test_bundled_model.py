@@ -81,12 +81,12 @@ def test_it_answers_requests_with_reasoning_and_mostly_code_that_parses(engine):
 
 
 def test_server_magics_and_cli_default_to_it():
-    from workbench import cli
-    from workbench.magics import bundled_model
-    from workbench.server.app import bundled_model_path
+    from workbench import cli, magics
+    from workbench.models import bundled_model
+    from workbench.server import app
 
-    assert bundled_model_path() == (str(default_model_path()), "")
     assert bundled_model() == (str(default_model_path()), "")
+    assert app.bundled_model is bundled_model and magics.bundled_model is bundled_model
     assert cli._default_model() == default_model_path()
 
 
@@ -109,3 +109,11 @@ def test_model_card_quotes_the_measured_figures():
     assert f"{heldout['loss']:.2f}" in card and f"{heldout['unigram_loss']:.2f}" in card
     for row in summary["figures"]["balance_heldout"]:
         assert f"{row['max_violation']:.2f}" in card
+
+
+def test_a_missing_bundled_model_is_reported_not_raised(monkeypatch):
+    from workbench import models
+
+    monkeypatch.setattr(models, "MODEL_NAME", "no-such-model")
+    path, why_not = models.bundled_model()
+    assert path is None and "lacks config.json" in why_not and "reinstall glm-workbench" in why_not

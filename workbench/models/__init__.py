@@ -15,7 +15,7 @@ MODEL_NAME = "glm45-air-mini"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "generation_config.json")
 
-__all__ = ["MODEL_NAME", "REQUIRED_FILES", "default_model_path"]
+__all__ = ["MODEL_NAME", "REQUIRED_FILES", "bundled_model", "default_model_path"]
 
 
 def default_model_path(check: bool = True) -> Path:
@@ -30,3 +30,12 @@ def default_model_path(check: bool = True) -> Path:
                 f"the bundled model at {folder} lacks {', '.join(missing)}: reinstall glm-workbench, or rebuild it "
                 "with `python -m workbench.models.build` (about an hour on two CPU cores)")
     return folder
+
+
+def bundled_model() -> tuple[str | None, str]:
+    """(folder, "") of the bundled model, or (None, why not) when its files are missing: for the places that fall
+    back to it (the server, the magics) and must say why they cannot."""
+    try:
+        return str(default_model_path()), ""
+    except FileNotFoundError as exc:
+        return None, str(exc)

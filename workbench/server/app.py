@@ -24,6 +24,7 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Enum, Float, Int, Unicode, default
 
 from workbench.chat.backends import Backend, LocalBackend, RemoteBackend
+from workbench.models import bundled_model
 from workbench.server import handlers
 from workbench.server.conversations import ConversationStore, conversation_handlers
 
@@ -35,19 +36,6 @@ NO_MODEL_MESSAGE = (
     "or use a remote endpoint: `--GLMWorkbench.backend=remote --GLMWorkbench.remote_base_url=... "
     "--GLMWorkbench.remote_model=...`."
 )
-
-
-def bundled_model_path() -> tuple[str | None, str]:
-    """The bundled small checkpoint (`workbench.models.default_model_path()`) when it is installed, else None and
-    why not."""
-    try:
-        from workbench.models import default_model_path
-    except ImportError as exc:
-        return None, f"the bundled model is not part of this installation ({exc})"
-    try:
-        return str(default_model_path()), ""
-    except (FileNotFoundError, OSError, RuntimeError, ValueError) as exc:
-        return None, str(exc)
 
 
 class GLMWorkbench(ExtensionApp):
@@ -95,7 +83,7 @@ class GLMWorkbench(ExtensionApp):
 
     @default("model_path")
     def _default_model_path(self) -> str | None:
-        path, self._no_bundled_model = bundled_model_path()
+        path, self._no_bundled_model = bundled_model()
         return path
 
     def initialize_settings(self) -> None:
