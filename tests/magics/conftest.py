@@ -12,11 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from glm_upstream import ScriptedUpstream, free_port, magics_of
+from glm_upstream import ScriptedUpstream, magics_of
 from IPython.core.interactiveshell import InteractiveShell
 
 from workbench.engine.testing import write_tiny_checkpoint
 from workbench.magics import Session
+from workbench.server.launch import free_port
 
 
 @pytest.fixture(scope="session")

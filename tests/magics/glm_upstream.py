@@ -4,7 +4,6 @@ remote server would answer, known in advance) and small utilities. Fixtures live
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -122,9 +121,3 @@ class ScriptedUpstream:
 
 def magics_of(shell: InteractiveShell) -> GLMMagics:
     return shell.magics_manager.registry["GLMMagics"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -5,11 +5,12 @@ that left the kernel and on what came back into the notebook."""
 from __future__ import annotations
 
 import pytest
-from glm_upstream import REASONING, SCRIPTED_MODEL, answer_for, free_port, magics_of
+from glm_upstream import REASONING, SCRIPTED_MODEL, answer_for, magics_of
 from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 
 from workbench.magics import SYSTEM_PROMPTS, extract_code, interpolate
+from workbench.server.launch import free_port
 
 
 @pytest.fixture
