@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from glm_kernels import cpu_decode
 
 from workbench.engine import quant
 from workbench.engine.config import ConfigError, GLMConfig
@@ -69,6 +71,8 @@ class GenerationResult:
         return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+CPU_DECODE_CHOICES = ("auto", "compiled", "torch")
+
 _request_ids = itertools.count(1)
 
 
@@ -89,6 +93,7 @@ class Request:
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     # engine-side state
     blocks: list[int] = field(default_factory=list)
+    block_table: torch.Tensor | None = None  # blocks as an int32 tensor, for the compiled decode step
     num_cached: int = 0
     generator: torch.Generator | None = None
     decoder: object = None
@@ -164,7 +169,8 @@ class TokenStream:
 class Engine:
     def __init__(self, model: GLMForCausalLM, tokenizer: Tokenizer | None, *, device: torch.device,
                  dtype: torch.dtype, max_batch_size: int = 32, cache_tokens: int | None = None,
-                 max_context: int | None = None, block_size: int = 16, name: str = "glm") -> None:
+                 max_context: int | None = None, block_size: int = 16, name: str = "glm",
+                 cpu_decode: str = "auto") -> None:
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
         self.device, self.dtype, self.name = device, dtype, name
         self.kernels = model.ops.name
@@ -182,6 +188,7 @@ class Engine:
         self._admit_lock = threading.Lock()
         self._progress = threading.Condition()
         self.moe_layer_ids = config.moe_layer_ids
+        self.compiled_decode = self._compiled_decode_step(cpu_decode)
 
     # --- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -219,6 +226,32 @@ class Engine:
             gc.collect()  # nothing partially loaded stays in memory
             raise
         return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=folder.name, **engine_kwargs)
+
+    def _compiled_decode_step(self, choice: str):
+        """The compiled one-token decode step of glm_kernels.cpu_decode for this model, or None (the torch path).
+
+        `choice` (or the environment variable WORKBENCH_CPU_DECODE): "auto" takes it where it can run (CPU, float
+        weights, the torch kernels; the first use on a machine compiles it, about a minute) and says in the log
+        why not otherwise; "compiled" insists (an error says why it cannot); "torch" never takes it."""
+        choice = os.environ.get("WORKBENCH_CPU_DECODE") or choice
+        if choice not in CPU_DECODE_CHOICES:
+            raise ValueError(f"cpu_decode={choice!r}: choose one of {', '.join(CPU_DECODE_CHOICES)} "
+                             "(argument `cpu_decode` or environment variable WORKBENCH_CPU_DECODE)")
+        if choice == "torch" or (choice == "auto" and (self.device.type != "cpu" or self.kernels != "torch")):
+            return None
+        try:
+            if self.kernels != "torch":
+                raise ValueError(f"it replaces the torch kernels, and this engine runs kernels={self.kernels!r}")
+            tensors = self.model.decode_step_tensors(self.cache.layers, self.cache.block_size)
+            module = cpu_decode.load()
+            if module is None:
+                raise RuntimeError(f"it could not be compiled here ({cpu_decode.build_error()})")
+            return module.DecodeModel(**tensors)
+        except (ValueError, RuntimeError) as exc:
+            if choice == "compiled":
+                raise ValueError(f"cpu_decode='compiled' is not possible: {exc}") from exc
+            log.info("decoding with the torch path: the compiled CPU decode step is not used because %s", exc)
+            return None
 
     # --- requests -------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, routing: bool = False,
@@ -344,16 +377,10 @@ class Engine:
         return self._emit(requests, logits)
 
     def _decode(self, requests: list[Request]) -> int:
-        last = [r.output_ids[-1] for r in requests]
-        positions = [r.num_cached for r in requests]
-        slots = [self.cache.slots(r.blocks, p, p + 1)[0] for r, p in zip(requests, positions)]
-        width = max(len(r.blocks) for r in requests)
-        tables = [r.blocks + [0] * (width - len(r.blocks)) for r in requests]
-        batch = AttentionBatch(positions=self._tensor(positions), slot_mapping=self._tensor(slots),
-                               block_tables=self._tensor(tables, torch.int32),
-                               seq_lens=self._tensor([p + 1 for p in positions], torch.int32))
-        logits = self._forward(self._tensor(last), batch, requests, [(i, 1) for i in range(len(requests))],
-                               list(range(len(requests))))
+        if self.compiled_decode is not None and len(requests) == 1:
+            logits = self._decode_compiled(requests[0])
+        else:
+            logits = self._decode_batch(requests)
         for request in requests:
             request.num_cached += 1
         flushed = [r for r in requests if r.routing_pending]
@@ -362,6 +389,28 @@ class Engine:
             self._complete(request)
         live = [i for i, r in enumerate(requests) if not r.finished and r not in flushed]
         return self._emit([requests[i] for i in live], logits[live])
+
+    def _decode_compiled(self, request: Request) -> torch.Tensor:
+        """One sequence, one token, through the compiled step: the same result as `_decode_batch`."""
+        if request.block_table is None:
+            request.block_table = torch.tensor(request.blocks, dtype=torch.int32)
+        logits, ids, weights, scores = self.compiled_decode.step(
+            request.output_ids[-1], request.num_cached, request.block_table, request.routing, request.routing_scores)
+        if request.routing:
+            request.routing_chunks.append((ids, weights, scores))
+        return logits
+
+    def _decode_batch(self, requests: list[Request]) -> torch.Tensor:
+        last = [r.output_ids[-1] for r in requests]
+        positions = [r.num_cached for r in requests]
+        slots = [self.cache.slots(r.blocks, p, p + 1)[0] for r, p in zip(requests, positions)]
+        width = max(len(r.blocks) for r in requests)
+        tables = [r.blocks + [0] * (width - len(r.blocks)) for r in requests]
+        batch = AttentionBatch(positions=self._tensor(positions), slot_mapping=self._tensor(slots),
+                               block_tables=self._tensor(tables, torch.int32),
+                               seq_lens=self._tensor([p + 1 for p in positions], torch.int32))
+        return self._forward(self._tensor(last), batch, requests, [(i, 1) for i in range(len(requests))],
+                             list(range(len(requests))))
 
     def _forward(self, input_ids, batch, requests, row_spans, logit_rows) -> torch.Tensor:
         recorder = None
@@ -452,7 +501,7 @@ class Engine:
         if request in self._running:
             self._running.remove(request)
             self.cache.free(request.blocks)
-            request.blocks = []
+            request.blocks, request.block_table = [], None
         if request.routing and request.routing_chunks:
             request._trace = self._build_trace(request)
         request.finished_time = time.perf_counter()

@@ -297,6 +297,52 @@ class GLMForCausalLM(nn.Module):
         if not self.config.tie_word_embeddings and type(self.lm_head) is nn.Linear:
             self.lm_head.weight = nn.Parameter(_gemv_layout(self.lm_head.weight.detach()), requires_grad=False)
 
+    def decode_step_tensors(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> dict:
+        """The weights, cache pools and sizes that `glm_kernels.cpu_decode`'s compiled step reads, as its
+        constructor's keyword arguments (views of this model's tensors: nothing is copied).
+
+        Raises ValueError saying why where that step cannot run this model: it knows plain weights of one float
+        dtype on the CPU, after `fuse_projections()`, and not FP8 linears or weights that train again."""
+        embed = self.embed_tokens.weight
+        if embed.device.type != "cpu" or embed.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"the compiled decode step runs float weights on the CPU, not {embed.dtype} "
+                             f"on {embed.device}")
+        if any(p.requires_grad for p in self.parameters()):
+            raise ValueError("the compiled decode step is for inference: some weights require grad")
+        if type(self.lm_head) is not nn.Linear:
+            raise ValueError("the compiled decode step needs a plain lm_head (not quantised)")
+        layers = []
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            dense_mlps = [mlp] if isinstance(mlp, MLP) else [m for m in [mlp.shared_experts] if m is not None]
+            if attn.fused_qkv is None or any(m.fused_gate_up is None for m in dense_mlps) or \
+                    type(attn.o_proj) is not nn.Linear or any(type(m.down_proj) is not nn.Linear for m in dense_mlps):
+                raise ValueError("the compiled decode step needs plain (unquantised) linears, "
+                                 "fused by fuse_projections()")
+            tensors = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
+                       "qkv_weight": attn.fused_qkv[0], "o_weight": attn.o_proj.weight,
+                       "k_cache": k_cache, "v_cache": v_cache}
+            if attn.fused_qkv[1] is not None:
+                tensors["qkv_bias"] = attn.fused_qkv[1]
+            if attn.use_qk_norm:
+                tensors |= {"q_norm": attn.q_norm.weight, "k_norm": attn.k_norm.weight}
+            if isinstance(mlp, MoE):
+                if type(mlp.experts) is not Experts:
+                    raise ValueError("the compiled decode step needs unquantised experts")
+                tensors |= {"router_weight": mlp.gate.weight, "router_bias": mlp.gate.e_score_correction_bias,
+                            "experts_gate_up": mlp.experts.gate_up_proj, "experts_down": mlp.experts.down_proj}
+            if dense_mlps:
+                tensors |= {"mlp_gate_up": dense_mlps[0].fused_gate_up[0], "mlp_down": dense_mlps[0].down_proj.weight}
+            layers.append({name: t.detach() for name, t in tensors.items()})
+        config = self.config
+        sizes = {"num_heads": config.num_attention_heads, "num_kv_heads": config.num_key_value_heads,
+                 "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps,
+                 "top_k": config.num_experts_per_tok, "n_group": config.n_group, "topk_group": config.topk_group,
+                 "norm_topk_prob": float(config.norm_topk_prob),
+                 "routed_scaling_factor": config.routed_scaling_factor, "block_size": block_size}
+        return {"layers": layers, "embed": embed.detach(), "final_norm": self.norm.weight.detach(),
+                "lm_head": self.lm_head.weight.detach(), "inv_freq": self.inv_freq, "config": sizes}
+
     def materialize_buffers(self, device: torch.device) -> None:
         """Recompute non-persistent buffers after the weights were assigned to a model built on `meta`."""
         self.inv_freq = self._inv_freq(device)

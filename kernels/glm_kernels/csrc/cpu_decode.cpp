@@ -1,0 +1,556 @@
+// One-token decode of a whole GLM-4.5 MoE model on the CPU, in one call from Python.
+//
+// Why this exists: at decode sizes (one token, hidden 256 to 4096) a torch op costs a few microseconds of Python
+// and dispatch whatever its size, and a decoder layer is ~40 of them; the arithmetic of a small model is less than
+// that. Here a step is ~15 BLAS matrix-vector products per layer (ATen's addmv/mv, i.e. MKL on x86) and plain loops
+// for everything elementwise (norms, rotary, cache write, attention over the paged cache, the router's selection,
+// SwiGLU), with every buffer allocated once.
+//
+// The contract is the engine's torch path (workbench/engine/model.py with glm_kernels' references), step for step:
+// the same casts to the model dtype at the same places, fp32 statistics, the router in fp32 with the correction
+// bias used for selection only, group-limited top-k with ties to the lower expert index, expert outputs summed in
+// fp32. tests/kernels/test_cpu_decode.py holds it to the torch path over the model's configuration space.
+//
+// Shape legend: D hidden, H query heads, Hk kv heads, Dh head dim, R rotary dims, E experts, K experts per token,
+// I expert (or MLP) width, V vocab. Weights come as [out, in] matrices with any strides (addmv reads both layouts).
+
+#include <torch/extension.h>
+
+#include <pybind11/stl.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GLM_AVX2 1
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using TensorMap = std::map<std::string, Tensor>;
+
+Tensor take(const TensorMap& map, const std::string& key, bool required = true) {
+  auto it = map.find(key);
+  if (it == map.end() || !it->second.defined()) {
+    TORCH_CHECK(!required, "cpu_decode: layer weights lack '", key, "'");
+    return Tensor();
+  }
+  return it->second;
+}
+
+struct Mlp {  // SwiGLU: dense layers and the shared expert
+  Tensor gate_up;  // [2I, D]: gate rows then up rows
+  Tensor down;     // [D, I]
+};
+
+struct Layer {
+  Tensor input_norm, post_norm;  // [D]
+  Tensor qkv_weight, qkv_bias;   // [H*Dh + 2*Hk*Dh, D], [same] or undefined
+  Tensor q_norm, k_norm;         // [Dh] or undefined (no qk-norm)
+  Tensor o_weight;               // [D, H*Dh]
+  bool is_moe = false;
+  Mlp mlp;                        // dense layer, or the shared expert of a MoE layer
+  bool has_mlp = false;
+  Tensor router_weight, router_bias;          // [E, D] fp32, [E] fp32
+  Tensor experts_gate_up, experts_down;       // [E, 2I, D], [E, D, I]
+  Tensor k_cache, v_cache;                    // [blocks, block_size, Hk, Dh]
+};
+
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+#ifdef GLM_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // bfloat16 is the top half of a float: widen and shift
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// y[n] = sum_k w[n, k] x[k] for a matrix whose rows are contiguous (the checkpoints' [out, in] layout). MKL's gemv
+// reads this layout 3x slower than the column-major one at decode sizes (measured: 1.2 vs 0.35 ms for an 8192x256
+// fp32 matrix), and it is memory-bound either way: four rows at a time share each load of x, fp32 accumulation.
+template <typename T>
+void gemv_rows(const T* w, int64_t row_stride, const float* x, int64_t n_in, int64_t n_out, float* y) {
+  int64_t r = 0;
+#ifdef GLM_AVX2
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    for (; r + 4 <= n_out; r += 4) {
+      const T* w0 = w + r * row_stride;
+      const T* w1 = w0 + row_stride;
+      const T* w2 = w1 + row_stride;
+      const T* w3 = w2 + row_stride;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t k = 0;
+      for (; k + 8 <= n_in; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(load8(w0 + k), xv, a0);
+        a1 = _mm256_fmadd_ps(load8(w1 + k), xv, a1);
+        a2 = _mm256_fmadd_ps(load8(w2 + k), xv, a2);
+        a3 = _mm256_fmadd_ps(load8(w3 + k), xv, a3);
+      }
+      float s0 = sum8(a0), s1 = sum8(a1), s2 = sum8(a2), s3 = sum8(a3);
+      for (; k < n_in; ++k) {
+        s0 += static_cast<float>(w0[k]) * x[k];
+        s1 += static_cast<float>(w1[k]) * x[k];
+        s2 += static_cast<float>(w2[k]) * x[k];
+        s3 += static_cast<float>(w3[k]) * x[k];
+      }
+      y[r] = s0;
+      y[r + 1] = s1;
+      y[r + 2] = s2;
+      y[r + 3] = s3;
+    }
+  }
+#endif
+  for (; r < n_out; ++r) {
+    const T* row = w + r * row_stride;
+    float s = 0.0f;
+    for (int64_t k = 0; k < n_in; ++k) s += static_cast<float>(row[k]) * x[k];
+    y[r] = s;
+  }
+}
+
+template <typename T>
+inline T cast(float x) { return static_cast<T>(x); }
+
+class DecodeModel {
+ public:
+  DecodeModel(const std::vector<TensorMap>& layers, Tensor embed, Tensor final_norm, Tensor lm_head,
+              Tensor inv_freq, const std::map<std::string, double>& config)
+      : embed_(std::move(embed)), final_norm_(std::move(final_norm)), lm_head_(std::move(lm_head)),
+        inv_freq_(inv_freq.to(at::kFloat).contiguous()) {
+    auto get = [&](const char* key) {
+      auto it = config.find(key);
+      TORCH_CHECK(it != config.end(), "cpu_decode: config lacks '", key, "'");
+      return it->second;
+    };
+    heads_ = static_cast<int64_t>(get("num_heads"));
+    kv_heads_ = static_cast<int64_t>(get("num_kv_heads"));
+    head_dim_ = static_cast<int64_t>(get("head_dim"));
+    rotary_dim_ = inv_freq_.numel() * 2;
+    eps_ = static_cast<float>(get("rms_norm_eps"));
+    top_k_ = static_cast<int64_t>(get("top_k"));
+    n_group_ = static_cast<int64_t>(get("n_group"));
+    topk_group_ = static_cast<int64_t>(get("topk_group"));
+    norm_topk_prob_ = get("norm_topk_prob") != 0.0;
+    scaling_ = static_cast<float>(get("routed_scaling_factor"));
+    block_size_ = static_cast<int64_t>(get("block_size"));
+    TORCH_CHECK(heads_ % kv_heads_ == 0, "cpu_decode: heads must be a multiple of kv heads");
+    TORCH_CHECK(rotary_dim_ <= head_dim_, "cpu_decode: rotary dims exceed the head dim");
+
+    dtype_ = embed_.scalar_type();
+    TORCH_CHECK(final_norm_.is_contiguous() && final_norm_.scalar_type() == embed_.scalar_type(),
+                "cpu_decode: the final norm weight must be contiguous, of the embedding's dtype");
+    TORCH_CHECK(dtype_ == at::kFloat || dtype_ == at::kBFloat16 || dtype_ == at::kHalf,
+                "cpu_decode: float32, bfloat16 or float16 weights only");
+    hidden_ = embed_.size(1);
+    int64_t widest = 0;
+    for (const auto& map : layers) {
+      Layer layer;
+      layer.input_norm = take(map, "input_norm");
+      layer.post_norm = take(map, "post_norm");
+      layer.qkv_weight = take(map, "qkv_weight");
+      layer.qkv_bias = take(map, "qkv_bias", false);
+      layer.q_norm = take(map, "q_norm", false);
+      layer.k_norm = take(map, "k_norm", false);
+      layer.o_weight = take(map, "o_weight");
+      layer.k_cache = take(map, "k_cache");
+      layer.v_cache = take(map, "v_cache");
+      TORCH_CHECK(layer.k_cache.is_contiguous() && layer.v_cache.is_contiguous() &&
+                      layer.k_cache.scalar_type() == dtype_ && layer.v_cache.scalar_type() == dtype_,
+                  "cpu_decode: the KV cache must be contiguous and of the model dtype");
+      layer.router_weight = take(map, "router_weight", false);
+      layer.is_moe = layer.router_weight.defined();
+      if (layer.is_moe) {
+        layer.router_weight = layer.router_weight.to(at::kFloat);
+        layer.router_bias = take(map, "router_bias").to(at::kFloat).contiguous();
+        layer.experts_gate_up = take(map, "experts_gate_up");
+        layer.experts_down = take(map, "experts_down");
+        widest = std::max(widest, layer.experts_gate_up.size(1));
+        num_experts_ = layer.router_weight.size(0);
+        num_moe_layers_ += 1;
+      }
+      layer.mlp.gate_up = take(map, "mlp_gate_up", !layer.is_moe);
+      layer.has_mlp = layer.mlp.gate_up.defined();
+      if (layer.has_mlp) {
+        layer.mlp.down = take(map, "mlp_down");
+        widest = std::max(widest, layer.mlp.gate_up.size(0));
+      }
+      for (const Tensor* t : {&layer.input_norm, &layer.post_norm, &layer.qkv_weight, &layer.o_weight,
+                              &layer.mlp.gate_up, &layer.mlp.down, &layer.experts_gate_up, &layer.experts_down,
+                              &layer.qkv_bias, &layer.q_norm, &layer.k_norm})
+        TORCH_CHECK(!t->defined() || (t->scalar_type() == dtype_ && t->device().is_cpu()),
+                    "cpu_decode: every weight but the router's must be of the embedding's dtype, on the CPU");
+      for (const Tensor* t : {&layer.input_norm, &layer.post_norm, &layer.qkv_bias, &layer.q_norm, &layer.k_norm})
+        TORCH_CHECK(!t->defined() || t->is_contiguous(), "cpu_decode: norm weights and biases must be contiguous");
+      layers_.push_back(std::move(layer));
+    }
+    if (num_moe_layers_ > 0) {
+      TORCH_CHECK(num_experts_ % n_group_ == 0 && n_group_ >= 1 && topk_group_ >= 1 && topk_group_ <= n_group_,
+                  "cpu_decode: experts must split into n_group groups, topk_group in [1, n_group]");
+      TORCH_CHECK(top_k_ >= 1 && top_k_ <= num_experts_, "cpu_decode: top_k out of range");
+    }
+
+    auto opts = at::TensorOptions().dtype(dtype_);
+    auto f32 = at::TensorOptions().dtype(at::kFloat);
+    const int64_t q_width = heads_ * head_dim_, kv_width = kv_heads_ * head_dim_;
+    x_ = at::zeros({hidden_}, opts);
+    residual_ = at::zeros({hidden_}, opts);
+    normed_ = at::zeros({hidden_}, opts);
+    qkv_ = at::zeros({q_width + 2 * kv_width}, opts);
+    attn_ = at::zeros({q_width}, opts);
+    gate_up_ = at::zeros({std::max<int64_t>(widest, 2)}, opts);
+    act_ = at::zeros({std::max<int64_t>(widest / 2, 1)}, opts);
+    expert_out_ = at::zeros({hidden_}, opts);
+    shared_out_ = at::zeros({hidden_}, opts);
+    accum_ = at::zeros({hidden_}, f32);
+    router_logits_ = at::zeros({std::max<int64_t>(num_experts_, 1)}, f32);
+    cos_ = std::vector<float>(rotary_dim_);
+    sin_ = std::vector<float>(rotary_dim_);
+  }
+
+  int64_t num_moe_layers() const { return num_moe_layers_; }
+
+  // token at `position` (0-based; the cache holds positions [0, position)); block_table [blocks] int32.
+  // Returns logits [1, V] fp32 and, when asked, the routing of this token in the routing trace's compact types:
+  // ids [L_moe, 1, K] int16, weights [L_moe, 1, K] float16, and with `scores` the sigmoid scores [L_moe, 1, E]
+  // float16 (None where not asked).
+  std::vector<Tensor> step(int64_t token, int64_t position, const Tensor& block_table, bool routing, bool scores) {
+    c10::InferenceMode guard;
+    TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 1 && block_table.is_contiguous(),
+                "cpu_decode: block_table must be a contiguous 1-D int32 tensor");
+    TORCH_CHECK(position >= 0 && (position / block_size_) < block_table.numel(),
+                "cpu_decode: position ", position, " lies past the sequence's ", block_table.numel(), " blocks");
+    TORCH_CHECK(token >= 0 && token < embed_.size(0), "cpu_decode: token id ", token, " out of range");
+    Tensor ids, weights, all_scores;
+    if (routing) {
+      ids = at::empty({num_moe_layers_, 1, top_k_}, at::kShort);
+      weights = at::empty({num_moe_layers_, 1, top_k_}, at::kHalf);
+    }
+    if (routing && scores) all_scores = at::empty({num_moe_layers_, 1, num_experts_}, at::kHalf);
+    Tensor logits;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_, "cpu_decode_step", [&] {
+      logits = run<scalar_t>(token, position, block_table.data_ptr<int32_t>(), ids, weights, all_scores);
+    });
+    return {logits, ids, weights, all_scores};
+  }
+
+ private:
+  template <typename T>
+  Tensor run(int64_t token, int64_t position, const int32_t* block_table, Tensor& ids, Tensor& weights,
+             Tensor& scores) {
+    x_.copy_(embed_[token]);
+    for (int64_t i = 0; i < rotary_dim_ / 2; ++i) {  // rotary_cos_sin: fp32 angle, cos/sin cast to the dtype
+      const float angle = static_cast<float>(position) * inv_freq_.data_ptr<float>()[i];
+      cos_[i] = cos_[i + rotary_dim_ / 2] = static_cast<float>(cast<T>(std::cos(angle)));
+      sin_[i] = sin_[i + rotary_dim_ / 2] = static_cast<float>(cast<T>(std::sin(angle)));
+    }
+    int64_t moe_index = 0;
+    bool first = true;
+    for (auto& layer : layers_) {
+      add_norm<T>(layer.input_norm, first);
+      first = false;
+      attention<T>(layer, position, block_table);
+      // o_proj writes straight into x_: the next norm adds the residual.
+      linear<T>(x_, layer.o_weight, Tensor(), attn_);
+      add_norm<T>(layer.post_norm, false);
+      if (layer.is_moe) {
+        moe<T>(layer, routing_row(ids, moe_index), routing_row(weights, moe_index), routing_row(scores, moe_index));
+        ++moe_index;
+      } else {
+        swiglu<T>(layer.mlp, x_);
+      }
+    }
+    add_norm<T>(final_norm_, false);
+    Tensor logits = at::empty({lm_head_.size(0)}, at::TensorOptions().dtype(lm_head_.scalar_type()));
+    linear<T>(logits, lm_head_, Tensor(), normed_);
+    return logits.to(at::kFloat).unsqueeze(0);
+  }
+
+  // out <- w @ in (+ bias). Row-contiguous float/bfloat16 matrices go through gemv_rows (fp32 accumulation, one
+  // rounding to out's dtype, as a torch linear does); other layouts through ATen's gemv.
+  template <typename T>
+  void linear(Tensor& out, const Tensor& w, const Tensor& bias, const Tensor& in) {
+    const auto wtype = w.scalar_type();
+    if (w.stride(1) != 1 || (wtype != at::kFloat && wtype != at::kBFloat16)) {
+      TORCH_CHECK(out.scalar_type() == wtype, "cpu_decode: output and weight dtypes differ");
+      const Tensor x = in.scalar_type() == wtype ? in : in.to(wtype);
+      if (bias.defined()) {
+        at::addmv_out(out, bias, w, x);
+      } else {
+        at::mv_out(out, w, x);
+      }
+      return;
+    }
+    const int64_t n_out = w.size(0), n_in = w.size(1);
+    const float* x;
+    if (in.scalar_type() == at::kFloat) {
+      x = in.data_ptr<float>();
+    } else {
+      x_in_.resize(n_in);
+      const T* src = in.data_ptr<T>();
+      for (int64_t k = 0; k < n_in; ++k) x_in_[k] = static_cast<float>(src[k]);
+      x = x_in_.data();
+    }
+    const bool direct = out.scalar_type() == at::kFloat && !bias.defined();
+    y_out_.resize(n_out);
+    float* y = direct ? out.data_ptr<float>() : y_out_.data();
+    if (wtype == at::kFloat) {
+      gemv_rows<float>(w.data_ptr<float>(), w.stride(0), x, n_in, n_out, y);
+    } else {
+      gemv_rows<c10::BFloat16>(w.data_ptr<c10::BFloat16>(), w.stride(0), x, n_in, n_out, y);
+    }
+    if (direct) return;
+    if (out.scalar_type() == at::kFloat) {
+      float* o = out.data_ptr<float>();
+      const float* b = bias.data_ptr<float>();
+      for (int64_t i = 0; i < n_out; ++i) o[i] = y[i] + b[i];
+    } else {
+      T* o = out.data_ptr<T>();
+      const T* b = bias.defined() ? bias.data_ptr<T>() : nullptr;
+      for (int64_t i = 0; i < n_out; ++i) o[i] = cast<T>(b ? y[i] + static_cast<float>(b[i]) : y[i]);
+    }
+  }
+
+  static Tensor routing_row(const Tensor& t, int64_t layer) { return t.defined() ? t[layer][0] : Tensor(); }
+
+  // residual_ <- x_ (+ residual_); normed_ <- weight * rms_norm(residual_) (statistics in fp32, cast, then weight)
+  template <typename T>
+  void add_norm(const Tensor& weight, bool first) {
+    T* x = x_.data_ptr<T>();
+    T* res = residual_.data_ptr<T>();
+    T* out = normed_.data_ptr<T>();
+    const T* w = weight.data_ptr<T>();
+    float sum_sq = 0.0f;
+    for (int64_t i = 0; i < hidden_; ++i) {
+      const T h = first ? x[i] : cast<T>(static_cast<float>(x[i]) + static_cast<float>(res[i]));
+      res[i] = h;
+      const float hf = static_cast<float>(h);
+      sum_sq += hf * hf;
+    }
+    const float inv = 1.0f / std::sqrt(sum_sq / static_cast<float>(hidden_) + eps_);
+    for (int64_t i = 0; i < hidden_; ++i) {
+      const T n = cast<T>(static_cast<float>(res[i]) * inv);
+      out[i] = cast<T>(static_cast<float>(w[i]) * static_cast<float>(n));
+    }
+  }
+
+  template <typename T>
+  void head_norm(T* head, const T* w) {  // qk-norm over one head's Dh values
+    float sum_sq = 0.0f;
+    for (int64_t d = 0; d < head_dim_; ++d) sum_sq += static_cast<float>(head[d]) * static_cast<float>(head[d]);
+    const float inv = 1.0f / std::sqrt(sum_sq / static_cast<float>(head_dim_) + eps_);
+    for (int64_t d = 0; d < head_dim_; ++d)
+      head[d] = cast<T>(static_cast<float>(w[d]) * static_cast<float>(cast<T>(static_cast<float>(head[d]) * inv)));
+  }
+
+  template <typename T>
+  void rotate(T* head) {  // rotate-half on dims [0, R): (x1 cos - x2 sin, x2 cos + x1 sin), products in the dtype
+    const int64_t half = rotary_dim_ / 2;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = static_cast<float>(head[i]), x2 = static_cast<float>(head[i + half]);
+      const float a = static_cast<float>(cast<T>(x1 * cos_[i])), b = static_cast<float>(cast<T>(x2 * sin_[i]));
+      const float c = static_cast<float>(cast<T>(x2 * cos_[i + half]));
+      const float d = static_cast<float>(cast<T>(x1 * sin_[i + half]));
+      head[i] = cast<T>(a - b);
+      head[i + half] = cast<T>(c + d);
+    }
+  }
+
+  template <typename T>
+  void attention(Layer& layer, int64_t position, const int32_t* block_table) {
+    linear<T>(qkv_, layer.qkv_weight, layer.qkv_bias, normed_);
+    T* q = qkv_.data_ptr<T>();
+    T* k = q + heads_ * head_dim_;
+    T* v = k + kv_heads_ * head_dim_;
+    if (layer.q_norm.defined()) {
+      for (int64_t h = 0; h < heads_; ++h) head_norm<T>(q + h * head_dim_, layer.q_norm.data_ptr<T>());
+      for (int64_t h = 0; h < kv_heads_; ++h) head_norm<T>(k + h * head_dim_, layer.k_norm.data_ptr<T>());
+    }
+    for (int64_t h = 0; h < heads_; ++h) rotate<T>(q + h * head_dim_);
+    for (int64_t h = 0; h < kv_heads_; ++h) rotate<T>(k + h * head_dim_);
+
+    // This token's key and value into its cache slot.
+    const int64_t row = kv_heads_ * head_dim_;
+    auto slot_of = [&](int64_t p) {
+      return (static_cast<int64_t>(block_table[p / block_size_]) * block_size_ + p % block_size_) * row;
+    };
+    T* k_cache = layer.k_cache.data_ptr<T>();
+    T* v_cache = layer.v_cache.data_ptr<T>();
+    std::copy(k, k + row, k_cache + slot_of(position));
+    std::copy(v, v + row, v_cache + slot_of(position));
+
+    // Softmax attention of each query head over positions [0, position] of its kv head, in fp32.
+    const int64_t length = position + 1, group = heads_ / kv_heads_;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
+    probs_.resize(length);
+    out_f32_.resize(head_dim_);
+    T* out = attn_.data_ptr<T>();
+    for (int64_t h = 0; h < heads_; ++h) {
+      const int64_t kv_head = h / group;
+      const T* qh = q + h * head_dim_;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t p = 0; p < length; ++p) {
+        const T* kp = k_cache + slot_of(p) + kv_head * head_dim_;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < head_dim_; ++d) dot += static_cast<float>(qh[d]) * static_cast<float>(kp[d]);
+        probs_[p] = dot * scale;
+        top = std::max(top, probs_[p]);
+      }
+      float total = 0.0f;
+      for (int64_t p = 0; p < length; ++p) {
+        probs_[p] = std::exp(probs_[p] - top);
+        total += probs_[p];
+      }
+      std::fill(out_f32_.begin(), out_f32_.end(), 0.0f);
+      for (int64_t p = 0; p < length; ++p) {
+        const T* vp = v_cache + slot_of(p) + kv_head * head_dim_;
+        const float weight = probs_[p] / total;
+        for (int64_t d = 0; d < head_dim_; ++d) out_f32_[d] += weight * static_cast<float>(vp[d]);
+      }
+      for (int64_t d = 0; d < head_dim_; ++d) out[h * head_dim_ + d] = cast<T>(out_f32_[d]);
+    }
+  }
+
+  // out <- down(silu(gate(normed_)) * up(normed_)), each product in the dtype as the torch path computes it
+  template <typename T>
+  void swiglu(const Mlp& mlp, Tensor& out, const Tensor& gate_up_weight = Tensor(), const Tensor& down = Tensor()) {
+    const Tensor& w1 = gate_up_weight.defined() ? gate_up_weight : mlp.gate_up;
+    const Tensor& w2 = down.defined() ? down : mlp.down;
+    const int64_t width = w1.size(0) / 2;
+    Tensor gate_up = gate_up_.narrow(0, 0, 2 * width);
+    linear<T>(gate_up, w1, Tensor(), normed_);
+    const T* g = gate_up.data_ptr<T>();
+    T* a = act_.data_ptr<T>();
+    for (int64_t i = 0; i < width; ++i) {
+      const float activated = static_cast<float>(cast<T>(silu(static_cast<float>(g[i]))));
+      a[i] = cast<T>(activated * static_cast<float>(g[i + width]));
+    }
+    linear<T>(out, w2, Tensor(), act_.narrow(0, 0, width));
+  }
+
+  template <typename T>
+  void moe(Layer& layer, Tensor ids_out, Tensor weights_out, Tensor scores_out) {
+    // Router: fp32 logits, sigmoid, correction bias for the choice only.
+    linear<T>(router_logits_, layer.router_weight, Tensor(), normed_);
+    const int64_t experts = num_experts_;
+    float* score = router_logits_.data_ptr<float>();
+    const float* bias = layer.router_bias.data_ptr<float>();
+    choice_.resize(experts);
+    for (int64_t e = 0; e < experts; ++e) {
+      score[e] = 1.0f / (1.0f + std::exp(-score[e]));
+      choice_[e] = score[e] + bias[e];
+    }
+    if (n_group_ > 1) {  // keep the topk_group groups with the largest sum of their two best experts
+      const int64_t size = experts / n_group_;
+      group_scores_.resize(n_group_);
+      for (int64_t g = 0; g < n_group_; ++g) {
+        float best = -std::numeric_limits<float>::infinity(), second = best;
+        for (int64_t e = g * size; e < (g + 1) * size; ++e) {
+          if (choice_[e] > best) {
+            second = best;
+            best = choice_[e];
+          } else if (choice_[e] > second) {
+            second = choice_[e];
+          }
+        }
+        group_scores_[g] = best + second;
+      }
+      kept_.assign(n_group_, false);
+      for (int64_t r = 0; r < topk_group_; ++r) kept_[argmax_unkept(group_scores_, kept_)] = true;
+      for (int64_t e = 0; e < experts; ++e)
+        if (!kept_[e / size]) choice_[e] = -std::numeric_limits<float>::infinity();
+    }
+    chosen_.assign(experts, false);
+    picked_.resize(top_k_);
+    picked_weight_.resize(top_k_);
+    float total = 0.0f;
+    for (int64_t r = 0; r < top_k_; ++r) {  // descending, ties to the lower index (the reference's stable sort)
+      const int64_t e = argmax_unkept(choice_, chosen_);
+      chosen_[e] = true;
+      picked_[r] = e;
+      picked_weight_[r] = score[e];
+      total += score[e];
+    }
+    for (int64_t r = 0; r < top_k_; ++r) {
+      if (norm_topk_prob_) picked_weight_[r] = picked_weight_[r] / (total + 1e-20f);
+      picked_weight_[r] *= scaling_;
+    }
+    if (ids_out.defined()) {
+      for (int64_t r = 0; r < top_k_; ++r) {
+        ids_out.data_ptr<int16_t>()[r] = static_cast<int16_t>(picked_[r]);
+        weights_out.data_ptr<at::Half>()[r] = static_cast<at::Half>(picked_weight_[r]);
+      }
+    }
+    if (scores_out.defined()) {
+      for (int64_t e = 0; e < experts; ++e) scores_out.data_ptr<at::Half>()[e] = static_cast<at::Half>(score[e]);
+    }
+
+    // Routed experts, summed in fp32 with their weights, then the shared expert added in the dtype.
+    float* acc = accum_.data_ptr<float>();
+    std::fill(acc, acc + hidden_, 0.0f);
+    for (int64_t r = 0; r < top_k_; ++r) {
+      swiglu<T>(layer.mlp, expert_out_, layer.experts_gate_up[picked_[r]], layer.experts_down[picked_[r]]);
+      const T* y = expert_out_.data_ptr<T>();
+      for (int64_t i = 0; i < hidden_; ++i) acc[i] += picked_weight_[r] * static_cast<float>(y[i]);
+    }
+    T* x = x_.data_ptr<T>();
+    if (layer.has_mlp) {
+      swiglu<T>(layer.mlp, shared_out_);
+      const T* s = shared_out_.data_ptr<T>();
+      for (int64_t i = 0; i < hidden_; ++i) x[i] = cast<T>(static_cast<float>(cast<T>(acc[i])) + static_cast<float>(s[i]));
+    } else {
+      for (int64_t i = 0; i < hidden_; ++i) x[i] = cast<T>(acc[i]);
+    }
+  }
+
+  template <typename V>
+  static int64_t argmax_unkept(const std::vector<float>& values, const V& taken) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < static_cast<int64_t>(values.size()); ++i) {
+      if (taken[i]) continue;
+      if (best < 0 || values[i] > values[best]) best = i;
+    }
+    return best;
+  }
+
+  Tensor embed_, final_norm_, lm_head_, inv_freq_;
+  std::vector<Layer> layers_;
+  at::ScalarType dtype_;
+  int64_t hidden_ = 0, heads_ = 0, kv_heads_ = 0, head_dim_ = 0, rotary_dim_ = 0, block_size_ = 16;
+  int64_t top_k_ = 1, n_group_ = 1, topk_group_ = 1, num_experts_ = 0, num_moe_layers_ = 0;
+  bool norm_topk_prob_ = true;
+  float eps_ = 1e-5f, scaling_ = 1.0f;
+  // Buffers, allocated once.
+  Tensor x_, residual_, normed_, qkv_, attn_, gate_up_, act_, expert_out_, shared_out_, accum_,
+      router_logits_;
+  std::vector<float> x_in_, y_out_, cos_, sin_, probs_, out_f32_, choice_, group_scores_, picked_weight_;
+  std::vector<int64_t> picked_;
+  std::vector<bool> kept_, chosen_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "One-token decode of a GLM-4.5 MoE model on the CPU (see glm_kernels/cpu_decode.py)";
+  pybind11::class_<DecodeModel>(m, "DecodeModel")
+      .def(pybind11::init<const std::vector<TensorMap>&, Tensor, Tensor, Tensor, Tensor,
+                          const std::map<std::string, double>&>(),
+           pybind11::arg("layers"), pybind11::arg("embed"), pybind11::arg("final_norm"), pybind11::arg("lm_head"),
+           pybind11::arg("inv_freq"), pybind11::arg("config"))
+      .def("step", &DecodeModel::step, pybind11::arg("token"), pybind11::arg("position"),
+           pybind11::arg("block_table"), pybind11::arg("routing") = false, pybind11::arg("scores") = false)
+      .def_property_readonly("num_moe_layers", &DecodeModel::num_moe_layers);
+}
