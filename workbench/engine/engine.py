@@ -416,8 +416,11 @@ class Engine:
         recorder = None
         if any(r.routing for r in requests):
             recorder = RoutingRecorder(keep_scores=any(r.routing_scores for r in requests))
-        hidden = self.model.hidden_states(input_ids, batch, self.cache.layers, recorder)
-        logits = self.model.compute_logits(hidden[logit_rows])
+        # A prefill wants the logits of each prompt's last row only: without a routing trace (which covers every
+        # row) the model's last layer then runs for those rows alone.
+        last_rows_only = batch.segments is not None and recorder is None
+        hidden = self.model.hidden_states(input_ids, batch, self.cache.layers, recorder, last_rows_only)
+        logits = self.model.compute_logits(hidden if last_rows_only else hidden[logit_rows])
         if recorder is not None:
             ids, weights, scores = recorder.stacked()
             for request, (start, length) in zip(requests, row_spans):

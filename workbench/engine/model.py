@@ -95,22 +95,36 @@ class Attention(nn.Module):
         count, not the arithmetic, costs). q_proj/k_proj/v_proj become views of it, so names and memory stay."""
         self.fused_qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
-    def forward(self, x, cos, sin, batch: AttentionBatch, kv: tuple[torch.Tensor, torch.Tensor] | None, ops: KernelOps):
+    def forward(self, x, cos, sin, batch: AttentionBatch, kv: tuple[torch.Tensor, torch.Tensor] | None, ops: KernelOps,
+                last_rows_only: bool = False):
+        """[T, D] -> [T, D]; with `last_rows_only` (segments form), [segments, D]: the output of each segment's
+        last row alone, while every row's key and value still go to the cache."""
         num_tokens = x.shape[0]
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        query_rows = [seg.start + seg.length - 1 for seg in batch.segments] if last_rows_only else None
         # The fused matrix shares the originals' storage, so it always holds their values; but autograd only sees
         # the originals, so a model whose weights train again (requires_grad) takes the separate GEMMs.
         if self.fused_qkv is not None and not self.q_proj.weight.requires_grad:
-            q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = F.linear(x, *self.fused_qkv).split((q_width, kv_width, kv_width), dim=-1)
+            weight, bias = self.fused_qkv
+            if query_rows is None:
+                q, k, v = F.linear(x, weight, bias).split((q_width, kv_width, kv_width), dim=-1)
+            else:  # keys and values of every row, queries of the wanted rows only
+                k, v = F.linear(x, weight[q_width:], None if bias is None else bias[q_width:]).split(kv_width, -1)
+                q = F.linear(x[query_rows], weight[:q_width], None if bias is None else bias[:q_width])
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
+            q = self.q_proj(x if query_rows is None else x[query_rows])
+            k, v = self.k_proj(x), self.v_proj(x)
+        q = q.view(q.shape[0], self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.use_qk_norm:
             q, _ = self.q_norm(q, ops)
             k, _ = self.k_norm(k, ops)
-        q, k = ops.rotary(q, k, cos, sin)
+        if query_rows is None:
+            q, k = ops.rotary(q, k, cos, sin)
+        else:
+            q, _ = ops.rotary(q, q[:, :0], cos[query_rows], sin[query_rows])  # each alone: no kv heads beside it
+            k, _ = ops.rotary(k, k[:, :0], cos, sin)
         if kv is not None:
             k_cache, v_cache = kv
             k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
@@ -122,7 +136,7 @@ class Attention(nn.Module):
             out = self._uniform_attention(q, k, v, batch.uniform_len)
         else:
             out = torch.empty_like(q)
-            for seg in batch.segments:
+            for i, seg in enumerate(batch.segments):
                 rows = slice(seg.start, seg.start + seg.length)
                 if seg.cached == 0:
                     seg_k, seg_v = k[rows], v[rows]
@@ -130,8 +144,10 @@ class Attention(nn.Module):
                     total = seg.cached + seg.length
                     seg_k = gather_kv(k_cache, seg.block_table, total)
                     seg_v = gather_kv(v_cache, seg.block_table, total)
-                out[rows] = ops.prefill_attention(q[rows], seg_k, seg_v, self.scale)
-        return self.o_proj(out.reshape(num_tokens, -1))
+                # Queries are the last rows of the keys' positions: all of the segment's, or its last one.
+                queries = slice(i, i + 1) if query_rows is not None else rows
+                out[queries] = ops.prefill_attention(q[queries], seg_k, seg_v, self.scale)
+        return self.o_proj(out.reshape(q.shape[0], -1))
 
     def _uniform_attention(self, q, k, v, seq_len: int) -> torch.Tensor:
         # B equal-length sequences from position 0: one batched causal SDPA call (training and full logits).
@@ -254,10 +270,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer_id) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, residual, cos, sin, batch, kv, ops, recorder):
+    def forward(self, x, residual, cos, sin, batch, kv, ops, recorder, last_rows_only: bool = False):
         # The residual add is fused into each norm: it returns (normed, x + residual) and we carry the sum.
         h, residual = self.input_layernorm(x, ops, residual)
-        h = self.self_attn(h, cos, sin, batch, kv, ops)
+        h = self.self_attn(h, cos, sin, batch, kv, ops, last_rows_only)
+        if last_rows_only:
+            residual = residual[[seg.start + seg.length - 1 for seg in batch.segments]]
         h, residual = self.post_attention_layernorm(h, ops, residual)
         return self.mlp(h, ops, recorder), residual
 
@@ -349,14 +367,25 @@ class GLMForCausalLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, batch: AttentionBatch,
                       kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                      recorder: RoutingRecorder | None = None) -> torch.Tensor:
-        """input_ids [T] -> final-normed hidden states [T, D]."""
+                      recorder: RoutingRecorder | None = None, last_rows_only: bool = False) -> torch.Tensor:
+        """input_ids [T] -> final-normed hidden states [T, D].
+
+        `last_rows_only` (prefill, segments form): only each segment's last row is wanted (the next token's
+        logits), so the last layer computes queries, attention output, MLP and norm for those rows alone, and
+        the result is [segments, D]; every row's keys and values still reach the cache. Earlier layers must run
+        in full (their outputs are the last layer's keys and values). This saves 1/num_layers of a prefill,
+        as llama.cpp does with its output rows; it needs `recorder` None, since a routing trace covers every row.
+        """
+        if last_rows_only and (batch.segments is None or recorder is not None):
+            raise ValueError("last_rows_only needs the segments form of the batch and no routing recorder")
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(batch.positions, self.inv_freq, x.dtype)
         residual = None
+        last_layer = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             kv = None if kv_cache is None else kv_cache[i]
-            x, residual = layer(x, residual, cos, sin, batch, kv, self.ops, recorder)
+            only_last = last_rows_only and i == last_layer
+            x, residual = layer(x, residual, cos, sin, batch, kv, self.ops, recorder, only_last)
         x, _ = self.norm(x, self.ops, residual)
         return x
 
