@@ -1,4 +1,5 @@
-"""The compiled CPU decode step (glm_kernels/csrc/cpu_decode.cpp) against the engine's torch path, its slow twin.
+"""The compiled CPU decode step (glm_kernels/csrc/cpu_compiled.cpp) against the engine's torch path, its slow
+twin.
 
 Each case switches on a part of the architecture the step has its own code for; the two engines load the same
 checkpoint, prefill the same prompt (a block size of 4 so that the cache spans many blocks), then every decode
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from glm_kernels import cpu_compiled
 
 from workbench.engine import Engine, GLMConfig
+from workbench.engine.ops import TORCH_OPS
 from workbench.engine.sampling import SamplingParams
 from workbench.engine.testing import write_tiny_checkpoint
 
@@ -30,8 +33,8 @@ TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 6e-2}
 
 def _engines(folder, dtype):
     kwargs = dict(dtype=dtype, kernels="torch", block_size=4, cache_tokens=256)
-    return (Engine.from_pretrained(folder, cpu_decode="compiled", **kwargs),
-            Engine.from_pretrained(folder, cpu_decode="torch", **kwargs))
+    return (Engine.from_pretrained(folder, cpu_kernels="compiled", **kwargs),
+            Engine.from_pretrained(folder, cpu_kernels="torch", **kwargs))
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -99,22 +102,28 @@ def test_batched_requests_take_the_batched_path_and_agree(checkpoint):
         [r.token_ids for r in reference.generate_batch(prompts, **kwargs)]
 
 
+def test_the_compiled_engine_also_takes_the_compiled_prefill_attention(checkpoint):
+    compiled, reference = _engines(checkpoint, "float32")
+    assert compiled.model.ops.prefill_attention is cpu_compiled.prefill_attention
+    assert reference.model.ops is TORCH_OPS and (compiled.cpu_kernels, reference.cpu_kernels) == ("compiled", "torch")
+
+
 def test_choice_is_checked_and_impossible_requests_say_why(tmp_path, monkeypatch):
     folder = write_tiny_checkpoint(tmp_path / "m", "tiny")
-    with pytest.raises(ValueError, match="cpu_decode='fast'.*auto, compiled, torch"):
-        Engine.from_pretrained(folder, cpu_decode="fast")
-    with pytest.raises(ValueError, match="cpu_decode='compiled' is not possible.*quantised"):
-        Engine.from_pretrained(folder, cpu_decode="compiled", quantize="fp8-channel")
+    with pytest.raises(ValueError, match="cpu_kernels='fast'.*auto, compiled, torch"):
+        Engine.from_pretrained(folder, cpu_kernels="fast")
+    with pytest.raises(ValueError, match="cpu_kernels='compiled' is not possible.*quantised"):
+        Engine.from_pretrained(folder, cpu_kernels="compiled", quantize="fp8-channel")
     # "auto" takes the torch path where the compiled step cannot serve, and the model still generates.
-    engine = Engine.from_pretrained(folder, cpu_decode="auto", quantize="fp8-channel")
+    engine = Engine.from_pretrained(folder, cpu_kernels="auto", quantize="fp8-channel")
     assert engine.compiled_decode is None
     assert len(engine.generate([5, 6, 7], max_new_tokens=3, temperature=0.0, stop_token_ids=[]).token_ids) == 3
-    monkeypatch.setenv("WORKBENCH_CPU_DECODE", "torch")  # the override tests and benchmarks use
+    monkeypatch.setenv("WORKBENCH_CPU_KERNELS", "torch")  # the override tests and benchmarks use
     assert Engine.from_pretrained(folder).compiled_decode is None
 
 
 def test_the_step_rejects_a_position_outside_its_blocks(tmp_path):
-    engine = Engine.from_pretrained(write_tiny_checkpoint(tmp_path / "m", "tiny"), cpu_decode="compiled",
+    engine = Engine.from_pretrained(write_tiny_checkpoint(tmp_path / "m", "tiny"), cpu_kernels="compiled",
                                     block_size=4)
     with pytest.raises(RuntimeError, match="position 9 lies past the sequence's 2 blocks"):
         engine.compiled_decode.step(5, 9, torch.tensor([0, 1], dtype=torch.int32))

@@ -12,6 +12,7 @@ at the next step, which frees the request's cache blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import logging
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from glm_kernels import cpu_decode
+from glm_kernels import cpu_compiled
 
 from workbench.engine import quant
 from workbench.engine.config import ConfigError, GLMConfig
@@ -71,7 +72,7 @@ class GenerationResult:
         return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-CPU_DECODE_CHOICES = ("auto", "compiled", "torch")
+CPU_KERNEL_CHOICES = ("auto", "compiled", "torch")
 
 _request_ids = itertools.count(1)
 
@@ -170,7 +171,7 @@ class Engine:
     def __init__(self, model: GLMForCausalLM, tokenizer: Tokenizer | None, *, device: torch.device,
                  dtype: torch.dtype, max_batch_size: int = 32, cache_tokens: int | None = None,
                  max_context: int | None = None, block_size: int = 16, name: str = "glm",
-                 cpu_decode: str = "auto") -> None:
+                 cpu_kernels: str = "auto") -> None:
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
         self.device, self.dtype, self.name = device, dtype, name
         self.kernels = model.ops.name
@@ -188,7 +189,8 @@ class Engine:
         self._admit_lock = threading.Lock()
         self._progress = threading.Condition()
         self.moe_layer_ids = config.moe_layer_ids
-        self.compiled_decode = self._compiled_decode_step(cpu_decode)
+        self.compiled_decode = self._use_compiled_cpu_kernels(cpu_kernels)
+        self.cpu_kernels = "compiled" if self.compiled_decode is not None else "torch"
 
     # --- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -227,31 +229,34 @@ class Engine:
             raise
         return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=folder.name, **engine_kwargs)
 
-    def _compiled_decode_step(self, choice: str):
-        """The compiled one-token decode step of glm_kernels.cpu_decode for this model, or None (the torch path).
+    def _use_compiled_cpu_kernels(self, choice: str):
+        """Put glm_kernels.cpu_compiled to work where it can: its one-token decode step for this model (returned;
+        None means the torch path) and its prefill attention (in the model's kernel table).
 
-        `choice` (or the environment variable WORKBENCH_CPU_DECODE): "auto" takes it where it can run (CPU, float
-        weights, the torch kernels; the first use on a machine compiles it, about a minute) and says in the log
-        why not otherwise; "compiled" insists (an error says why it cannot); "torch" never takes it."""
-        choice = os.environ.get("WORKBENCH_CPU_DECODE") or choice
-        if choice not in CPU_DECODE_CHOICES:
-            raise ValueError(f"cpu_decode={choice!r}: choose one of {', '.join(CPU_DECODE_CHOICES)} "
-                             "(argument `cpu_decode` or environment variable WORKBENCH_CPU_DECODE)")
+        `choice` (or the environment variable WORKBENCH_CPU_KERNELS): "auto" takes them where they can run (CPU,
+        float weights, the torch kernels; the first use on a machine compiles them, about a minute) and says in
+        the log why not otherwise; "compiled" insists (an error says why it cannot); "torch" never takes them."""
+        choice = os.environ.get("WORKBENCH_CPU_KERNELS") or choice
+        if choice not in CPU_KERNEL_CHOICES:
+            raise ValueError(f"cpu_kernels={choice!r}: choose one of {', '.join(CPU_KERNEL_CHOICES)} "
+                             "(argument `cpu_kernels` or environment variable WORKBENCH_CPU_KERNELS)")
         if choice == "torch" or (choice == "auto" and (self.device.type != "cpu" or self.kernels != "torch")):
             return None
         try:
             if self.kernels != "torch":
-                raise ValueError(f"it replaces the torch kernels, and this engine runs kernels={self.kernels!r}")
+                raise ValueError(f"they replace the torch kernels, and this engine runs kernels={self.kernels!r}")
             tensors = self.model.decode_step_tensors(self.cache.layers, self.cache.block_size)
-            module = cpu_decode.load()
+            module = cpu_compiled.load()
             if module is None:
-                raise RuntimeError(f"it could not be compiled here ({cpu_decode.build_error()})")
-            return module.DecodeModel(**tensors)
+                raise RuntimeError(f"they could not be compiled here ({cpu_compiled.build_error()})")
+            step = module.DecodeModel(**tensors)
         except (ValueError, RuntimeError) as exc:
             if choice == "compiled":
-                raise ValueError(f"cpu_decode='compiled' is not possible: {exc}") from exc
-            log.info("decoding with the torch path: the compiled CPU decode step is not used because %s", exc)
+                raise ValueError(f"cpu_kernels='compiled' is not possible: {exc}") from exc
+            log.info("running the torch CPU paths: the compiled CPU kernels are not used because %s", exc)
             return None
+        self.model.ops = dataclasses.replace(self.model.ops, prefill_attention=cpu_compiled.prefill_attention)
+        return step
 
     # --- requests -------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, routing: bool = False,

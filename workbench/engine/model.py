@@ -316,7 +316,7 @@ class GLMForCausalLM(nn.Module):
             self.lm_head.weight = nn.Parameter(_gemv_layout(self.lm_head.weight.detach()), requires_grad=False)
 
     def decode_step_tensors(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> dict:
-        """The weights, cache pools and sizes that `glm_kernels.cpu_decode`'s compiled step reads, as its
+        """The weights, cache pools and sizes that `glm_kernels.cpu_compiled`'s decode step reads, as its
         constructor's keyword arguments (views of this model's tensors: nothing is copied).
 
         Raises ValueError saying why where that step cannot run this model: it knows plain weights of one float

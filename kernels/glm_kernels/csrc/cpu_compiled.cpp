@@ -1,6 +1,7 @@
-// One-token decode of a whole GLM-4.5 MoE model on the CPU, in one call from Python.
+// The compiled CPU kernels: one-token decode of a whole GLM-4.5 MoE model in one call from Python (DecodeModel),
+// and causal prefill attention of one sequence (prefill_attention, at the end of this file).
 //
-// Why this exists: at decode sizes (one token, hidden 256 to 4096) a torch op costs a few microseconds of Python
+// Why the decode step exists: at decode sizes (one token, hidden 256 to 4096) a torch op costs a few microseconds of Python
 // and dispatch whatever its size, and a decoder layer is ~40 of them; the arithmetic of a small model is less than
 // that. Here a step is ~15 BLAS matrix-vector products per layer (ATen's addmv/mv, i.e. MKL on x86) and plain loops
 // for everything elementwise (norms, rotary, cache write, attention over the paged cache, the router's selection,
@@ -9,7 +10,7 @@
 // The contract is the engine's torch path (workbench/engine/model.py with glm_kernels' references), step for step:
 // the same casts to the model dtype at the same places, fp32 statistics, the router in fp32 with the correction
 // bias used for selection only, group-limited top-k with ties to the lower expert index, expert outputs summed in
-// fp32. tests/kernels/test_cpu_decode.py holds it to the torch path over the model's configuration space.
+// fp32. tests/engine/test_compiled_decode.py holds it to the torch path over the model's configuration space.
 //
 // Shape legend: D hidden, H query heads, Hk kv heads, Dh head dim, R rotary dims, E experts, K experts per token,
 // I expert (or MLP) width, V vocab. Weights come as [out, in] matrices with any strides (addmv reads both layouts).
@@ -70,6 +71,28 @@ inline __m256 load8(const c10::BFloat16* p) {  // bfloat16 is the top half of a 
   const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
 }
+// e^x for x <= 0 (softmax after subtracting the row max): 2^n * e^r with n = round(x / ln 2), r in
+// [-ln2/2, ln2/2], e^r by its Taylor polynomial to degree 7 (relative error < 2e-7, an ulp or two).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // below this e^x is < 2^-125: keep 2^n a normal float
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts (Cody-Waite)
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+inline float max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -541,10 +564,96 @@ class DecodeModel {
   std::vector<bool> kept_, chosen_;
 };
 
+// row[0, valid) <- softmax(row[0, valid) * scale); row[valid, width) <- 0 (the causally masked keys).
+void softmax_row(float* row, int64_t valid, int64_t width, float scale) {
+  float top = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+#ifdef GLM_AVX2
+  __m256 top8 = _mm256_set1_ps(top);
+  for (; i + 8 <= valid; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + i));
+  top = max8(top8);
+#endif
+  for (; i < valid; ++i) top = std::max(top, row[i]);
+  const float shift = top * scale;  // scale > 0: the max of the scaled row
+  float total = 0.0f;
+  i = 0;
+#ifdef GLM_AVX2
+  const __m256 scale8 = _mm256_set1_ps(scale), shift8 = _mm256_set1_ps(shift);
+  __m256 total8 = _mm256_setzero_ps();
+  for (; i + 8 <= valid; i += 8) {
+    const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(row + i), scale8, shift8));
+    _mm256_storeu_ps(row + i, e);
+    total8 = _mm256_add_ps(total8, e);
+  }
+  total = sum8(total8);
+#endif
+  for (; i < valid; ++i) {
+    row[i] = std::exp(row[i] * scale - shift);
+    total += row[i];
+  }
+  const float inv = 1.0f / total;
+  for (i = 0; i < valid; ++i) row[i] *= inv;
+  std::fill(row + valid, row + width, 0.0f);
+}
+
+// Causal attention of one sequence in fp32: q [Tq, H, Dh], k and v [Tk, Hk, Dh] with Tk >= Tq, the queries being
+// the last Tq positions (query i sees keys j <= i + Tk - Tq) -> [Tq, H, Dh]. prefill_attention_reference's contract.
+//
+// torch's flash kernel runs a 64-dim-or-smaller head at ~20 GFLOP/s on one AVX2 core (its per-head blocks are too
+// thin for the GEMMs, and its exp is not the cost it could be); here the `group` query heads that share a kv head
+// are packed together, so each block of query positions is one [positions * group, Dh] x [Dh, keys] GEMM, one
+// softmax pass per row with a vectorised exp, and one [.., keys] x [keys, Dh] GEMM, over the keys up to the
+// block's causal end only.
+Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t block_rows) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes(), "prefill_attention: q [Tq, H, Dh], k/v [Tk, Hk, Dh]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                  q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "prefill_attention: float32 CPU tensors only");
+  const int64_t num_q = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_k = k.size(0), kv_heads = k.size(1);
+  TORCH_CHECK(k.size(2) == head_dim && kv_heads > 0 && heads % kv_heads == 0 && num_k >= num_q,
+              "prefill_attention: shapes q ", q.sizes(), ", k ", k.sizes(), " do not fit");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "prefill_attention: k and v need a contiguous head dim");
+  c10::InferenceMode guard;
+  const Tensor queries = q.contiguous();
+  Tensor out = at::empty({num_q, heads, head_dim}, q.options());
+  if (num_q == 0) return out;
+  const int64_t group = heads / kv_heads, offset = num_k - num_q;
+  const int64_t block = std::max<int64_t>(1, block_rows / group);  // query positions per block
+  const int64_t max_rows = std::min(block, num_q) * group;
+  Tensor packed = at::empty({max_rows, head_dim}, q.options());
+  Tensor scores_buffer = at::empty({max_rows * num_k}, q.options());
+  Tensor result = at::empty({max_rows, head_dim}, q.options());
+  const float* q_data = queries.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  for (int64_t g = 0; g < kv_heads; ++g) {
+    const Tensor keys = k.select(1, g), values = v.select(1, g);  // [Tk, Dh], rows Hk*Dh apart
+    for (int64_t first = 0; first < num_q; first += block) {
+      const int64_t last = std::min(first + block, num_q), rows = (last - first) * group, end = last + offset;
+      float* pack = packed.data_ptr<float>();
+      for (int64_t pos = first; pos < last; ++pos)  // row (pos - first) * group + j is head g * group + j at pos
+        std::copy_n(q_data + (pos * heads + g * group) * head_dim, group * head_dim,
+                    pack + (pos - first) * group * head_dim);
+      Tensor scores = scores_buffer.narrow(0, 0, rows * end).view({rows, end});
+      at::mm_out(scores, packed.narrow(0, 0, rows), keys.narrow(0, 0, end).t());
+      float* s = scores.data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r)
+        softmax_row(s + r * end, first + r / group + offset + 1, end, static_cast<float>(scale));
+      Tensor block_out = result.narrow(0, 0, rows);
+      at::mm_out(block_out, scores, values.narrow(0, 0, end));
+      const float* o = block_out.data_ptr<float>();
+      for (int64_t pos = first; pos < last; ++pos)
+        std::copy_n(o + (pos - first) * group * head_dim, group * head_dim,
+                    out_data + (pos * heads + g * group) * head_dim);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "One-token decode of a GLM-4.5 MoE model on the CPU (see glm_kernels/cpu_decode.py)";
+  m.doc() = "Compiled CPU kernels of the GLM workbench engine (see glm_kernels/cpu_compiled.py)";
   pybind11::class_<DecodeModel>(m, "DecodeModel")
       .def(pybind11::init<const std::vector<TensorMap>&, Tensor, Tensor, Tensor, Tensor,
                           const std::map<std::string, double>&>(),
@@ -553,4 +662,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &DecodeModel::step, pybind11::arg("token"), pybind11::arg("position"),
            pybind11::arg("block_table"), pybind11::arg("routing") = false, pybind11::arg("scores") = false)
       .def_property_readonly("num_moe_layers", &DecodeModel::num_moe_layers);
+  m.def("prefill_attention", &prefill_attention, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
+        pybind11::arg("scale"), pybind11::arg("block_rows") = 256);
 }

@@ -1,0 +1,83 @@
+"""The compiled CPU kernels (csrc/cpu_compiled.cpp): building them once per machine, and finding them built.
+
+Two operations, each the compiled twin of a torch path that stays the reference:
+- `DecodeModel`: one-token decode of a whole GLM-4.5 MoE model in one call (the engine's torch decode path for
+  one sequence; the engine hands over its weights and cache pools);
+- `prefill_attention(q, k, v, scale)`: causal attention of one sequence, fp32, grouped-query heads taken
+  together (`prefill_attention_reference`'s contract).
+
+The source is compiled on first use with torch's extension builder (g++ and ninja; the `ninja` package from PyPI
+brings the latter) and cached under torch's extensions folder, so a machine compiles it once (about a minute).
+`load()` builds if needed and answers None where it cannot (see `build_error()`); `loaded()` never builds, for
+callers that only use the kernels when someone else (the engine, at start) has built them. A machine without a
+compiler logs one line and keeps the torch paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_compiled.cpp"
+# -march=native: compiled on the machine that runs it. -ffp-contract=off: no fused multiply-adds where the torch
+# path has none, so results stay within an ulp or so of it.
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def load() -> ModuleType | None:
+    """The compiled extension, building it first if this machine has not; None if it cannot be built here."""
+    global _module, _error
+    with _lock:
+        if _module is None and _error is None:
+            try:
+                _module = _compile()
+            except Exception as exc:  # no compiler, no headers, a failed compile: the torch paths serve instead
+                lines = str(exc).strip().splitlines()
+                _error = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+                log.warning("compiled CPU kernels unavailable (%s); the torch paths serve instead", _error)
+        return _module
+
+
+def loaded() -> ModuleType | None:
+    """The extension if this process has already loaded it, else None (never builds)."""
+    return _module
+
+
+def build_error() -> str | None:
+    """Why the extension could not be built, or None."""
+    return _error
+
+
+def _compile() -> ModuleType:
+    try:  # torch's builder runs `ninja` from PATH; the PyPI package keeps its binary beside the module
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    from torch.utils.cpp_extension import load as load_extension
+
+    log.info("loading the compiled CPU kernels (the first time on a machine compiles them: about a minute)")
+    return load_extension(name="glm_cpu_compiled", sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
+
+
+def prefill_attention(q, k, v, scale: float):
+    """`prefill_attention_reference` (same arguments, same result): fp32 CPU tensors through the compiled kernel
+    once this process has loaded it, everything else through the reference."""
+    import torch
+
+    from glm_kernels.attention import prefill_attention_reference
+
+    module = _module
+    if module is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, v)):
+        return prefill_attention_reference(q, k, v, scale)
+    return module.prefill_attention(q, k, v, scale)

@@ -1,0 +1,72 @@
+"""The compiled CPU prefill attention (glm_kernels/csrc/cpu_compiled.cpp) against `prefill_attention_reference`.
+
+(The compiled decode step is tested against the engine's torch path in tests/engine/test_compiled_decode.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from glm_kernels import cpu_compiled, prefill_attention_reference
+from kernel_testing import assert_close
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    module = cpu_compiled.load()  # the first run on a machine compiles it (about a minute)
+    assert module is not None, f"the compiled CPU kernels did not build: {cpu_compiled.build_error()}"
+    return module
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cpu")  # CPU kernels: the seeded `gen` fixture makes its inputs here, even with a GPU
+
+
+@pytest.mark.parametrize("num_q, num_k, heads, kv_heads, head_dim, block_rows", [
+    pytest.param(48, 48, 8, 2, 32, 256, id="bench shape: GQA 4 to 1, every query in one block"),
+    pytest.param(40, 40, 96, 8, 128, 256, id="GLM-4.5-Air heads: 96 query, 8 kv, dim 128"),
+    pytest.param(37, 37, 4, 2, 16, 8, id="blocks of 4 positions, the last one partial"),
+    pytest.param(29, 29, 4, 1, 16, 1, id="one query row per block: every causal edge apart"),
+    pytest.param(1, 37, 8, 2, 32, 256, id="one query after 36 cached keys (a prefill's last row)"),
+    pytest.param(20, 53, 6, 2, 16, 12, id="queries continuing after a cached prefix"),
+    pytest.param(33, 33, 6, 6, 12, 64, id="no grouping, head dim not a multiple of 8"),
+    pytest.param(11, 11, 3, 1, 8, 256, id="more rows than keys in a block: tails everywhere"),
+])
+def test_prefill_attention_matches_reference(compiled, num_q, num_k, heads, kv_heads, head_dim, block_rows, gen):
+    q = torch.randn(num_q, heads, head_dim, generator=gen)
+    k = torch.randn(num_k, kv_heads, head_dim, generator=gen)
+    v = torch.randn(num_k, kv_heads, head_dim, generator=gen)
+    scale = head_dim**-0.5
+    assert_close(compiled.prefill_attention(q, k, v, scale, block_rows), prefill_attention_reference(q, k, v, scale))
+
+
+def test_prefill_attention_reads_strided_inputs(compiled, gen):
+    # The model hands over k and v as column slices of one [T, q + k + v] projection.
+    qkv = torch.randn(30, 8 * 16 + 2 * 2 * 16, generator=gen)
+    q, k, v = qkv.split((128, 32, 32), dim=-1)
+    q, k, v = q.view(30, 8, 16), k.view(30, 2, 16), v.view(30, 2, 16)
+    assert_close(compiled.prefill_attention(q, k, v, 0.25), prefill_attention_reference(q, k, v, 0.25))
+
+
+def test_large_scores_do_not_overflow(compiled, gen):
+    # Logits of several hundred: the softmax subtracts each row's max before its exp.
+    q = 30 * torch.randn(24, 4, 16, generator=gen)
+    k = 30 * torch.randn(24, 2, 16, generator=gen)
+    v = torch.randn(24, 2, 16, generator=gen)
+    assert_close(compiled.prefill_attention(q, k, v, 1.0), prefill_attention_reference(q, k, v, 1.0))
+
+
+def test_the_wrapper_sends_what_the_kernel_does_not_take_to_the_reference(compiled, gen):
+    q = torch.randn(9, 4, 16, generator=gen).bfloat16()
+    k, v = torch.randn(9, 2, 16, generator=gen).bfloat16(), torch.randn(9, 2, 16, generator=gen).bfloat16()
+    assert torch.equal(cpu_compiled.prefill_attention(q, k, v, 0.25), prefill_attention_reference(q, k, v, 0.25))
+
+
+def test_bad_inputs_say_what_is_wrong(compiled):
+    with pytest.raises(RuntimeError, match="float32 CPU tensors only"):
+        compiled.prefill_attention(torch.randn(4, 2, 8).double(), torch.randn(4, 2, 8), torch.randn(4, 2, 8), 1.0)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        compiled.prefill_attention(torch.randn(4, 3, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8), 1.0)
+    with pytest.raises(RuntimeError, match="do not fit"):  # more queries than keys
+        compiled.prefill_attention(torch.randn(5, 2, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8), 1.0)
