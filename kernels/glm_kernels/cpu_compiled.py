@@ -64,9 +64,14 @@ def _compile() -> ModuleType:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
+    from torch.utils.cpp_extension import get_default_build_root
     from torch.utils.cpp_extension import load as load_extension
 
-    log.info("loading the compiled CPU kernels (the first time on a machine compiles them: about a minute)")
+    # torch names a rebuild after a source change glm_cpu_compiled_v1.so, _v2, ...: any one newer than the source
+    built = Path(get_default_build_root()).glob("**/glm_cpu_compiled/glm_cpu_compiled*.so")
+    if not any(path.stat().st_mtime >= SOURCE.stat().st_mtime for path in built):
+        # A warning, so that a plain script or the CLI shows why its first start pauses.
+        log.warning("compiling the workbench's CPU kernels for this machine (once, about a minute)")
     return load_extension(name="glm_cpu_compiled", sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
 
 
