@@ -42,7 +42,9 @@ def load() -> ModuleType | None:
                 _module = _compile()
             except Exception as exc:  # no compiler, no headers, a failed compile: the torch paths serve instead
                 lines = str(exc).strip().splitlines()
-                _error = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+                # A failed compile's message is the whole compiler output: its first error says the most.
+                errors = [line for line in lines if "error" in line.lower()]
+                _error = f"{type(exc).__name__}: {(errors or lines or [''])[0]}"
                 log.warning("compiled CPU kernels unavailable (%s); the torch paths serve instead", _error)
         return _module
 

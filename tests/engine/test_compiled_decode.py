@@ -58,7 +58,7 @@ def test_every_decode_step_matches_the_torch_path(checkpoint, dtype):
         # Each step starts from the reference's cache, so a difference cannot carry over into later steps.
         for (k, v), (k_ref, v_ref) in zip(compiled.cache.layers, reference.cache.layers, strict=True):
             k.copy_(k_ref), v.copy_(v_ref)
-        logits = compiled._decode_compiled(ours)
+        logits = compiled._decode_compiled([ours])
         expected = reference._decode_batch([theirs])
         if not torch.equal(ours.routing_chunks[-1][0], theirs.routing_chunks[-1][0]):
             # In bf16 a router near-tie can go the other way after one rounding more or less (the scores differ
@@ -94,12 +94,25 @@ def test_sampled_generation_with_a_seed_is_the_same(checkpoint):
     assert compiled.generate(prompt, **kwargs).token_ids == reference.generate(prompt, **kwargs).token_ids
 
 
-def test_batched_requests_take_the_batched_path_and_agree(checkpoint):
+def test_batched_requests_agree_with_the_torch_batch(checkpoint):
+    # Sequences of different lengths decode together (one compiled step for all of them), some with a trace.
     compiled, reference = _engines(checkpoint, "float32")
-    prompts = [list(range(5, 15)), list(range(40, 47)), [9] * 20]
-    kwargs = dict(max_new_tokens=12, temperature=0.0, stop_token_ids=[])
-    assert [r.token_ids for r in compiled.generate_batch(prompts, **kwargs)] == \
-        [r.token_ids for r in reference.generate_batch(prompts, **kwargs)]
+    prompts = [list(range(5, 15)), list(range(40, 47)), [9] * 20, [3, 4]]
+    results = []
+    for engine in (compiled, reference):
+        requests = [engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=[]),
+                                       routing=i % 2 == 0, routing_scores=i == 2)
+                    for i, (p, n) in enumerate(zip(prompts, (12, 5, 9, 12)))]
+        while engine.has_unfinished():
+            engine.step()
+        results.append([r.result() for r in requests])
+    for ours, theirs in zip(*results, strict=True):
+        assert ours.token_ids == theirs.token_ids
+        assert (ours.routing is None) == (theirs.routing is None)
+        if ours.routing is not None:
+            assert torch.equal(ours.routing.expert_ids, theirs.routing.expert_ids)
+            torch.testing.assert_close(ours.routing.weights, theirs.routing.weights, atol=2e-3, rtol=0)
+            assert (ours.routing.scores is None) == (theirs.routing.scores is None)
 
 
 def test_the_compiled_engine_also_takes_the_compiled_prefill_attention(checkpoint):
@@ -126,8 +139,9 @@ def test_the_step_rejects_a_position_outside_its_blocks(tmp_path):
     engine = Engine.from_pretrained(write_tiny_checkpoint(tmp_path / "m", "tiny"), cpu_kernels="compiled",
                                     block_size=4)
     with pytest.raises(RuntimeError, match="position 9 lies past the sequence's 2 blocks"):
-        engine.compiled_decode.step(5, 9, torch.tensor([0, 1], dtype=torch.int32))
+        engine.compiled_decode.step(torch.tensor([5]), torch.tensor([9]), torch.tensor([[0, 1]], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="int32"):
-        engine.compiled_decode.step(5, 1, torch.tensor([0, 1]))
+        engine.compiled_decode.step(torch.tensor([5]), torch.tensor([1]), torch.tensor([[0, 1]]))
     with pytest.raises(RuntimeError, match="token id 100000 out of range"):
-        engine.compiled_decode.step(100000, 1, torch.tensor([0, 1], dtype=torch.int32))
+        engine.compiled_decode.step(torch.tensor([100000]), torch.tensor([1]),
+                                    torch.tensor([[0, 1]], dtype=torch.int32))

@@ -382,10 +382,8 @@ class Engine:
         return self._emit(requests, logits)
 
     def _decode(self, requests: list[Request]) -> int:
-        if self.compiled_decode is not None and len(requests) == 1:
-            logits = self._decode_compiled(requests[0])
-        else:
-            logits = self._decode_batch(requests)
+        decode = self._decode_compiled if self.compiled_decode is not None else self._decode_batch
+        logits = decode(requests)
         for request in requests:
             request.num_cached += 1
         flushed = [r for r in requests if r.routing_pending]
@@ -395,14 +393,23 @@ class Engine:
         live = [i for i, r in enumerate(requests) if not r.finished and r not in flushed]
         return self._emit([requests[i] for i in live], logits[live])
 
-    def _decode_compiled(self, request: Request) -> torch.Tensor:
-        """One sequence, one token, through the compiled step: the same result as `_decode_batch`."""
-        if request.block_table is None:
-            request.block_table = torch.tensor(request.blocks, dtype=torch.int32)
+    def _decode_compiled(self, requests: list[Request]) -> torch.Tensor:
+        """One token for each request through the compiled step: the same result as `_decode_batch`."""
+        for request in requests:
+            if request.block_table is None:  # blocks are reserved at admission: one table for the whole request
+                request.block_table = torch.tensor(request.blocks, dtype=torch.int32)
+        if len(requests) == 1:
+            tables = requests[0].block_table[None]
+        else:
+            tables = torch.nn.utils.rnn.pad_sequence([r.block_table for r in requests], batch_first=True)
+        routing = any(r.routing for r in requests)
         logits, ids, weights, scores = self.compiled_decode.step(
-            request.output_ids[-1], request.num_cached, request.block_table, request.routing, request.routing_scores)
-        if request.routing:
-            request.routing_chunks.append((ids, weights, scores))
+            torch.tensor([r.output_ids[-1] for r in requests]), torch.tensor([r.num_cached for r in requests]),
+            tables, routing, any(r.routing_scores for r in requests))
+        for i, request in enumerate(requests):
+            if request.routing:
+                request.routing_chunks.append((ids[:, i:i + 1], weights[:, i:i + 1],
+                                               scores[:, i:i + 1] if request.routing_scores else None))
         return logits
 
     def _decode_batch(self, requests: list[Request]) -> torch.Tensor:

@@ -65,6 +65,9 @@ struct Layer {
 
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
+template <typename T>
+inline T cast(float x) { return static_cast<T>(x); }  // one rounding to the model dtype, where torch rounds
+
 #ifdef GLM_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {  // bfloat16 is the top half of a float: widen and shift
@@ -101,11 +104,13 @@ inline float sum8(__m256 v) {
 }
 #endif
 
-// y[n] = sum_k w[n, k] x[k] for a matrix whose rows are contiguous (the checkpoints' [out, in] layout). MKL's gemv
-// reads this layout 3x slower than the column-major one at decode sizes (measured: 1.2 vs 0.35 ms for an 8192x256
-// fp32 matrix), and it is memory-bound either way: four rows at a time share each load of x, fp32 accumulation.
+// y[b, n] = sum_k w[n, k] x[b, k] for `rows` inputs and a matrix whose rows are contiguous (the checkpoints'
+// [out, in] layout). MKL's gemv reads this layout 3x slower than the column-major one at decode sizes (measured:
+// 1.2 vs 0.35 ms for an 8192x256 fp32 matrix), and decode is memory-bound either way: each group of four weight
+// rows is read from memory once and used for every input row while it sits in L1; fp32 accumulation.
 template <typename T>
-void gemv_rows(const T* w, int64_t row_stride, const float* x, int64_t n_in, int64_t n_out, float* y) {
+void gemv_rows(const T* w, int64_t row_stride, const float* x, int64_t rows, int64_t n_in, int64_t n_out,
+               float* y) {
   int64_t r = 0;
 #ifdef GLM_AVX2
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
@@ -114,39 +119,43 @@ void gemv_rows(const T* w, int64_t row_stride, const float* x, int64_t n_in, int
       const T* w1 = w0 + row_stride;
       const T* w2 = w1 + row_stride;
       const T* w3 = w2 + row_stride;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      int64_t k = 0;
-      for (; k + 8 <= n_in; k += 8) {
-        const __m256 xv = _mm256_loadu_ps(x + k);
-        a0 = _mm256_fmadd_ps(load8(w0 + k), xv, a0);
-        a1 = _mm256_fmadd_ps(load8(w1 + k), xv, a1);
-        a2 = _mm256_fmadd_ps(load8(w2 + k), xv, a2);
-        a3 = _mm256_fmadd_ps(load8(w3 + k), xv, a3);
+      for (int64_t b = 0; b < rows; ++b) {
+        const float* xb = x + b * n_in;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = 0;
+        for (; k + 8 <= n_in; k += 8) {
+          const __m256 xv = _mm256_loadu_ps(xb + k);
+          a0 = _mm256_fmadd_ps(load8(w0 + k), xv, a0);
+          a1 = _mm256_fmadd_ps(load8(w1 + k), xv, a1);
+          a2 = _mm256_fmadd_ps(load8(w2 + k), xv, a2);
+          a3 = _mm256_fmadd_ps(load8(w3 + k), xv, a3);
+        }
+        float s0 = sum8(a0), s1 = sum8(a1), s2 = sum8(a2), s3 = sum8(a3);
+        for (; k < n_in; ++k) {
+          s0 += static_cast<float>(w0[k]) * xb[k];
+          s1 += static_cast<float>(w1[k]) * xb[k];
+          s2 += static_cast<float>(w2[k]) * xb[k];
+          s3 += static_cast<float>(w3[k]) * xb[k];
+        }
+        float* yb = y + b * n_out;
+        yb[r] = s0;
+        yb[r + 1] = s1;
+        yb[r + 2] = s2;
+        yb[r + 3] = s3;
       }
-      float s0 = sum8(a0), s1 = sum8(a1), s2 = sum8(a2), s3 = sum8(a3);
-      for (; k < n_in; ++k) {
-        s0 += static_cast<float>(w0[k]) * x[k];
-        s1 += static_cast<float>(w1[k]) * x[k];
-        s2 += static_cast<float>(w2[k]) * x[k];
-        s3 += static_cast<float>(w3[k]) * x[k];
-      }
-      y[r] = s0;
-      y[r + 1] = s1;
-      y[r + 2] = s2;
-      y[r + 3] = s3;
     }
   }
 #endif
   for (; r < n_out; ++r) {
     const T* row = w + r * row_stride;
-    float s = 0.0f;
-    for (int64_t k = 0; k < n_in; ++k) s += static_cast<float>(row[k]) * x[k];
-    y[r] = s;
+    for (int64_t b = 0; b < rows; ++b) {
+      const float* xb = x + b * n_in;
+      float s = 0.0f;
+      for (int64_t k = 0; k < n_in; ++k) s += static_cast<float>(row[k]) * xb[k];
+      y[b * n_out + r] = s;
+    }
   }
 }
-
-template <typename T>
-inline T cast(float x) { return static_cast<T>(x); }
 
 class DecodeModel {
  public:
@@ -179,7 +188,6 @@ class DecodeModel {
     TORCH_CHECK(dtype_ == at::kFloat || dtype_ == at::kBFloat16 || dtype_ == at::kHalf,
                 "cpu_decode: float32, bfloat16 or float16 weights only");
     hidden_ = embed_.size(1);
-    int64_t widest = 0;
     for (const auto& map : layers) {
       Layer layer;
       layer.input_norm = take(map, "input_norm");
@@ -201,7 +209,7 @@ class DecodeModel {
         layer.router_bias = take(map, "router_bias").to(at::kFloat).contiguous();
         layer.experts_gate_up = take(map, "experts_gate_up");
         layer.experts_down = take(map, "experts_down");
-        widest = std::max(widest, layer.experts_gate_up.size(1));
+        widest_ = std::max(widest_, layer.experts_gate_up.size(1));
         num_experts_ = layer.router_weight.size(0);
         num_moe_layers_ += 1;
       }
@@ -209,7 +217,7 @@ class DecodeModel {
       layer.has_mlp = layer.mlp.gate_up.defined();
       if (layer.has_mlp) {
         layer.mlp.down = take(map, "mlp_down");
-        widest = std::max(widest, layer.mlp.gate_up.size(0));
+        widest_ = std::max(widest_, layer.mlp.gate_up.size(0));
       }
       for (const Tensor* t : {&layer.input_norm, &layer.post_norm, &layer.qkv_weight, &layer.o_weight,
                               &layer.mlp.gate_up, &layer.mlp.down, &layer.experts_gate_up, &layer.experts_down,
@@ -225,148 +233,188 @@ class DecodeModel {
                   "cpu_decode: experts must split into n_group groups, topk_group in [1, n_group]");
       TORCH_CHECK(top_k_ >= 1 && top_k_ <= num_experts_, "cpu_decode: top_k out of range");
     }
-
-    auto opts = at::TensorOptions().dtype(dtype_);
-    auto f32 = at::TensorOptions().dtype(at::kFloat);
-    const int64_t q_width = heads_ * head_dim_, kv_width = kv_heads_ * head_dim_;
-    x_ = at::zeros({hidden_}, opts);
-    residual_ = at::zeros({hidden_}, opts);
-    normed_ = at::zeros({hidden_}, opts);
-    qkv_ = at::zeros({q_width + 2 * kv_width}, opts);
-    attn_ = at::zeros({q_width}, opts);
-    gate_up_ = at::zeros({std::max<int64_t>(widest, 2)}, opts);
-    act_ = at::zeros({std::max<int64_t>(widest / 2, 1)}, opts);
-    expert_out_ = at::zeros({hidden_}, opts);
-    shared_out_ = at::zeros({hidden_}, opts);
-    accum_ = at::zeros({hidden_}, f32);
-    router_logits_ = at::zeros({std::max<int64_t>(num_experts_, 1)}, f32);
-    cos_ = std::vector<float>(rotary_dim_);
-    sin_ = std::vector<float>(rotary_dim_);
+    reserve(1);
   }
 
   int64_t num_moe_layers() const { return num_moe_layers_; }
 
-  // token at `position` (0-based; the cache holds positions [0, position)); block_table [blocks] int32.
-  // Returns logits [1, V] fp32 and, when asked, the routing of this token in the routing trace's compact types:
-  // ids [L_moe, 1, K] int16, weights [L_moe, 1, K] float16, and with `scores` the sigmoid scores [L_moe, 1, E]
+  // One new token for each of B sequences: tokens [B] int64, positions [B] int64 (0-based; each sequence's cache
+  // holds its positions before), block_tables [B, W] int32 (row b: sequence b's blocks, padded).
+  // Returns logits [B, V] fp32 and, when asked, the routing of these tokens in the routing trace's compact types:
+  // ids [L_moe, B, K] int16, weights [L_moe, B, K] float16, and with `scores` the sigmoid scores [L_moe, B, E]
   // float16 (None where not asked).
-  std::vector<Tensor> step(int64_t token, int64_t position, const Tensor& block_table, bool routing, bool scores) {
+  std::vector<Tensor> step(const Tensor& tokens, const Tensor& positions, const Tensor& block_tables, bool routing,
+                           bool scores) {
     c10::InferenceMode guard;
-    TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 1 && block_table.is_contiguous(),
-                "cpu_decode: block_table must be a contiguous 1-D int32 tensor");
-    TORCH_CHECK(position >= 0 && (position / block_size_) < block_table.numel(),
-                "cpu_decode: position ", position, " lies past the sequence's ", block_table.numel(), " blocks");
-    TORCH_CHECK(token >= 0 && token < embed_.size(0), "cpu_decode: token id ", token, " out of range");
+    TORCH_CHECK(tokens.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && tokens.dim() == 1 &&
+                    positions.sizes() == tokens.sizes() && tokens.is_contiguous() && positions.is_contiguous(),
+                "cpu_decode: tokens and positions must be contiguous 1-D int64 tensors of one length");
+    TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.is_contiguous() &&
+                    block_tables.size(0) == tokens.size(0),
+                "cpu_decode: block_tables must be a contiguous [B, blocks] int32 tensor, a row per token");
+    const int64_t batch = tokens.size(0), width = block_tables.size(1);
+    TORCH_CHECK(batch > 0, "cpu_decode: no tokens");
+    const int64_t* token = tokens.data_ptr<int64_t>();
+    const int64_t* position = positions.data_ptr<int64_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      TORCH_CHECK(position[b] >= 0 && position[b] / block_size_ < width, "cpu_decode: position ", position[b],
+                  " lies past the sequence's ", width, " blocks");
+      TORCH_CHECK(token[b] >= 0 && token[b] < embed_.size(0), "cpu_decode: token id ", token[b], " out of range");
+    }
+    reserve(batch);
     Tensor ids, weights, all_scores;
     if (routing) {
-      ids = at::empty({num_moe_layers_, 1, top_k_}, at::kShort);
-      weights = at::empty({num_moe_layers_, 1, top_k_}, at::kHalf);
+      ids = at::empty({num_moe_layers_, batch, top_k_}, at::kShort);
+      weights = at::empty({num_moe_layers_, batch, top_k_}, at::kHalf);
     }
-    if (routing && scores) all_scores = at::empty({num_moe_layers_, 1, num_experts_}, at::kHalf);
+    if (routing && scores) all_scores = at::empty({num_moe_layers_, batch, num_experts_}, at::kHalf);
     Tensor logits;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_, "cpu_decode_step", [&] {
-      logits = run<scalar_t>(token, position, block_table.data_ptr<int32_t>(), ids, weights, all_scores);
+      logits = run<scalar_t>(batch, token, position, block_tables.data_ptr<int32_t>(), width, ids, weights,
+                             all_scores);
     });
     return {logits, ids, weights, all_scores};
   }
 
  private:
+  // Buffers for `batch` rows, allocated once and again only when a larger batch comes.
+  void reserve(int64_t batch) {
+    if (batch <= capacity_) return;
+    capacity_ = batch;
+    auto opts = at::TensorOptions().dtype(dtype_);
+    const int64_t q_width = heads_ * head_dim_, kv_width = kv_heads_ * head_dim_;
+    const int64_t pairs = batch * std::max<int64_t>(top_k_, 1);  // rows an expert can be given at most
+    x_ = at::zeros({batch, hidden_}, opts);
+    residual_ = at::zeros({batch, hidden_}, opts);
+    normed_ = at::zeros({batch, hidden_}, opts);
+    qkv_ = at::zeros({batch, q_width + 2 * kv_width}, opts);
+    attn_ = at::zeros({batch, q_width}, opts);
+    gate_up_ = at::zeros({pairs, std::max<int64_t>(widest_, 2)}, opts);
+    act_ = at::zeros({pairs, std::max<int64_t>(widest_ / 2, 1)}, opts);
+    expert_in_ = at::zeros({pairs, hidden_}, opts);
+    expert_out_ = at::zeros({pairs, hidden_}, opts);
+    shared_out_ = at::zeros({batch, hidden_}, opts);
+    accum_ = at::zeros({batch, hidden_}, at::kFloat);
+    router_logits_ = at::zeros({batch, std::max<int64_t>(num_experts_, 1)}, at::kFloat);
+  }
+
   template <typename T>
-  Tensor run(int64_t token, int64_t position, const int32_t* block_table, Tensor& ids, Tensor& weights,
-             Tensor& scores) {
-    x_.copy_(embed_[token]);
-    for (int64_t i = 0; i < rotary_dim_ / 2; ++i) {  // rotary_cos_sin: fp32 angle, cos/sin cast to the dtype
-      const float angle = static_cast<float>(position) * inv_freq_.data_ptr<float>()[i];
-      cos_[i] = cos_[i + rotary_dim_ / 2] = static_cast<float>(cast<T>(std::cos(angle)));
-      sin_[i] = sin_[i + rotary_dim_ / 2] = static_cast<float>(cast<T>(std::sin(angle)));
+  Tensor run(int64_t batch, const int64_t* token, const int64_t* position, const int32_t* block_tables,
+             int64_t width, Tensor& ids, Tensor& weights, Tensor& scores) {
+    batch_ = batch;
+    Tensor x = x_.narrow(0, 0, batch);
+    for (int64_t b = 0; b < batch; ++b) x[b].copy_(embed_[token[b]]);
+    cos_.resize(batch * rotary_dim_);
+    sin_.resize(batch * rotary_dim_);
+    const int64_t half = rotary_dim_ / 2;
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < half; ++i) {  // rotary_cos_sin: fp32 angle, cos/sin cast to the dtype
+        const float angle = static_cast<float>(position[b]) * inv_freq_.data_ptr<float>()[i];
+        cos_[b * rotary_dim_ + i] = cos_[b * rotary_dim_ + i + half] = static_cast<float>(cast<T>(std::cos(angle)));
+        sin_[b * rotary_dim_ + i] = sin_[b * rotary_dim_ + i + half] = static_cast<float>(cast<T>(std::sin(angle)));
+      }
     }
     int64_t moe_index = 0;
     bool first = true;
     for (auto& layer : layers_) {
       add_norm<T>(layer.input_norm, first);
       first = false;
-      attention<T>(layer, position, block_table);
+      attention<T>(layer, position, block_tables, width);
       // o_proj writes straight into x_: the next norm adds the residual.
-      linear<T>(x_, layer.o_weight, Tensor(), attn_);
+      linear<T>(x, layer.o_weight, Tensor(), attn_.narrow(0, 0, batch));
       add_norm<T>(layer.post_norm, false);
       if (layer.is_moe) {
-        moe<T>(layer, routing_row(ids, moe_index), routing_row(weights, moe_index), routing_row(scores, moe_index));
+        moe<T>(layer, layer_slice(ids, moe_index), layer_slice(weights, moe_index), layer_slice(scores, moe_index));
         ++moe_index;
       } else {
-        swiglu<T>(layer.mlp, x_);
+        swiglu<T>(layer.mlp.gate_up, layer.mlp.down, normed_.narrow(0, 0, batch), x);
       }
     }
     add_norm<T>(final_norm_, false);
-    Tensor logits = at::empty({lm_head_.size(0)}, at::TensorOptions().dtype(lm_head_.scalar_type()));
-    linear<T>(logits, lm_head_, Tensor(), normed_);
-    return logits.to(at::kFloat).unsqueeze(0);
+    Tensor logits = at::empty({batch, lm_head_.size(0)}, at::TensorOptions().dtype(lm_head_.scalar_type()));
+    linear<T>(logits, lm_head_, Tensor(), normed_.narrow(0, 0, batch));
+    return logits.to(at::kFloat);
   }
 
-  // out <- w @ in (+ bias). Row-contiguous float/bfloat16 matrices go through gemv_rows (fp32 accumulation, one
-  // rounding to out's dtype, as a torch linear does); other layouts through ATen's gemv.
+  static Tensor layer_slice(const Tensor& t, int64_t layer) { return t.defined() ? t[layer] : Tensor(); }
+
+  // out [n, N] <- in [n, K] @ w.T (+ bias): a torch linear on n rows (contiguous in and out). Row-contiguous
+  // float/bfloat16 matrices go through gemv_rows, reading each weight row once for all n rows (fp32 accumulation,
+  // one rounding to out's dtype); other layouts through ATen (MKL's gemv for one row, its gemm for more).
   template <typename T>
-  void linear(Tensor& out, const Tensor& w, const Tensor& bias, const Tensor& in) {
+  void linear(Tensor out, const Tensor& w, const Tensor& bias, const Tensor& in) {
+    const int64_t rows = in.size(0), n_out = w.size(0), n_in = w.size(1);
     const auto wtype = w.scalar_type();
     if (w.stride(1) != 1 || (wtype != at::kFloat && wtype != at::kBFloat16)) {
       TORCH_CHECK(out.scalar_type() == wtype, "cpu_decode: output and weight dtypes differ");
       const Tensor x = in.scalar_type() == wtype ? in : in.to(wtype);
-      if (bias.defined()) {
-        at::addmv_out(out, bias, w, x);
+      if (rows == 1) {
+        Tensor out_row = out[0];
+        if (bias.defined()) {
+          at::addmv_out(out_row, bias, w, x[0]);
+        } else {
+          at::mv_out(out_row, w, x[0]);
+        }
+      } else if (bias.defined()) {
+        at::addmm_out(out, bias, x, w.t());
       } else {
-        at::mv_out(out, w, x);
+        at::mm_out(out, x, w.t());
       }
       return;
     }
-    const int64_t n_out = w.size(0), n_in = w.size(1);
     const float* x;
     if (in.scalar_type() == at::kFloat) {
       x = in.data_ptr<float>();
     } else {
-      x_in_.resize(n_in);
+      x_in_.resize(rows * n_in);
       const T* src = in.data_ptr<T>();
-      for (int64_t k = 0; k < n_in; ++k) x_in_[k] = static_cast<float>(src[k]);
+      for (int64_t k = 0; k < rows * n_in; ++k) x_in_[k] = static_cast<float>(src[k]);
       x = x_in_.data();
     }
     const bool direct = out.scalar_type() == at::kFloat && !bias.defined();
-    y_out_.resize(n_out);
+    y_out_.resize(rows * n_out);
     float* y = direct ? out.data_ptr<float>() : y_out_.data();
     if (wtype == at::kFloat) {
-      gemv_rows<float>(w.data_ptr<float>(), w.stride(0), x, n_in, n_out, y);
+      gemv_rows<float>(w.data_ptr<float>(), w.stride(0), x, rows, n_in, n_out, y);
     } else {
-      gemv_rows<c10::BFloat16>(w.data_ptr<c10::BFloat16>(), w.stride(0), x, n_in, n_out, y);
+      gemv_rows<c10::BFloat16>(w.data_ptr<c10::BFloat16>(), w.stride(0), x, rows, n_in, n_out, y);
     }
     if (direct) return;
-    if (out.scalar_type() == at::kFloat) {
-      float* o = out.data_ptr<float>();
-      const float* b = bias.data_ptr<float>();
-      for (int64_t i = 0; i < n_out; ++i) o[i] = y[i] + b[i];
-    } else {
-      T* o = out.data_ptr<T>();
-      const T* b = bias.defined() ? bias.data_ptr<T>() : nullptr;
-      for (int64_t i = 0; i < n_out; ++i) o[i] = cast<T>(b ? y[i] + static_cast<float>(b[i]) : y[i]);
+    for (int64_t b = 0; b < rows; ++b) {
+      const float* yb = y + b * n_out;
+      if (out.scalar_type() == at::kFloat) {
+        float* o = out.data_ptr<float>() + b * n_out;
+        const float* bv = bias.data_ptr<float>();
+        for (int64_t i = 0; i < n_out; ++i) o[i] = yb[i] + bv[i];
+      } else {
+        T* o = out.data_ptr<T>() + b * n_out;
+        const T* bv = bias.defined() ? bias.data_ptr<T>() : nullptr;
+        for (int64_t i = 0; i < n_out; ++i) o[i] = cast<T>(bv ? yb[i] + static_cast<float>(bv[i]) : yb[i]);
+      }
     }
   }
 
-  static Tensor routing_row(const Tensor& t, int64_t layer) { return t.defined() ? t[layer][0] : Tensor(); }
-
-  // residual_ <- x_ (+ residual_); normed_ <- weight * rms_norm(residual_) (statistics in fp32, cast, then weight)
+  // For each row b: residual_[b] <- x_[b] (+ residual_[b]); normed_[b] <- weight * rms_norm(residual_[b])
+  // (statistics in fp32, cast, then the weight, as the torch path).
   template <typename T>
   void add_norm(const Tensor& weight, bool first) {
-    T* x = x_.data_ptr<T>();
-    T* res = residual_.data_ptr<T>();
-    T* out = normed_.data_ptr<T>();
     const T* w = weight.data_ptr<T>();
-    float sum_sq = 0.0f;
-    for (int64_t i = 0; i < hidden_; ++i) {
-      const T h = first ? x[i] : cast<T>(static_cast<float>(x[i]) + static_cast<float>(res[i]));
-      res[i] = h;
-      const float hf = static_cast<float>(h);
-      sum_sq += hf * hf;
-    }
-    const float inv = 1.0f / std::sqrt(sum_sq / static_cast<float>(hidden_) + eps_);
-    for (int64_t i = 0; i < hidden_; ++i) {
-      const T n = cast<T>(static_cast<float>(res[i]) * inv);
-      out[i] = cast<T>(static_cast<float>(w[i]) * static_cast<float>(n));
+    for (int64_t b = 0; b < batch_; ++b) {
+      T* x = x_.data_ptr<T>() + b * hidden_;
+      T* res = residual_.data_ptr<T>() + b * hidden_;
+      T* out = normed_.data_ptr<T>() + b * hidden_;
+      float sum_sq = 0.0f;
+      for (int64_t i = 0; i < hidden_; ++i) {
+        const T h = first ? x[i] : cast<T>(static_cast<float>(x[i]) + static_cast<float>(res[i]));
+        res[i] = h;
+        const float hf = static_cast<float>(h);
+        sum_sq += hf * hf;
+      }
+      const float inv = 1.0f / std::sqrt(sum_sq / static_cast<float>(hidden_) + eps_);
+      for (int64_t i = 0; i < hidden_; ++i) {
+        const T n = cast<T>(static_cast<float>(res[i]) * inv);
+        out[i] = cast<T>(static_cast<float>(w[i]) * static_cast<float>(n));
+      }
     }
   }
 
@@ -379,101 +427,108 @@ class DecodeModel {
       head[d] = cast<T>(static_cast<float>(w[d]) * static_cast<float>(cast<T>(static_cast<float>(head[d]) * inv)));
   }
 
+  // rotate-half on dims [0, R): (x1 cos - x2 sin, x2 cos + x1 sin), products in the dtype
   template <typename T>
-  void rotate(T* head) {  // rotate-half on dims [0, R): (x1 cos - x2 sin, x2 cos + x1 sin), products in the dtype
+  void rotate(T* head, const float* cos, const float* sin) {
     const int64_t half = rotary_dim_ / 2;
     for (int64_t i = 0; i < half; ++i) {
       const float x1 = static_cast<float>(head[i]), x2 = static_cast<float>(head[i + half]);
-      const float a = static_cast<float>(cast<T>(x1 * cos_[i])), b = static_cast<float>(cast<T>(x2 * sin_[i]));
-      const float c = static_cast<float>(cast<T>(x2 * cos_[i + half]));
-      const float d = static_cast<float>(cast<T>(x1 * sin_[i + half]));
+      const float a = static_cast<float>(cast<T>(x1 * cos[i])), b = static_cast<float>(cast<T>(x2 * sin[i]));
+      const float c = static_cast<float>(cast<T>(x2 * cos[i + half]));
+      const float d = static_cast<float>(cast<T>(x1 * sin[i + half]));
       head[i] = cast<T>(a - b);
       head[i + half] = cast<T>(c + d);
     }
   }
 
   template <typename T>
-  void attention(Layer& layer, int64_t position, const int32_t* block_table) {
-    linear<T>(qkv_, layer.qkv_weight, layer.qkv_bias, normed_);
-    T* q = qkv_.data_ptr<T>();
-    T* k = q + heads_ * head_dim_;
-    T* v = k + kv_heads_ * head_dim_;
-    if (layer.q_norm.defined()) {
-      for (int64_t h = 0; h < heads_; ++h) head_norm<T>(q + h * head_dim_, layer.q_norm.data_ptr<T>());
-      for (int64_t h = 0; h < kv_heads_; ++h) head_norm<T>(k + h * head_dim_, layer.k_norm.data_ptr<T>());
-    }
-    for (int64_t h = 0; h < heads_; ++h) rotate<T>(q + h * head_dim_);
-    for (int64_t h = 0; h < kv_heads_; ++h) rotate<T>(k + h * head_dim_);
-
-    // This token's key and value into its cache slot.
-    const int64_t row = kv_heads_ * head_dim_;
-    auto slot_of = [&](int64_t p) {
-      return (static_cast<int64_t>(block_table[p / block_size_]) * block_size_ + p % block_size_) * row;
-    };
+  void attention(Layer& layer, const int64_t* position, const int32_t* block_tables, int64_t width) {
+    Tensor qkv = qkv_.narrow(0, 0, batch_);
+    linear<T>(qkv, layer.qkv_weight, layer.qkv_bias, normed_.narrow(0, 0, batch_));
+    const int64_t q_width = heads_ * head_dim_, row = kv_heads_ * head_dim_, stride = q_width + 2 * row;
+    const int64_t group = heads_ / kv_heads_;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
     T* k_cache = layer.k_cache.data_ptr<T>();
     T* v_cache = layer.v_cache.data_ptr<T>();
-    std::copy(k, k + row, k_cache + slot_of(position));
-    std::copy(v, v + row, v_cache + slot_of(position));
+    for (int64_t b = 0; b < batch_; ++b) {
+      T* q = qkv_.data_ptr<T>() + b * stride;
+      T* k = q + q_width;
+      T* v = k + row;
+      if (layer.q_norm.defined()) {
+        for (int64_t h = 0; h < heads_; ++h) head_norm<T>(q + h * head_dim_, layer.q_norm.data_ptr<T>());
+        for (int64_t h = 0; h < kv_heads_; ++h) head_norm<T>(k + h * head_dim_, layer.k_norm.data_ptr<T>());
+      }
+      const float* cos = cos_.data() + b * rotary_dim_;
+      const float* sin = sin_.data() + b * rotary_dim_;
+      for (int64_t h = 0; h < heads_; ++h) rotate<T>(q + h * head_dim_, cos, sin);
+      for (int64_t h = 0; h < kv_heads_; ++h) rotate<T>(k + h * head_dim_, cos, sin);
 
-    // Softmax attention of each query head over positions [0, position] of its kv head, in fp32.
-    const int64_t length = position + 1, group = heads_ / kv_heads_;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
-    probs_.resize(length);
-    out_f32_.resize(head_dim_);
-    T* out = attn_.data_ptr<T>();
-    for (int64_t h = 0; h < heads_; ++h) {
-      const int64_t kv_head = h / group;
-      const T* qh = q + h * head_dim_;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t p = 0; p < length; ++p) {
-        const T* kp = k_cache + slot_of(p) + kv_head * head_dim_;
-        float dot = 0.0f;
-        for (int64_t d = 0; d < head_dim_; ++d) dot += static_cast<float>(qh[d]) * static_cast<float>(kp[d]);
-        probs_[p] = dot * scale;
-        top = std::max(top, probs_[p]);
+      // This token's key and value into its cache slot.
+      const int32_t* table = block_tables + b * width;
+      auto slot_of = [&](int64_t p) {
+        return (static_cast<int64_t>(table[p / block_size_]) * block_size_ + p % block_size_) * row;
+      };
+      std::copy(k, k + row, k_cache + slot_of(position[b]));
+      std::copy(v, v + row, v_cache + slot_of(position[b]));
+
+      // Softmax attention of each query head over positions [0, position] of its kv head, in fp32.
+      const int64_t length = position[b] + 1;
+      probs_.resize(length);
+      out_f32_.resize(head_dim_);
+      T* out = attn_.data_ptr<T>() + b * q_width;
+      for (int64_t h = 0; h < heads_; ++h) {
+        const int64_t kv_head = h / group;
+        const T* qh = q + h * head_dim_;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t p = 0; p < length; ++p) {
+          const T* kp = k_cache + slot_of(p) + kv_head * head_dim_;
+          float dot = 0.0f;
+          for (int64_t d = 0; d < head_dim_; ++d) dot += static_cast<float>(qh[d]) * static_cast<float>(kp[d]);
+          probs_[p] = dot * scale;
+          top = std::max(top, probs_[p]);
+        }
+        float total = 0.0f;
+        for (int64_t p = 0; p < length; ++p) {
+          probs_[p] = std::exp(probs_[p] - top);
+          total += probs_[p];
+        }
+        std::fill(out_f32_.begin(), out_f32_.end(), 0.0f);
+        for (int64_t p = 0; p < length; ++p) {
+          const T* vp = v_cache + slot_of(p) + kv_head * head_dim_;
+          const float weight = probs_[p] / total;
+          for (int64_t d = 0; d < head_dim_; ++d) out_f32_[d] += weight * static_cast<float>(vp[d]);
+        }
+        for (int64_t d = 0; d < head_dim_; ++d) out[h * head_dim_ + d] = cast<T>(out_f32_[d]);
       }
-      float total = 0.0f;
-      for (int64_t p = 0; p < length; ++p) {
-        probs_[p] = std::exp(probs_[p] - top);
-        total += probs_[p];
-      }
-      std::fill(out_f32_.begin(), out_f32_.end(), 0.0f);
-      for (int64_t p = 0; p < length; ++p) {
-        const T* vp = v_cache + slot_of(p) + kv_head * head_dim_;
-        const float weight = probs_[p] / total;
-        for (int64_t d = 0; d < head_dim_; ++d) out_f32_[d] += weight * static_cast<float>(vp[d]);
-      }
-      for (int64_t d = 0; d < head_dim_; ++d) out[h * head_dim_ + d] = cast<T>(out_f32_[d]);
     }
   }
 
-  // out <- down(silu(gate(normed_)) * up(normed_)), each product in the dtype as the torch path computes it
+  // out [n, D] <- down(silu(gate(in)) * up(in)) for in [n, D], each product in the dtype as the torch path
   template <typename T>
-  void swiglu(const Mlp& mlp, Tensor& out, const Tensor& gate_up_weight = Tensor(), const Tensor& down = Tensor()) {
-    const Tensor& w1 = gate_up_weight.defined() ? gate_up_weight : mlp.gate_up;
-    const Tensor& w2 = down.defined() ? down : mlp.down;
-    const int64_t width = w1.size(0) / 2;
-    Tensor gate_up = gate_up_.narrow(0, 0, 2 * width);
-    linear<T>(gate_up, w1, Tensor(), normed_);
-    const T* g = gate_up.data_ptr<T>();
-    T* a = act_.data_ptr<T>();
-    for (int64_t i = 0; i < width; ++i) {
-      const float activated = static_cast<float>(cast<T>(silu(static_cast<float>(g[i]))));
-      a[i] = cast<T>(activated * static_cast<float>(g[i + width]));
+  void swiglu(const Tensor& w_gate_up, const Tensor& w_down, const Tensor& in, Tensor out) {
+    const int64_t rows = in.size(0), width = w_gate_up.size(0) / 2;
+    // Contiguous [rows, 2I] and [rows, I] views at the start of the (widest-sized) buffers.
+    Tensor gate_up = gate_up_.view(-1).narrow(0, 0, rows * 2 * width).view({rows, 2 * width});
+    linear<T>(gate_up, w_gate_up, Tensor(), in);
+    Tensor act = act_.view(-1).narrow(0, 0, rows * width).view({rows, width});
+    for (int64_t b = 0; b < rows; ++b) {
+      const T* g = gate_up.data_ptr<T>() + b * 2 * width;
+      T* a = act.data_ptr<T>() + b * width;
+      for (int64_t i = 0; i < width; ++i) {
+        const float activated = static_cast<float>(cast<T>(silu(static_cast<float>(g[i]))));
+        a[i] = cast<T>(activated * static_cast<float>(g[i + width]));
+      }
     }
-    linear<T>(out, w2, Tensor(), act_.narrow(0, 0, width));
+    linear<T>(out, w_down, Tensor(), act);
   }
 
-  template <typename T>
-  void moe(Layer& layer, Tensor ids_out, Tensor weights_out, Tensor scores_out) {
-    // Router: fp32 logits, sigmoid, correction bias for the choice only.
-    linear<T>(router_logits_, layer.router_weight, Tensor(), normed_);
+  // Router of one row: fp32 sigmoid scores, correction bias for the choice only, group-limited top-k with ties to
+  // the lower expert index (the reference's stable sort), then normalisation and scaling. Fills picked_/weights.
+  void route_row(const float* logits, const float* bias, float* score) {
     const int64_t experts = num_experts_;
-    float* score = router_logits_.data_ptr<float>();
-    const float* bias = layer.router_bias.data_ptr<float>();
     choice_.resize(experts);
     for (int64_t e = 0; e < experts; ++e) {
-      score[e] = 1.0f / (1.0f + std::exp(-score[e]));
+      score[e] = 1.0f / (1.0f + std::exp(-logits[e]));
       choice_[e] = score[e] + bias[e];
     }
     if (n_group_ > 1) {  // keep the topk_group groups with the largest sum of their two best experts
@@ -500,7 +555,7 @@ class DecodeModel {
     picked_.resize(top_k_);
     picked_weight_.resize(top_k_);
     float total = 0.0f;
-    for (int64_t r = 0; r < top_k_; ++r) {  // descending, ties to the lower index (the reference's stable sort)
+    for (int64_t r = 0; r < top_k_; ++r) {
       const int64_t e = argmax_unkept(choice_, chosen_);
       chosen_[e] = true;
       picked_[r] = e;
@@ -511,31 +566,59 @@ class DecodeModel {
       if (norm_topk_prob_) picked_weight_[r] = picked_weight_[r] / (total + 1e-20f);
       picked_weight_[r] *= scaling_;
     }
-    if (ids_out.defined()) {
+  }
+
+  template <typename T>
+  void moe(Layer& layer, Tensor ids_out, Tensor weights_out, Tensor scores_out) {
+    const int64_t experts = num_experts_;
+    Tensor normed = normed_.narrow(0, 0, batch_);
+    linear<T>(router_logits_.narrow(0, 0, batch_), layer.router_weight, Tensor(), normed);
+    // Each row's choices, then the (row, weight) pairs of every expert: an expert's weights are read once a step.
+    expert_rows_.assign(experts, {});
+    scores_f32_.resize(experts);
+    for (int64_t b = 0; b < batch_; ++b) {
+      route_row(router_logits_.data_ptr<float>() + b * experts, layer.router_bias.data_ptr<float>(),
+                scores_f32_.data());
       for (int64_t r = 0; r < top_k_; ++r) {
-        ids_out.data_ptr<int16_t>()[r] = static_cast<int16_t>(picked_[r]);
-        weights_out.data_ptr<at::Half>()[r] = static_cast<at::Half>(picked_weight_[r]);
+        expert_rows_[picked_[r]].push_back({b, picked_weight_[r]});
+        if (ids_out.defined()) {
+          ids_out.data_ptr<int16_t>()[b * top_k_ + r] = static_cast<int16_t>(picked_[r]);
+          weights_out.data_ptr<at::Half>()[b * top_k_ + r] = static_cast<at::Half>(picked_weight_[r]);
+        }
       }
-    }
-    if (scores_out.defined()) {
-      for (int64_t e = 0; e < experts; ++e) scores_out.data_ptr<at::Half>()[e] = static_cast<at::Half>(score[e]);
+      if (scores_out.defined())
+        for (int64_t e = 0; e < experts; ++e)
+          scores_out.data_ptr<at::Half>()[b * experts + e] = static_cast<at::Half>(scores_f32_[e]);
     }
 
     // Routed experts, summed in fp32 with their weights, then the shared expert added in the dtype.
     float* acc = accum_.data_ptr<float>();
-    std::fill(acc, acc + hidden_, 0.0f);
-    for (int64_t r = 0; r < top_k_; ++r) {
-      swiglu<T>(layer.mlp, expert_out_, layer.experts_gate_up[picked_[r]], layer.experts_down[picked_[r]]);
-      const T* y = expert_out_.data_ptr<T>();
-      for (int64_t i = 0; i < hidden_; ++i) acc[i] += picked_weight_[r] * static_cast<float>(y[i]);
+    std::fill(acc, acc + batch_ * hidden_, 0.0f);
+    for (int64_t e = 0; e < experts; ++e) {
+      const auto& pairs = expert_rows_[e];
+      if (pairs.empty()) continue;
+      const int64_t rows = static_cast<int64_t>(pairs.size());
+      Tensor in = expert_in_.narrow(0, 0, rows);
+      for (int64_t i = 0; i < rows; ++i)
+        std::copy_n(normed_.data_ptr<T>() + pairs[i].first * hidden_, hidden_, in.data_ptr<T>() + i * hidden_);
+      Tensor out = expert_out_.narrow(0, 0, rows);
+      swiglu<T>(layer.experts_gate_up[e], layer.experts_down[e], in, out);
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* y = out.data_ptr<T>() + i * hidden_;
+        float* a = acc + pairs[i].first * hidden_;
+        const float weight = pairs[i].second;
+        for (int64_t d = 0; d < hidden_; ++d) a[d] += weight * static_cast<float>(y[d]);
+      }
     }
     T* x = x_.data_ptr<T>();
     if (layer.has_mlp) {
-      swiglu<T>(layer.mlp, shared_out_);
-      const T* s = shared_out_.data_ptr<T>();
-      for (int64_t i = 0; i < hidden_; ++i) x[i] = cast<T>(static_cast<float>(cast<T>(acc[i])) + static_cast<float>(s[i]));
+      Tensor shared = shared_out_.narrow(0, 0, batch_);
+      swiglu<T>(layer.mlp.gate_up, layer.mlp.down, normed, shared);
+      const T* s = shared.data_ptr<T>();
+      for (int64_t i = 0; i < batch_ * hidden_; ++i)
+        x[i] = cast<T>(static_cast<float>(cast<T>(acc[i])) + static_cast<float>(s[i]));
     } else {
-      for (int64_t i = 0; i < hidden_; ++i) x[i] = cast<T>(acc[i]);
+      for (int64_t i = 0; i < batch_ * hidden_; ++i) x[i] = cast<T>(acc[i]);
     }
   }
 
@@ -553,14 +636,17 @@ class DecodeModel {
   std::vector<Layer> layers_;
   at::ScalarType dtype_;
   int64_t hidden_ = 0, heads_ = 0, kv_heads_ = 0, head_dim_ = 0, rotary_dim_ = 0, block_size_ = 16;
-  int64_t top_k_ = 1, n_group_ = 1, topk_group_ = 1, num_experts_ = 0, num_moe_layers_ = 0;
+  int64_t top_k_ = 1, n_group_ = 1, topk_group_ = 1, num_experts_ = 0, num_moe_layers_ = 0, widest_ = 0;
   bool norm_topk_prob_ = true;
   float eps_ = 1e-5f, scaling_ = 1.0f;
-  // Buffers, allocated once.
-  Tensor x_, residual_, normed_, qkv_, attn_, gate_up_, act_, expert_out_, shared_out_, accum_,
+  int64_t capacity_ = 0, batch_ = 0;
+  // Buffers [capacity, ...], allocated by reserve().
+  Tensor x_, residual_, normed_, qkv_, attn_, gate_up_, act_, expert_in_, expert_out_, shared_out_, accum_,
       router_logits_;
-  std::vector<float> x_in_, y_out_, cos_, sin_, probs_, out_f32_, choice_, group_scores_, picked_weight_;
+  std::vector<float> x_in_, y_out_, cos_, sin_, probs_, out_f32_, choice_, group_scores_, picked_weight_,
+      scores_f32_;
   std::vector<int64_t> picked_;
+  std::vector<std::vector<std::pair<int64_t, float>>> expert_rows_;
   std::vector<bool> kept_, chosen_;
 };
 
