@@ -1,10 +1,12 @@
 """The compiled CPU kernels (csrc/cpu_compiled.cpp): building them once per machine, and finding them built.
 
-Two operations, each the compiled twin of a torch path that stays the reference:
-- `DecodeModel`: one-token decode of a whole GLM-4.5 MoE model in one call (the engine's torch decode path for
-  one sequence; the engine hands over its weights and cache pools);
+Each the compiled twin of a torch path that stays the reference:
+- `DecodeModel`: one decode step of a whole GLM-4.5 MoE model in one call, for one or many sequences (the
+  engine's torch decode path; the engine hands over its weights and cache pools);
 - `prefill_attention(q, k, v, scale)`: causal attention of one sequence, fp32, grouped-query heads taken
-  together (`prefill_attention_reference`'s contract).
+  together (`prefill_attention_reference`'s contract);
+- `fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)`: the routed experts of many fp32 tokens
+  (`fused_moe_reference`'s contract).
 
 The source is compiled on first use with torch's extension builder (g++ and ninja; the `ninja` package from PyPI
 brings the latter) and cached under torch's extensions folder, so a machine compiles it once (about a minute).
@@ -88,3 +90,17 @@ def prefill_attention(q, k, v, scale: float):
     if module is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, v)):
         return prefill_attention_reference(q, k, v, scale)
     return module.prefill_attention(q, k, v, scale)
+
+
+def fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights, **fp8_args):
+    """`fused_moe_reference` (same arguments, same result): many fp32 tokens through the compiled kernel once
+    this process has loaded it; one token, FP8 experts and other dtypes through `fused_moe_cpu`."""
+    import torch
+
+    from glm_kernels.cpu import fused_moe_cpu
+
+    module = _module
+    if module is None or fp8_args or x.shape[0] == 1 or not all(
+            t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, w_gate_up, w_down)):
+        return fused_moe_cpu(x, w_gate_up, w_down, topk_ids, topk_weights, **fp8_args)
+    return module.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights.float())

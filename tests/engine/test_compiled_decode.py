@@ -115,9 +115,10 @@ def test_batched_requests_agree_with_the_torch_batch(checkpoint):
             assert (ours.routing.scores is None) == (theirs.routing.scores is None)
 
 
-def test_the_compiled_engine_also_takes_the_compiled_prefill_attention(checkpoint):
+def test_the_compiled_engine_also_takes_the_compiled_prefill_kernels(checkpoint):
     compiled, reference = _engines(checkpoint, "float32")
     assert compiled.model.ops.prefill_attention is cpu_compiled.prefill_attention
+    assert compiled.model.ops.fused_moe is cpu_compiled.fused_moe
     assert reference.model.ops is TORCH_OPS and (compiled.cpu_kernels, reference.cpu_kernels) == ("compiled", "torch")
 
 

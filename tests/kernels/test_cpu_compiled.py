@@ -1,4 +1,5 @@
-"""The compiled CPU prefill attention (glm_kernels/csrc/cpu_compiled.cpp) against `prefill_attention_reference`.
+"""The compiled CPU prefill kernels (glm_kernels/csrc/cpu_compiled.cpp) against their torch references:
+`prefill_attention` against `prefill_attention_reference`, `fused_moe` against `fused_moe_reference`.
 
 (The compiled decode step is tested against the engine's torch path in tests/engine/test_compiled_decode.py.)
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from glm_kernels import cpu_compiled, prefill_attention_reference
+from glm_kernels import cpu_compiled, fused_moe_reference, prefill_attention_reference
 from kernel_testing import assert_close
 
 
@@ -70,3 +71,43 @@ def test_bad_inputs_say_what_is_wrong(compiled):
         compiled.prefill_attention(torch.randn(4, 3, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8), 1.0)
     with pytest.raises(RuntimeError, match="do not fit"):  # more queries than keys
         compiled.prefill_attention(torch.randn(5, 2, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8), 1.0)
+
+
+@pytest.mark.parametrize("tokens, experts, top_k, hidden, width, routing", [
+    pytest.param(64, 16, 4, 64, 32, "random", id="bench-like: 16 experts top-4"),
+    pytest.param(33, 8, 1, 52, 13, "random", id="top-1, widths with no multiple of 8"),
+    pytest.param(20, 8, 2, 32, 16, "one_expert_idle", id="an expert nobody chose"),
+    pytest.param(12, 4, 4, 32, 16, "all", id="every token to every expert"),
+    pytest.param(2, 6, 2, 24, 8, "random", id="two tokens"),
+])
+def test_fused_moe_matches_reference(compiled, tokens, experts, top_k, hidden, width, routing, gen):
+    x = torch.randn(tokens, hidden, generator=gen)
+    w_gate_up = torch.randn(experts, 2 * width, hidden, generator=gen) / hidden**0.5
+    w_down = torch.randn(experts, hidden, width, generator=gen) / width**0.5
+    if routing == "all":
+        topk_ids = torch.arange(experts).repeat(tokens, 1)
+    else:
+        choices = experts - (routing == "one_expert_idle")  # the last expert never chosen
+        topk_ids = torch.stack([torch.randperm(choices, generator=gen)[:top_k] for _ in range(tokens)])
+    topk_weights = torch.rand(tokens, top_k, generator=gen)
+    assert_close(compiled.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights),
+                 fused_moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights))
+
+
+def test_fused_moe_wrapper_routes_what_the_kernel_does_not_take(compiled, gen):
+    x = torch.randn(6, 32, generator=gen).bfloat16()
+    w_gate_up = torch.randn(4, 32, 32, generator=gen).bfloat16()
+    w_down = torch.randn(4, 32, 16, generator=gen).bfloat16()
+    ids, weights = torch.tensor([[0, 1]] * 6), torch.rand(6, 2, generator=gen)
+    assert torch.equal(cpu_compiled.fused_moe(x, w_gate_up, w_down, ids, weights),
+                       fused_moe_reference(x, w_gate_up, w_down, ids, weights))
+
+
+def test_fused_moe_bad_inputs_say_what_is_wrong(compiled):
+    x, w1, w2 = torch.randn(3, 8), torch.randn(2, 8, 8), torch.randn(2, 8, 4)
+    with pytest.raises(RuntimeError, match="expert id 2 out of range"):
+        compiled.fused_moe(x, w1, w2, torch.tensor([[0], [1], [2]]), torch.rand(3, 1))
+    with pytest.raises(RuntimeError, match="do not fit"):
+        compiled.fused_moe(x, w1, torch.randn(2, 8, 5), torch.tensor([[0], [1], [1]]), torch.rand(3, 1))
+    with pytest.raises(RuntimeError, match="float32 CPU tensors only"):
+        compiled.fused_moe(x.double(), w1, w2, torch.tensor([[0], [1], [1]]), torch.rand(3, 1))

@@ -255,7 +255,8 @@ class Engine:
                 raise ValueError(f"cpu_kernels='compiled' is not possible: {exc}") from exc
             log.info("running the torch CPU paths: the compiled CPU kernels are not used because %s", exc)
             return None
-        self.model.ops = dataclasses.replace(self.model.ops, prefill_attention=cpu_compiled.prefill_attention)
+        self.model.ops = dataclasses.replace(self.model.ops, prefill_attention=cpu_compiled.prefill_attention,
+                                             fused_moe=cpu_compiled.fused_moe)
         return step
 
     # --- requests -------------------------------------------------------------------------------------------
