@@ -4,7 +4,7 @@ Prints batch-1 decode tok/s and 512-token prefill tok/s for both, the aggregate 
 batched, our decode with the routing trace on,
 and the ratios. Last line: `decode_vs_transformers=X.XX prefill_vs_transformers=Y.YY`.
 
-    python bench/engine_cpu.py [--decode-tokens 64] [--repeats 5] [--threads 1]
+    python bench/engine_cpu.py [--decode-tokens 64] [--repeats 9] [--threads 1]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and activations, the same on both sides")
     parser.add_argument("--threads", type=int, default=1,
