@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.cpp_extension import get_default_build_root
 
 # Triton chooses between compiling and interpreting when glm_kernels is first imported (by any test module,
 # e.g. through workbench.engine); without a GPU only the interpreter can run the kernels, so choose it here,
@@ -15,8 +16,22 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# The engine compiles its CPU kernels once per machine into torch's extensions folder, under HOME; pytest-jupyter
+# gives its servers a temporary HOME, where each would compile them anew (a minute): one folder for the whole run,
+# inherited by every server and kernel the tests start.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(get_default_build_root()) / "glm-workbench-tests"))
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_cpu_kernels():
+    """Build the engine's compiled CPU kernels before the first test, not inside one that times a server's
+    answer (on a fresh machine the build takes about a minute; afterwards loading them takes a moment)."""
+    from glm_kernels import cpu_compiled
+
+    return cpu_compiled.load()
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,8 @@ def _compile() -> ModuleType:
     from torch.utils.cpp_extension import load as load_extension
 
     # torch names a rebuild after a source change glm_cpu_compiled_v1.so, _v2, ...: any one newer than the source
-    built = Path(get_default_build_root()).glob("**/glm_cpu_compiled/glm_cpu_compiled*.so")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    built = Path(root).glob("**/glm_cpu_compiled/glm_cpu_compiled*.so")
     if not any(path.stat().st_mtime >= SOURCE.stat().st_mtime for path in built):
         # A warning, so that a plain script or the CLI shows why its first start pauses.
         log.warning("compiling the workbench's CPU kernels for this machine (once, about a minute)")

@@ -74,6 +74,7 @@ async def test_models_and_status(jp_fetch, glm):
     status = json.loads((await jp_fetch("glm", "api", "status")).body)
     assert status["backend"] == "local" and status["model"] == "ckpt" and status["state"] == "ready"
     assert status["device"] == "cpu" and status["dtype"] == "float32" and status["kernels"] == "torch"
+    assert status["cpu_kernels"] == "compiled"  # the default "auto" takes them on the CPU
     assert status["context_limit"] == CONTEXT_LIMIT
     assert status["memory"]["process_rss_bytes"] > 0 and status["memory"]["model_bytes"] > 0
     assert status["active_requests"] == 0 and status["queued_requests"] == 0
@@ -308,17 +309,17 @@ async def test_engine_failure_fails_that_request_and_the_server_goes_on(jp_fetch
 
 async def test_engine_failure_mid_stream_ends_the_stream_with_an_error_event(jp_fetch, glm):
     await post(jp_fetch, request_body(max_tokens=1))
-    model = glm.glm_backend.engine.model
-    original, calls = model.hidden_states, []
+    engine = glm.glm_backend.engine
+    original, calls = engine._decode, []
 
-    def fails_on_third_step(*args, **kwargs):
+    def fails_on_third_decode(requests):  # the decode step, whichever path (compiled or torch) runs it
         calls.append(1)
         if len(calls) == 3:
-            model.hidden_states = original
+            engine._decode = original
             raise RuntimeError("injected fault after two tokens")
-        return original(*args, **kwargs)
+        return original(requests)
 
-    model.hidden_states = fails_on_third_step
+    engine._decode = fails_on_third_decode
     response = await post(jp_fetch, request_body(max_tokens=10, ignore_eos=True, stream=True))
     assert response.code == 200
     events = sse_events(response)

@@ -40,8 +40,10 @@ def upstream_key() -> str:
 def live_server(scripted_checkpoint, tmp_path_factory, upstream_key):
     """The local engine on the scripted checkpoint; its token is the key the remote backend must guard."""
     server = start_live_server(tmp_path_factory.mktemp("local"), {
-        "model_path": str(scripted_checkpoint), "kernels": "torch", "max_concurrent_sequences": 32,
-        "max_queued_requests": 32, "routing_history": 8}, token=upstream_key)
+        # The torch CPU path: the cancellation tests need generations that outlast the relays' socket buffers, and
+        # the compiled kernels write the tiny model's 1,800 tokens in well under a second.
+        "model_path": str(scripted_checkpoint), "kernels": "torch", "cpu_kernels": "torch",
+        "max_concurrent_sequences": 32, "max_queued_requests": 32, "routing_history": 8}, token=upstream_key)
     assert server.status()["state"] == "ready", server.status()
     yield server
     server.stop()

@@ -19,7 +19,18 @@ import uuid
 from typing import Annotated, Any, Literal
 
 import jsonschema
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # --------------------------------------------------------------------------------------------------- errors
 
@@ -194,7 +205,7 @@ class FunctionDefinition(_Strict):
     name: str = Field(pattern=_FUNCTION_NAME, description="a-z, A-Z, 0-9, '_', '.', '-'; at most 64 characters")
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
     @field_validator("parameters")
     @classmethod
@@ -232,7 +243,7 @@ class Thinking(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ResponseFormat(_Strict):
@@ -240,35 +251,36 @@ class ResponseFormat(_Strict):
 
 
 class ChatTemplateKwargs(_Strict):
-    enable_thinking: bool | None = None
+    enable_thinking: StrictBool | None = None
 
 
 # -------------------------------------------------------------------------------------------------- request
 
 
 class ChatCompletionRequest(_Strict):
-    """`POST v1/chat/completions`."""
+    """`POST v1/chat/completions`. Scalars are strict, as the spec's JSON types: `false` is no temperature and
+    `"5"` no max_tokens (pydantic would otherwise coerce them)."""
 
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
     thinking: Thinking | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
-    stream: bool = False
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**64)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    routing: bool = False
+    n: StrictInt = 1
+    routing: StrictBool = False
     # compatibility with clients of other GLM servers
     chat_template_kwargs: ChatTemplateKwargs | None = None
-    ignore_eos: bool = False  # vLLM's: generate max_tokens tokens whatever the model says (benchmarks, tests)
+    ignore_eos: StrictBool = False  # vLLM's: generate max_tokens tokens whatever the model says (benchmarks, tests)
     response_format: ResponseFormat | None = None  # zai-sdk always sends it (null); only plain text is supported
-    do_sample: bool | None = None
+    do_sample: StrictBool | None = None
     request_id: str | None = None
     user_id: str | None = None
     user: str | None = None

@@ -59,6 +59,9 @@ class GLMWorkbench(ExtensionApp):
                  help="Weight and activation dtype of the local engine; auto = float32 on CPU, bfloat16 on GPUs.")
     kernels = Enum(["auto", "triton", "torch"], default_value="auto", config=True,
                    help="Kernel backend of the local engine: triton on GPUs, torch references elsewhere (auto).")
+    cpu_kernels = Enum(["auto", "compiled", "torch"], default_value="auto", config=True,
+                       help="On the CPU: the engine's compiled kernels (decode step, prefill attention and MoE; "
+                            "compiled once per machine) where they can run (auto), insisted on, or the torch path.")
     max_concurrent_sequences = Int(8, config=True,
                                    help="Sequences the local engine decodes together in one batched step.")
     max_queued_requests = Int(64, config=True,
@@ -96,7 +99,7 @@ class GLMWorkbench(ExtensionApp):
             return RemoteBackend(self.remote_base_url, self.remote_model, api_key_env=self.remote_api_key_env,
                                  thinking_style=self.remote_thinking_style, timeout=self.remote_timeout)
         return LocalBackend(model_path=self.model_path, model_id=self.model_name or None, device=self.device,
-                            dtype=self.dtype, kernels=self.kernels,
+                            dtype=self.dtype, kernels=self.kernels, cpu_kernels=self.cpu_kernels,
                             max_concurrent_sequences=self.max_concurrent_sequences,
                             max_queued_requests=self.max_queued_requests, context_limit=self.context_limit,
                             default_max_tokens=self.default_max_tokens, routing_history=self.routing_history,

@@ -66,13 +66,14 @@ class LocalBackend(Backend):
     kind = "local"
 
     def __init__(self, engine: Any = None, *, model_path: str | Path | None = None, model_id: str | None = None,
-                 device: str = "cpu", dtype: str = "auto", kernels: str = "auto", max_concurrent_sequences: int = 8,
+                 device: str = "cpu", dtype: str = "auto", kernels: str = "auto", cpu_kernels: str = "auto",
+                 max_concurrent_sequences: int = 8,
                  max_queued_requests: int = 64, context_limit: int = 0, default_max_tokens: int = 1024,
                  routing_history: int = 32, unconfigured_message: str | None = None) -> None:
         self.engine = engine
         self.model_path = Path(model_path).expanduser() if model_path else None
         self._model_id = model_id
-        self.device, self.dtype, self.kernels = device, dtype, kernels
+        self.device, self.dtype, self.kernels, self.cpu_kernels = device, dtype, kernels, cpu_kernels
         self.max_concurrent_sequences = max_concurrent_sequences
         self.max_queued_requests = max_queued_requests
         self.context_limit_setting = context_limit
@@ -126,7 +127,7 @@ class LocalBackend(Backend):
 
         log.info("loading %s (%s, dtype %s, kernels=%s)", self.model_path, self.device, self.dtype, self.kernels)
         return Engine.from_pretrained(self.model_path, dtype=self.dtype, device=self.device, kernels=self.kernels,
-                                      max_batch_size=self.max_concurrent_sequences,
+                                      cpu_kernels=self.cpu_kernels, max_batch_size=self.max_concurrent_sequences,
                                       max_context=self.context_limit_setting or None)
 
     def _start_scheduler(self) -> None:
@@ -365,7 +366,8 @@ class LocalBackend(Backend):
         info: dict[str, Any] = {
             "backend": self.kind, "model": self.model_id, "state": self.state, "message": self.message or None,
             "model_path": str(self.model_path) if self.model_path else None, "device": self.device,
-            "dtype": self.dtype, "kernels": self.kernels, "max_concurrent_sequences": self.max_concurrent_sequences,
+            "dtype": self.dtype, "kernels": self.kernels, "cpu_kernels": self.cpu_kernels,
+            "max_concurrent_sequences": self.max_concurrent_sequences,
             "max_queued_requests": self.max_queued_requests, "active_requests": 0,
             "queued_requests": self._preparing, "recent_tokens_per_second": self.throughput.rate(),
             "requests_completed": self.requests_completed, "requests_cancelled": self.requests_cancelled,
@@ -373,7 +375,7 @@ class LocalBackend(Backend):
         }
         if engine is not None:
             info.update(device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
-                        kernels=engine.kernels, context_limit=self.context_limit,
+                        kernels=engine.kernels, cpu_kernels=engine.cpu_kernels, context_limit=self.context_limit,
                         active_requests=engine.num_running,
                         queued_requests=engine.num_waiting + self._preparing)
             memory["model_bytes"] = sum(p.numel() * p.element_size() for p in engine.model.parameters())
