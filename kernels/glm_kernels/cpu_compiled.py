@@ -6,7 +6,8 @@ Each the compiled twin of a torch path that stays the reference:
 - `prefill_attention(q, k, v, scale)`: causal attention of one sequence, fp32, grouped-query heads taken
   together (`prefill_attention_reference`'s contract);
 - `fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)`: the routed experts of many fp32 tokens
-  (`fused_moe_reference`'s contract).
+  (`fused_moe_reference`'s contract);
+- `rotary(q, k, cos, sin)`: the rotary embedding of many fp32 tokens (`rotary_reference`'s contract).
 
 The source is compiled on first use with torch's extension builder (g++ and ninja; the `ninja` package from PyPI
 brings the latter) and cached under torch's extensions folder, so a machine compiles it once (about a minute).
@@ -105,3 +106,18 @@ def fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights, **fp8_args):
             t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, w_gate_up, w_down)):
         return fused_moe_cpu(x, w_gate_up, w_down, topk_ids, topk_weights, **fp8_args)
     return module.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights.float())
+
+
+def rotary(q, k, cos, sin):
+    """`rotary_reference` (same arguments, same result): many fp32 tokens through the compiled kernel once this
+    process has loaded it; one token and other dtypes through `rotary_cpu`."""
+    import torch
+
+    from glm_kernels.cpu import rotary_cpu
+
+    module = _module
+    if module is None or q.shape[0] == 1 or not all(
+            t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, cos, sin)):
+        return rotary_cpu(q, k, cos, sin)
+    q_out, k_out = module.rotary(q, k, cos, sin)
+    return q_out, k_out

@@ -118,7 +118,7 @@ def test_batched_requests_agree_with_the_torch_batch(checkpoint):
 def test_the_compiled_engine_also_takes_the_compiled_prefill_kernels(checkpoint):
     compiled, reference = _engines(checkpoint, "float32")
     assert compiled.model.ops.prefill_attention is cpu_compiled.prefill_attention
-    assert compiled.model.ops.fused_moe is cpu_compiled.fused_moe
+    assert compiled.model.ops.fused_moe is cpu_compiled.fused_moe and compiled.model.ops.rotary is cpu_compiled.rotary
     assert reference.model.ops is TORCH_OPS and (compiled.cpu_kernels, reference.cpu_kernels) == ("compiled", "torch")
 
 

@@ -1,5 +1,6 @@
 """The compiled CPU prefill kernels (glm_kernels/csrc/cpu_compiled.cpp) against their torch references:
-`prefill_attention` against `prefill_attention_reference`, `fused_moe` against `fused_moe_reference`.
+`prefill_attention`, `fused_moe` and `rotary` against `prefill_attention_reference`, `fused_moe_reference` and
+`rotary_reference`.
 
 (The compiled decode step is tested against the engine's torch path in tests/engine/test_compiled_decode.py.)
 """
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from glm_kernels import cpu_compiled, fused_moe_reference, prefill_attention_reference
+from glm_kernels import cpu_compiled, fused_moe_reference, prefill_attention_reference, rotary_reference
+from glm_kernels.rotary import rotary_cos_sin
 from kernel_testing import assert_close
 
 
@@ -111,3 +113,25 @@ def test_fused_moe_bad_inputs_say_what_is_wrong(compiled):
         compiled.fused_moe(x, w1, torch.randn(2, 8, 5), torch.tensor([[0], [1], [1]]), torch.rand(3, 1))
     with pytest.raises(RuntimeError, match="float32 CPU tensors only"):
         compiled.fused_moe(x.double(), w1, w2, torch.tensor([[0], [1], [1]]), torch.rand(3, 1))
+
+
+@pytest.mark.parametrize("tokens, q_heads, kv_heads, head_dim, rotary_dim", [
+    pytest.param(40, 8, 2, 32, 16, id="half the head rotated (GLM-4.5)"),
+    pytest.param(9, 4, 4, 16, 16, id="the whole head rotated"),
+    pytest.param(13, 3, 1, 12, 6, id="odd sizes: 3 rotated pairs, 6 dims passed through"),
+])
+def test_rotary_matches_reference_exactly(compiled, tokens, q_heads, kv_heads, head_dim, rotary_dim, gen):
+    q = torch.randn(tokens, q_heads, head_dim, generator=gen)
+    k = torch.randn(tokens, kv_heads, head_dim, generator=gen)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    cos, sin = rotary_cos_sin(torch.arange(100, 100 + tokens), inv_freq, torch.float32)
+    (q_out, k_out), (q_want, k_want) = compiled.rotary(q, k, cos, sin), rotary_reference(q, k, cos, sin)
+    assert torch.equal(q_out, q_want) and torch.equal(k_out, k_want)  # the same products, in the same order
+    # strided inputs (column slices of one projection), as the model hands them over
+    qk = torch.cat((q.flatten(1), k.flatten(1)), dim=1)
+    q_view = qk[:, : q_heads * head_dim].view(tokens, q_heads, head_dim)
+    k_view = qk[:, q_heads * head_dim:].view(tokens, kv_heads, head_dim)
+    q_out, k_out = cpu_compiled.rotary(q_view, k_view, cos, sin)
+    assert torch.equal(q_out, q_want) and torch.equal(k_out, k_want)
+    with pytest.raises(RuntimeError, match="cos/sin must be"):
+        compiled.rotary(q, k, cos[:, :-1], sin[:, :-1])

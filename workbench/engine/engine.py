@@ -256,7 +256,7 @@ class Engine:
             log.info("running the torch CPU paths: the compiled CPU kernels are not used because %s", exc)
             return None
         self.model.ops = dataclasses.replace(self.model.ops, prefill_attention=cpu_compiled.prefill_attention,
-                                             fused_moe=cpu_compiled.fused_moe)
+                                             fused_moe=cpu_compiled.fused_moe, rotary=cpu_compiled.rotary)
         return step
 
     # --- requests -------------------------------------------------------------------------------------------

@@ -1,19 +1,24 @@
-// The compiled CPU kernels: one-token decode of a whole GLM-4.5 MoE model in one call from Python (DecodeModel),
-// and causal prefill attention of one sequence (prefill_attention, at the end of this file).
+// The compiled CPU kernels of the engine, each the fast twin of a torch path that stays the reference:
+// - DecodeModel: one decode step of a whole GLM-4.5 MoE model, for one or many sequences, in one call from Python;
+// - prefill_attention: causal attention of one sequence in fp32 (near the end of this file);
+// - fused_moe and rotary: the routed experts and the rotary embedding of many fp32 tokens (at the end).
 //
-// Why the decode step exists: at decode sizes (one token, hidden 256 to 4096) a torch op costs a few microseconds of Python
-// and dispatch whatever its size, and a decoder layer is ~40 of them; the arithmetic of a small model is less than
-// that. Here a step is ~15 BLAS matrix-vector products per layer (ATen's addmv/mv, i.e. MKL on x86) and plain loops
+// Why the decode step exists: at decode sizes (a few tokens, hidden 256 to 4096) a torch op costs a few
+// microseconds of Python and dispatch whatever its size, and a decoder layer is ~40 of them; the arithmetic of a
+// small model is less than that. Here a step is a handful of matrix-vector products per layer (our AVX2 loops for
+// the checkpoints' row-major matrices, ATen's gemv/gemm, i.e. MKL, for the column-major fused ones) and plain loops
 // for everything elementwise (norms, rotary, cache write, attention over the paged cache, the router's selection,
-// SwiGLU), with every buffer allocated once.
+// SwiGLU), with every buffer allocated once. With several sequences, each weight row is read once for all of them
+// and each routed expert runs once on the rows that chose it.
 //
 // The contract is the engine's torch path (workbench/engine/model.py with glm_kernels' references), step for step:
 // the same casts to the model dtype at the same places, fp32 statistics, the router in fp32 with the correction
 // bias used for selection only, group-limited top-k with ties to the lower expert index, expert outputs summed in
-// fp32. tests/engine/test_compiled_decode.py holds it to the torch path over the model's configuration space.
+// fp32. tests/engine/test_compiled_decode.py holds it to the torch path over the model's configuration space;
+// tests/kernels/test_cpu_compiled.py holds the prefill kernels to their references.
 //
 // Shape legend: D hidden, H query heads, Hk kv heads, Dh head dim, R rotary dims, E experts, K experts per token,
-// I expert (or MLP) width, V vocab. Weights come as [out, in] matrices with any strides (addmv reads both layouts).
+// I expert (or MLP) width, V vocab, B sequences in a decode step. Weights come as [out, in] matrices, any strides.
 
 #include <torch/extension.h>
 
@@ -696,29 +701,20 @@ void softmax_row(float* row, int64_t valid, int64_t width, float scale) {
   float top = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
 #ifdef GLM_AVX2
+  const __m256 scale8 = _mm256_set1_ps(scale);
   __m256 top8 = _mm256_set1_ps(top);
-  for (; i + 8 <= valid; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + i));
+  for (; i + 8 <= valid; i += 8) {
+    const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(row + i), scale8);
+    _mm256_storeu_ps(row + i, scaled);
+    top8 = _mm256_max_ps(top8, scaled);
+  }
   top = max8(top8);
 #endif
-  for (; i < valid; ++i) top = std::max(top, row[i]);
-  const float shift = top * scale;  // scale > 0: the max of the scaled row
-  float total = 0.0f;
-  i = 0;
-#ifdef GLM_AVX2
-  const __m256 scale8 = _mm256_set1_ps(scale), shift8 = _mm256_set1_ps(shift);
-  __m256 total8 = _mm256_setzero_ps();
-  for (; i + 8 <= valid; i += 8) {
-    const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(row + i), scale8, shift8));
-    _mm256_storeu_ps(row + i, e);
-    total8 = _mm256_add_ps(total8, e);
-  }
-  total = sum8(total8);
-#endif
   for (; i < valid; ++i) {
-    row[i] = std::exp(row[i] * scale - shift);
-    total += row[i];
+    row[i] *= scale;
+    top = std::max(top, row[i]);
   }
-  const float inv = 1.0f / total;
+  const float inv = 1.0f / exp_shifted(row, valid, top);
   for (i = 0; i < valid; ++i) row[i] *= inv;
   std::fill(row + valid, row + width, 0.0f);
 }
@@ -855,6 +851,45 @@ Tensor fused_moe(const Tensor& x, const Tensor& w_gate_up, const Tensor& w_down,
   return result;
 }
 
+// Rotary embedding of many fp32 tokens (prefill): rotary_reference's contract (q [T, Hq, Dh], k [T, Hk, Dh],
+// cos/sin [T, R] -> new rotated q and k), each head copied and rotated in one pass instead of torch's slices, cat
+// and four products over the whole tensors.
+std::vector<Tensor> rotary(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.size(0) == q.size(0) && k.size(2) == q.size(2),
+              "rotary: q [T, Hq, Dh] and k [T, Hk, Dh]");
+  const int64_t tokens = q.size(0), head_dim = q.size(2), rotary_dim = cos.size(-1), half = rotary_dim / 2;
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == tokens && sin.sizes() == cos.sizes() && rotary_dim % 2 == 0 &&
+                  rotary_dim > 0 && rotary_dim <= head_dim,
+              "rotary: cos/sin must be [T, R] with R even, at most the head dim");
+  for (const Tensor* t : {&q, &k, &cos, &sin})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "rotary: float32 CPU tensors only");
+  c10::InferenceMode guard;
+  const Tensor c = cos.contiguous(), s = sin.contiguous();
+  std::vector<Tensor> outputs;
+  for (const Tensor* input : {&q, &k}) {
+    const Tensor x = input->contiguous();
+    Tensor out = at::empty_like(x);
+    const int64_t heads = x.size(1);
+    const float* src = x.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* ct = c.data_ptr<float>() + t * rotary_dim;
+      const float* st = s.data_ptr<float>() + t * rotary_dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* a = src + (t * heads + h) * head_dim;
+        float* o = dst + (t * heads + h) * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          o[i] = a[i] * ct[i] - a[i + half] * st[i];
+          o[i + half] = a[i + half] * ct[i + half] + a[i] * st[i + half];
+        }
+        std::copy(a + rotary_dim, a + head_dim, o + rotary_dim);
+      }
+    }
+    outputs.push_back(out);
+  }
+  return outputs;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -869,6 +904,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("num_moe_layers", &DecodeModel::num_moe_layers);
   m.def("prefill_attention", &prefill_attention, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
         pybind11::arg("scale"), pybind11::arg("block_rows") = 256);
+  m.def("rotary", &rotary, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("cos"), pybind11::arg("sin"));
   m.def("fused_moe", &fused_moe, pybind11::arg("x"), pybind11::arg("w_gate_up"), pybind11::arg("w_down"),
         pybind11::arg("topk_ids"), pybind11::arg("topk_weights"));
 }
