@@ -82,6 +82,7 @@ def test_post_build_installs_this_package_and_checks_what_it_ships(pyproject):
     package_name = json.loads((REPO / "labextension" / "package.json").read_text())["name"]
     assert wheel["shared-data"]["workbench/labextension"].endswith(f"labextensions/{package_name}")
     assert f'grep -E "{package_name} .*enabled"' in text
+    assert "cpu_compiled.load()" in text  # the CPU kernels are compiled at build time, not at the first answer
 
 
 def test_the_package_exposes_both_extensions_and_the_bundled_model():
