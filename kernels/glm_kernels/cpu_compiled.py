@@ -81,43 +81,46 @@ def _compile() -> ModuleType:
     return load_extension(name="glm_cpu_compiled", sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
 
 
-def prefill_attention(q, k, v, scale: float):
-    """`prefill_attention_reference` (same arguments, same result): fp32 CPU tensors through the compiled kernel
-    once this process has loaded it, everything else through the reference."""
+def _compiled_can_take(*tensors) -> bool:
+    """The compiled kernels compute fp32 CPU tensors without autograd: a model that trains (inputs that require
+    grad, with grad on) takes the torch path, which autograd sees through."""
     import torch
 
+    if _module is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def prefill_attention(q, k, v, scale: float):
+    """`prefill_attention_reference` (same arguments, same result): fp32 CPU tensors through the compiled kernel
+    once this process has loaded it (and no gradient is wanted), everything else through the reference."""
     from glm_kernels.attention import prefill_attention_reference
 
     module = _module
-    if module is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, v)):
+    if not _compiled_can_take(q, k, v):
         return prefill_attention_reference(q, k, v, scale)
     return module.prefill_attention(q, k, v, scale)
 
 
 def fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights, **fp8_args):
     """`fused_moe_reference` (same arguments, same result): many fp32 tokens through the compiled kernel once
-    this process has loaded it; one token, FP8 experts and other dtypes through `fused_moe_cpu`."""
-    import torch
-
+    this process has loaded it (and no gradient is wanted); one token, FP8 experts, other dtypes and training
+    through `fused_moe_cpu`."""
     from glm_kernels.cpu import fused_moe_cpu
 
     module = _module
-    if module is None or fp8_args or x.shape[0] == 1 or not all(
-            t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, w_gate_up, w_down)):
+    if fp8_args or x.shape[0] == 1 or not _compiled_can_take(x, w_gate_up, w_down, topk_weights):
         return fused_moe_cpu(x, w_gate_up, w_down, topk_ids, topk_weights, **fp8_args)
     return module.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights.float())
 
 
 def rotary(q, k, cos, sin):
     """`rotary_reference` (same arguments, same result): many fp32 tokens through the compiled kernel once this
-    process has loaded it; one token and other dtypes through `rotary_cpu`."""
-    import torch
-
+    process has loaded it (and no gradient is wanted); one token, other dtypes and training through `rotary_cpu`."""
     from glm_kernels.cpu import rotary_cpu
 
     module = _module
-    if module is None or q.shape[0] == 1 or not all(
-            t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, cos, sin)):
+    if q.shape[0] == 1 or not _compiled_can_take(q, k, cos, sin):
         return rotary_cpu(q, k, cos, sin)
     q_out, k_out = module.rotary(q, k, cos, sin)
     return q_out, k_out

@@ -76,3 +76,16 @@ def test_last_rows_only_refuses_a_routing_trace_and_other_batch_forms():
     batch = AttentionBatch(positions=torch.arange(4), segments=[Segment(0, 4)])
     with pytest.raises(ValueError, match="no routing recorder"):
         model.hidden_states(torch.arange(4), batch, None, RoutingRecorder(), last_rows_only=True)
+
+
+def test_the_engine_generates_the_same_with_and_without_the_saving(tmp_path):
+    from workbench.engine import Engine
+    from workbench.engine.testing import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "m", "tiny", seed=2)
+    saving, every_row = Engine.from_pretrained(folder), Engine.from_pretrained(folder)
+    every_row.prefill_last_rows_only = False
+    prompts = [list(range(3, 30)), [5, 6]]
+    kwargs = dict(max_new_tokens=12, temperature=0.0, stop_token_ids=[])
+    assert [r.token_ids for r in saving.generate_batch(prompts, **kwargs)] == \
+        [r.token_ids for r in every_row.generate_batch(prompts, **kwargs)]

@@ -135,3 +135,27 @@ def test_rotary_matches_reference_exactly(compiled, tokens, q_heads, kv_heads, h
     assert torch.equal(q_out, q_want) and torch.equal(k_out, k_want)
     with pytest.raises(RuntimeError, match="cos/sin must be"):
         compiled.rotary(q, k, cos[:, :-1], sin[:, :-1])
+
+
+def test_training_takes_the_torch_path_and_gets_the_same_gradients(compiled, gen):
+    # The kernels compute without autograd: inputs that require grad go to the references, which autograd sees.
+    from glm_kernels.rotary import rotary_cos_sin
+
+    x = torch.randn(10, 32, generator=gen, requires_grad=True)
+    w_gate_up = torch.randn(4, 32, 32, generator=gen).requires_grad_()
+    w_down = torch.randn(4, 32, 16, generator=gen).requires_grad_()
+    ids, weights = torch.randint(0, 4, (10, 2), generator=gen), torch.rand(10, 2, generator=gen)
+    q, k = torch.randn(10, 4, 16, generator=gen, requires_grad=True), torch.randn(10, 2, 16, generator=gen)
+    cos, sin = rotary_cos_sin(torch.arange(10), torch.rand(4, generator=gen), torch.float32)
+
+    def loss(moe, rope, attention):
+        rotated, _ = rope(q, k, cos, sin)
+        return moe(x, w_gate_up, w_down, ids, weights).square().sum() + attention(rotated, k, k, 0.25).sum()
+
+    loss(cpu_compiled.fused_moe, cpu_compiled.rotary, cpu_compiled.prefill_attention).backward()
+    got = [t.grad.clone() for t in (x, w_gate_up, w_down, q)]
+    for t in (x, w_gate_up, w_down, q):
+        t.grad = None
+    loss(fused_moe_reference, rotary_reference, prefill_attention_reference).backward()
+    for grad, t in zip(got, (x, w_gate_up, w_down, q), strict=True):
+        assert torch.equal(grad, t.grad)

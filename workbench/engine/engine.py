@@ -189,6 +189,9 @@ class Engine:
         self._admit_lock = threading.Lock()
         self._progress = threading.Condition()
         self.moe_layer_ids = config.moe_layer_ids
+        # A prefill runs its last layer for each prompt's last row only (see GLMForCausalLM.hidden_states); False
+        # runs every row through it, as a model without that saving would (benchmarks compare the two).
+        self.prefill_last_rows_only = True
         self.compiled_decode = self._use_compiled_cpu_kernels(cpu_kernels)
         self.cpu_kernels = "compiled" if self.compiled_decode is not None else "torch"
 
@@ -431,7 +434,7 @@ class Engine:
             recorder = RoutingRecorder(keep_scores=any(r.routing_scores for r in requests))
         # A prefill wants the logits of each prompt's last row only: without a routing trace (which covers every
         # row) the model's last layer then runs for those rows alone.
-        last_rows_only = batch.segments is not None and recorder is None
+        last_rows_only = self.prefill_last_rows_only and batch.segments is not None and recorder is None
         hidden = self.model.hidden_states(input_ids, batch, self.cache.layers, recorder, last_rows_only)
         logits = self.model.compute_logits(hidden if last_rows_only else hidden[logit_rows])
         if recorder is not None:

@@ -159,17 +159,16 @@ inline float exp_shifted(float* x, int64_t n, float shift) {
   return total;
 }
 
-// y[b, n] = sum_k w[n, k] x[b, k] for `rows` inputs and a matrix whose rows are contiguous (the checkpoints'
-// [out, in] layout). MKL's gemv reads this layout 3x slower than the column-major one at decode sizes (measured:
-// 1.2 vs 0.35 ms for an 8192x256 fp32 matrix), and decode is memory-bound either way: each group of four weight
-// rows is read from memory once and used for every input row while it sits in L1; fp32 accumulation.
+// y[b, n] = sum_k w[n, k] x[b, k] for output rows n in [first, last), `rows` inputs, and a matrix whose rows are
+// contiguous (the checkpoints' [out, in] layout). Each group of four weight rows is read from memory once and used
+// for every input row while it sits in L1; fp32 accumulation.
 template <typename T>
-void gemv_rows(const T* w, int64_t row_stride, const float* x, int64_t rows, int64_t n_in, int64_t n_out,
-               float* y) {
-  int64_t r = 0;
+void gemv_rows_range(const T* w, int64_t row_stride, const float* x, int64_t rows, int64_t n_in, int64_t n_out,
+                     float* y, int64_t first, int64_t last) {
+  int64_t r = first;
 #ifdef GLM_AVX2
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
-    for (; r + 4 <= n_out; r += 4) {
+    for (; r + 4 <= last; r += 4) {
       const T* w0 = w + r * row_stride;
       const T* w1 = w0 + row_stride;
       const T* w2 = w1 + row_stride;
@@ -201,7 +200,7 @@ void gemv_rows(const T* w, int64_t row_stride, const float* x, int64_t rows, int
     }
   }
 #endif
-  for (; r < n_out; ++r) {
+  for (; r < last; ++r) {
     const T* row = w + r * row_stride;
     for (int64_t b = 0; b < rows; ++b) {
       const float* xb = x + b * n_in;
@@ -210,6 +209,20 @@ void gemv_rows(const T* w, int64_t row_stride, const float* x, int64_t rows, int
       y[b * n_out + r] = s;
     }
   }
+}
+
+// All output rows. MKL's gemv reads this layout 3x slower than the column-major one at decode sizes (measured: 1.2
+// vs 0.35 ms for an 8192x256 fp32 matrix). Decode is memory-bound, and one core cannot draw a big model's weights
+// from memory fast enough: groups of rows are split over torch's intra-op threads (torch.set_num_threads) once a
+// matrix is large enough to pay for it; small ones run inline.
+template <typename T>
+void gemv_rows(const T* w, int64_t row_stride, const float* x, int64_t rows, int64_t n_in, int64_t n_out,
+               float* y) {
+  const int64_t groups = (n_out + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(4 * n_in, 1));  // ~1 MB of fp32 a task
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    gemv_rows_range<T>(w, row_stride, x, rows, n_in, n_out, y, begin * 4, std::min(end * 4, n_out));
+  });
 }
 
 class DecodeModel {
