@@ -11,9 +11,9 @@ Each the compiled twin of a torch path that stays the reference:
 
 The source is compiled on first use with torch's extension builder (g++ and ninja; the `ninja` package from PyPI
 brings the latter) and cached under torch's extensions folder, so a machine compiles it once (about a minute).
-`load()` builds if needed and answers None where it cannot (see `build_error()`); `loaded()` never builds, for
-callers that only use the kernels when someone else (the engine, at start) has built them. A machine without a
-compiler logs one line and keeps the torch paths.
+`load()` builds if needed and answers None where it cannot (see `build_error()`); the prefill wrappers below never
+build: they use the kernels once someone (the engine, at start) has loaded them. A machine without a compiler logs
+one line and keeps the torch paths.
 """
 
 from __future__ import annotations
@@ -50,11 +50,6 @@ def load() -> ModuleType | None:
                 _error = f"{type(exc).__name__}: {(errors or lines or [''])[0]}"
                 log.warning("compiled CPU kernels unavailable (%s); the torch paths serve instead", _error)
         return _module
-
-
-def loaded() -> ModuleType | None:
-    """The extension if this process has already loaded it, else None (never builds)."""
-    return _module
 
 
 def build_error() -> str | None:

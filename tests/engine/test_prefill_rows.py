@@ -26,8 +26,7 @@ def _prefill(model, cache, prompts, cached=None, last_rows_only=False):
     batch = AttentionBatch(positions=torch.tensor(positions), segments=segments, slot_mapping=torch.tensor(slots))
     with torch.no_grad():
         hidden = model.hidden_states(torch.tensor(rows), batch, cache.layers, None, last_rows_only)
-    last = [seg.start + seg.length - 1 for seg in segments]
-    return hidden if last_rows_only else hidden[last]
+    return hidden if last_rows_only else hidden[batch.last_rows]
 
 
 def _cache(config, prompts):

@@ -233,8 +233,8 @@ class Engine:
         return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=folder.name, **engine_kwargs)
 
     def _use_compiled_cpu_kernels(self, choice: str):
-        """Put glm_kernels.cpu_compiled to work where it can: its one-token decode step for this model (returned;
-        None means the torch path) and its prefill attention (in the model's kernel table).
+        """Put glm_kernels.cpu_compiled to work where it can: its decode step for this model (returned; None means
+        the torch path) and its prefill attention, MoE and rotary (in the model's kernel table).
 
         `choice` (or the environment variable WORKBENCH_CPU_KERNELS): "auto" takes them where they can run (CPU,
         float weights, the torch kernels; the first use on a machine compiles them, about a minute) and says in
@@ -379,8 +379,8 @@ class Engine:
             slots.extend(self.cache.slots(request.blocks, 0, len(ids)))
         batch = AttentionBatch(positions=self._tensor(positions), segments=segments,
                                slot_mapping=self._tensor(slots))
-        last_rows = [seg.start + seg.length - 1 for seg in segments]
-        logits = self._forward(self._tensor(rows), batch, requests, [(s.start, s.length) for s in segments], last_rows)
+        spans = [(s.start, s.length) for s in segments]
+        logits = self._forward(self._tensor(rows), batch, requests, spans, batch.last_rows)
         for request in requests:
             request.num_cached = len(request.prompt_ids)
         return self._emit(requests, logits)

@@ -54,6 +54,11 @@ class AttentionBatch:
     seq_lens: torch.Tensor | None = None
     slot_mapping: torch.Tensor | None = None
 
+    @property
+    def last_rows(self) -> list[int]:
+        """Each segment's last row (segments form): the rows whose next-token logits a prefill wants."""
+        return [seg.start + seg.length - 1 for seg in self.segments]
+
     @classmethod
     def uniform(cls, batch: int, seq_len: int, device: torch.device) -> AttentionBatch:
         positions = torch.arange(seq_len, device=device).repeat(batch)
@@ -101,7 +106,7 @@ class Attention(nn.Module):
         last row alone, while every row's key and value still go to the cache."""
         num_tokens = x.shape[0]
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        query_rows = [seg.start + seg.length - 1 for seg in batch.segments] if last_rows_only else None
+        query_rows = batch.last_rows if last_rows_only else None
         # The fused matrix shares the originals' storage, so it always holds their values; but autograd only sees
         # the originals, so a model whose weights train again (requires_grad) takes the separate GEMMs.
         if self.fused_qkv is not None and not self.q_proj.weight.requires_grad:
@@ -275,7 +280,7 @@ class DecoderLayer(nn.Module):
         h, residual = self.input_layernorm(x, ops, residual)
         h = self.self_attn(h, cos, sin, batch, kv, ops, last_rows_only)
         if last_rows_only:
-            residual = residual[[seg.start + seg.length - 1 for seg in batch.segments]]
+            residual = residual[batch.last_rows]
         h, residual = self.post_attention_layernorm(h, ops, residual)
         return self.mlp(h, ops, recorder), residual
 

@@ -304,8 +304,6 @@ class DecodeModel {
     reserve(1);
   }
 
-  int64_t num_moe_layers() const { return num_moe_layers_; }
-
   // One new token for each of B sequences: tokens [B] int64, positions [B] int64 (0-based; each sequence's cache
   // holds its positions before), block_tables [B, W] int32 (row b: sequence b's blocks, padded).
   // Returns logits [B, V] fp32 and, when asked, the routing of these tokens in the routing trace's compact types:
@@ -912,9 +910,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           const std::map<std::string, double>&>(),
            pybind11::arg("layers"), pybind11::arg("embed"), pybind11::arg("final_norm"), pybind11::arg("lm_head"),
            pybind11::arg("inv_freq"), pybind11::arg("config"))
-      .def("step", &DecodeModel::step, pybind11::arg("token"), pybind11::arg("position"),
-           pybind11::arg("block_table"), pybind11::arg("routing") = false, pybind11::arg("scores") = false)
-      .def_property_readonly("num_moe_layers", &DecodeModel::num_moe_layers);
+      .def("step", &DecodeModel::step, pybind11::arg("tokens"), pybind11::arg("positions"),
+           pybind11::arg("block_tables"), pybind11::arg("routing") = false, pybind11::arg("scores") = false);
   m.def("prefill_attention", &prefill_attention, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
         pybind11::arg("scale"), pybind11::arg("block_rows") = 256);
   m.def("rotary", &rotary, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("cos"), pybind11::arg("sin"));
