@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny checkpoints built in code (no downloads), the shared fixture folder."""
+"""Fixtures for every test: tiny checkpoints built in code (no downloads), the chat-format fixture files
+(tests/fixtures, rendered by the official GLM-4.5-Air chat template), the compiled CPU kernels built up front."""
 
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 # inherited by every server and kernel the tests start.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(get_default_build_root()) / "glm-workbench-tests"))
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,17 +35,16 @@ def compiled_cpu_kernels():
 
 
 @pytest.fixture(scope="session")
-def shared_fixtures() -> Path:
-    if not SHARED_FIXTURES.is_dir():
-        pytest.fail(f"the shared fixtures are missing: expected {SHARED_FIXTURES} (../shared beside the repo)")
-    return SHARED_FIXTURES
+def fixtures_dir() -> Path:
+    """tests/fixtures: the GLM-4.5 chat-format and output-parsing cases (see its README)."""
+    return FIXTURES
 
 
 @pytest.fixture(scope="session")
-def check_chat_fixtures(shared_fixtures):
-    """A check that a tokenizer's `apply_chat_template` (ours or Hugging Face's) renders every case of the shared
+def check_chat_fixtures(fixtures_dir):
+    """A check that a tokenizer's `apply_chat_template` (ours or Hugging Face's) renders every case of the
     chat-format fixtures byte for byte; it returns the rendered texts."""
-    cases = json.loads((shared_fixtures / "glm45_chat_format.json").read_text())["cases"]
+    cases = json.loads((fixtures_dir / "glm45_chat_format.json").read_text())["cases"]
     assert len(cases) >= 10
 
     def check(tokenizer) -> list[str]:

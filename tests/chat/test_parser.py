@@ -1,4 +1,4 @@
-"""Output parsing: the shared fixture cases, streamed and whole, and generated outputs cut at random points."""
+"""Output parsing: the fixture cases (tests/fixtures), streamed and whole, and generated outputs cut anywhere."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from workbench.chat import OutputParser, parse_completion
 from workbench.chat.parser import ParsedCompletion, collect
 
-FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CASES = json.loads((FIXTURES / "glm45_output_parsing.json").read_text())["cases"]
 TOOLS = next(case["tools"] for case in CASES if case["tools"])
 

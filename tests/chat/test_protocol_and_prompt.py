@@ -1,4 +1,4 @@
-"""Protocol validation (errors name their param) and the one prompt entry point against the shared fixtures."""
+"""Protocol validation (errors name their param) and the one prompt entry point against the format's fixtures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from workbench.chat import APIError, parse_request, render_prompt
 
-FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CHAT_CASES = json.loads((FIXTURES / "glm45_chat_format.json").read_text())["cases"]
 
 

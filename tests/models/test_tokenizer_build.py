@@ -52,8 +52,8 @@ def test_too_small_vocab_is_a_clear_error():
         train_tokenizer(TEXTS, vocab_size=100)
 
 
-def test_saved_files_load_in_transformers_and_render_the_shared_chat_fixtures(tokenizer, tmp_path,
-                                                                            check_chat_fixtures):
+def test_saved_files_load_in_transformers_and_render_the_chat_fixtures(tokenizer, tmp_path,
+                                                                     check_chat_fixtures):
     transformers = pytest.importorskip("transformers")
     save_tokenizer(tokenizer, tmp_path, model_max_length=1024)
     generation = json.loads((tmp_path / "generation_config.json").read_text())
