@@ -194,6 +194,7 @@ export class ChatModel {
     const tick = async () => {
       const status = await this.client.status().catch(() => null);
       if (status && statusFailure(status)?.kind === 'loading') {
+        this.update({ status, failure: statusFailure(status) }); // the banner says what the load waits for now
         setTimeout(() => void tick(), this.loadingPollMs);
         return;
       }

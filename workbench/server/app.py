@@ -90,9 +90,21 @@ class GLMWorkbench(ExtensionApp):
         return path
 
     def initialize_settings(self) -> None:
+        self._log_into_the_server_log()
         self.glm_backend = self.make_backend()
         self._backend_started: asyncio.Task | None = None
         self.settings["glm_workbench"] = self
+
+    def _log_into_the_server_log(self) -> None:
+        """The workbench's loggers (and its kernels') write through the server's log handlers, at its level: the
+        server log says what loads, what runs (kernels, cpu_kernels) and when the CPU kernels are first compiled."""
+        server_log = self.serverapp.log
+        for name in ("workbench", "glm_kernels"):
+            logger = logging.getLogger(name)
+            if not logger.handlers and logger.level == logging.NOTSET:  # nobody else has configured it
+                logger.setLevel(server_log.getEffectiveLevel())
+                for handler in server_log.handlers:
+                    logger.addHandler(handler)
 
     def make_backend(self) -> Backend:
         if self.backend == "remote":

@@ -126,9 +126,15 @@ class LocalBackend(Backend):
         from workbench.engine import Engine
 
         log.info("loading %s (%s, dtype %s, kernels=%s)", self.model_path, self.device, self.dtype, self.kernels)
-        return Engine.from_pretrained(self.model_path, dtype=self.dtype, device=self.device, kernels=self.kernels,
-                                      cpu_kernels=self.cpu_kernels, max_batch_size=self.max_concurrent_sequences,
-                                      max_context=self.context_limit_setting or None)
+        started = time.perf_counter()
+        engine = Engine.from_pretrained(self.model_path, dtype=self.dtype, device=self.device, kernels=self.kernels,
+                                        cpu_kernels=self.cpu_kernels, max_batch_size=self.max_concurrent_sequences,
+                                        max_context=self.context_limit_setting or None)
+        # What runs, in api/status's words (the CLI prints the same line).
+        log.info("loaded %s in %.1f s: %s on %s, kernels=%s, cpu_kernels=%s", engine.name,
+                 time.perf_counter() - started, str(engine.dtype).removeprefix("torch."), engine.device,
+                 engine.kernels, engine.cpu_kernels)
+        return engine
 
     def _start_scheduler(self) -> None:
         if self._thread is None:
@@ -373,6 +379,10 @@ class LocalBackend(Backend):
             "requests_completed": self.requests_completed, "requests_cancelled": self.requests_cancelled,
             "memory": memory,
         }
+        if self.state == "loading" and not self.message:
+            from glm_kernels import cpu_compiled  # the engine's start may be waiting for their first build
+
+            info["message"] = cpu_compiled.building()
         if engine is not None:
             info.update(device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
                         kernels=engine.kernels, cpu_kernels=engine.cpu_kernels, context_limit=self.context_limit,
