@@ -7,9 +7,13 @@ answer through the chat layer's output parser.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
+
+# Options that give JupyterLab its own folder or notebook: then `glm-workbench` opens no workspace.
+ROOT_DIR_OPTIONS = ("--ServerApp.root_dir", "--notebook-dir", "--ServerApp.notebook_dir")
 
 
 def _default_model() -> Path:
@@ -24,8 +28,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model = Path(args.model) if args.model else _default_model()
     started = time.perf_counter()
-    engine = Engine.from_pretrained(model, dtype=args.dtype, device=args.device, kernels=args.kernels)
-    print(f"[loaded {engine} in {time.perf_counter() - started:.1f} s]", file=sys.stderr)
+    engine = Engine.from_pretrained(model, dtype=args.dtype, device=args.device, kernels=args.kernels,
+                                    cpu_kernels=args.cpu_kernels)
+    # What runs, in api/status's words (the server's log has the same line).
+    print(f"[loaded {engine.name} in {time.perf_counter() - started:.1f} s: "
+          f"{str(engine.dtype).removeprefix('torch.')} on {engine.device}, kernels={engine.kernels}, "
+          f"cpu_kernels={engine.cpu_kernels}]", file=sys.stderr)
     messages = [{"role": "user", "content": args.prompt}]
     ids = engine.tokenizer.apply_chat_template(messages, enable_thinking=not args.no_think)
     stream = engine.stream(ids, max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -60,18 +68,89 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    """Open JupyterLab with the workbench (server extension + sidebar) on the quickstart notebook."""
+    """Open JupyterLab with the workbench (server extension + sidebar) in the user's workspace (a folder of their
+    own with a copy of the demo notebooks, see `prepare_workspace`), on the quickstart notebook."""
     import os
     import subprocess
 
-    repo_notebooks = Path(__file__).resolve().parents[1] / "notebooks"
-    command = [sys.executable, "-m", "jupyter", "lab", *args.lab_args]
-    if repo_notebooks.is_dir() and not any(a.endswith(".ipynb") for a in args.lab_args):
-        command += [f"--ServerApp.root_dir={repo_notebooks}", str(repo_notebooks / "01_quickstart.ipynb")]
-    if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in args.lab_args:
+    from workbench.server.launch import DEFAULT_WORKSPACE, prepare_workspace
+
+    lab_args, workspace = _workspace_option(args.lab_args)
+    command = [sys.executable, "-m", "jupyter", "lab", *lab_args]
+    if not any(a.endswith(".ipynb") or a.startswith(ROOT_DIR_OPTIONS) for a in lab_args):
+        folder = Path(workspace or DEFAULT_WORKSPACE).expanduser().absolute()
+        copied = prepare_workspace(folder)
+        if copied:
+            print(f"[glm-workbench] your workspace {folder}: {len(copied)} demo notebooks copied there, yours to edit",
+                  file=sys.stderr)
+        command.append(f"--ServerApp.root_dir={folder}")
+        if (folder / "01_quickstart.ipynb").exists():
+            command.append(str(folder / "01_quickstart.ipynb"))
+    elif workspace is not None:
+        raise ValueError("--workspace and a JupyterLab folder or notebook were both given: choose one")
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in lab_args:
         command.append("--allow-root")  # containers and CI machines run as root
     print("[glm-workbench] " + " ".join(command), file=sys.stderr)
     return subprocess.call(command)
+
+
+def _workspace_option(lab_args: list[str]) -> tuple[list[str], str | None]:
+    """`--workspace DIR` or `--workspace=DIR` taken out of the arguments meant for `jupyter lab`."""
+    rest, workspace = [], None
+    args = iter(lab_args)
+    for arg in args:
+        if arg == "--workspace":
+            workspace = next(args, None)
+            if workspace is None or workspace.startswith("-"):
+                raise ValueError("--workspace needs a folder: glm-workbench --workspace ~/glm-workbench")
+        elif arg.startswith("--workspace="):
+            workspace = arg.split("=", 1)[1]
+            if not workspace:
+                raise ValueError("--workspace needs a folder: glm-workbench --workspace ~/glm-workbench")
+        else:
+            rest.append(arg)
+    return rest, workspace
+
+
+def _whole_number(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float | None = None, low_included: bool = True):
+    """A float in [low, high] (or (low, high] when low is excluded; no upper end when high is None)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        above = value >= low if low_included else value > low
+        if not above or (high is not None and value > high) or value != value:
+            span = f"{'[' if low_included else '('}{low}, {high if high is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"must lie in {span}, got {text}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available here (use --device cpu)")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,16 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", help="checkpoint folder (default: the bundled model)")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--no-think", action="store_true", help="disable thinking (/nothink)")
-    generate.add_argument("--max-tokens", type=int, default=256)
-    generate.add_argument("--temperature", type=float, default=0.7)
-    generate.add_argument("--top-p", type=float, default=0.95)
-    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--max-tokens", type=_whole_number(1), default=256)
+    generate.add_argument("--temperature", type=_number(0.0), default=0.7, help="0: greedy")
+    generate.add_argument("--top-p", type=_number(0.0, 1.0, low_included=False), default=0.95)
+    generate.add_argument("--seed", type=_whole_number(0), default=None)
     generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                           help="auto (as the server and %%%%glm): float32 on the CPU, bfloat16 on GPUs")
-    generate.add_argument("--device", default="cpu")
+    generate.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     generate.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
+    generate.add_argument("--cpu-kernels", default="auto", choices=["auto", "compiled", "torch"],
+                          help="on the CPU: the compiled kernels (built once per machine, about a minute) or torch")
     generate.set_defaults(run=cmd_generate)
-    lab = commands.add_parser("lab", help="open JupyterLab with the workbench (the default command)")
+    lab = commands.add_parser("lab", help="open JupyterLab with the workbench (the default command), in your "
+                                          "workspace: --workspace DIR, default ~/glm-workbench, where the demo "
+                                          "notebooks are copied once")
     lab.add_argument("lab_args", nargs=argparse.REMAINDER, help="passed on to `jupyter lab`")
     lab.set_defaults(run=cmd_lab)
     return parser
@@ -100,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
         argv = ["lab", *argv]  # `glm-workbench` alone opens JupyterLab
-    if argv[0] == "lab":  # everything after `lab` belongs to `jupyter lab`, options included
-        return cmd_lab(argparse.Namespace(lab_args=argv[1:]))
-    args = build_parser().parse_args(argv)
-    if getattr(args, "prompt", None) is not None and not args.prompt.strip():
-        print("error: --prompt is empty", file=sys.stderr)
-        return 2
     try:
+        if argv[0] == "lab":  # everything after `lab` belongs to `jupyter lab`, options included (but --workspace)
+            return cmd_lab(argparse.Namespace(lab_args=argv[1:]))
+        args = build_parser().parse_args(argv)  # every argument is checked here, before anything loads
+        if getattr(args, "prompt", None) is not None and not args.prompt.strip():
+            print("error: --prompt is empty", file=sys.stderr)
+            return 2
+        # Warnings on the terminal as the CLI's own lines, e.g. "[compiling CPU kernels, about a minute, once per
+        # machine]" before the first start's wait (no-op where logging is already set up).
+        logging.basicConfig(level=logging.WARNING, format="[%(message)s]", stream=sys.stderr)
         return args.run(args)
     except (ValueError, FileNotFoundError, OSError) as exc:  # bad input: one clear line, no traceback
         print(f"error: {exc}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """Run a Jupyter server with the GLM API in a subprocess: for benchmarks, tests and scripts that need the API
-over real HTTP on this machine.
+over real HTTP on this machine; and the user's workspace that `glm-workbench` opens JupyterLab in.
 
 Owns the launch (a free loopback port, a token, private config/data/runtime folders, only this extension
-enabled) and a small handle (`GLMServer`: URLs, auth header, status, idle wait, log, stop).
+enabled), a small handle (`GLMServer`: URLs, auth header, status, idle wait, log, stop), and `prepare_workspace`
+(the workspace folder with the user's own copy of the demo notebooks).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+# The demo notebooks of a checkout (the README installs from one, editable); the workspace gets copies of them.
+DEMO_NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+DEFAULT_WORKSPACE = Path("~/glm-workbench")
 
 
 def free_port() -> int:
@@ -111,3 +117,23 @@ def start_server(workdir: Path, glm_config: dict, env: dict[str, str] | None = N
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"jupyter server did not become ready in {ready_timeout}s:\n{server.log_text()[-3000:]}")
+
+
+def prepare_workspace(folder: Path, demos: Path = DEMO_NOTEBOOKS) -> list[Path]:
+    """The folder `glm-workbench` opens JupyterLab in, created if need be, with a copy of each demo notebook it
+    does not hold yet. A notebook already there is the user's, edited or not: it is never overwritten (the tracked
+    demos in the checkout are never opened, so autosave cannot write into them). Returns the copies made now."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"the workspace {folder} is a file: choose a folder with --workspace DIR")
+    folder.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for demo in sorted(demos.glob("*.ipynb")) if demos.is_dir() else []:
+        target = folder / demo.name
+        try:
+            with demo.open("rb") as source, target.open("xb") as copy:  # "x": fails rather than overwrite
+                shutil.copyfileobj(source, copy)
+        except FileExistsError:
+            continue
+        copied.append(target)
+    return copied
