@@ -4,6 +4,8 @@ remote server would answer, known in advance) and small utilities. Fixtures live
 from __future__ import annotations
 
 import json
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,7 +36,8 @@ class ScriptedUpstream:
     """An OpenAI-compatible endpoint whose answers are known in advance; it records every request body.
 
     - a prompt with NOCODE: a plain answer without a fenced block;
-    - a prompt with SLOW: 100 words, 0.1 s apart (to interrupt); `dropped` counts streams the client left;
+    - a prompt with SLOW: 100 words (to interrupt): 5, then nothing until the client goes, `release` is set or
+      a minute has passed, then the other 95; `dropped` counts streams the client left;
     - FORGET-ME anywhere but the last message: 400 context_length_exceeded (memory too long);
     - otherwise: reasoning in four deltas, then a fenced python block printing the prompt's last line.
     """
@@ -42,6 +45,7 @@ class ScriptedUpstream:
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.dropped = 0
+        self.release = threading.Event()
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -63,10 +67,10 @@ class ScriptedUpstream:
                                                "code": "context_length_exceeded"}})
                     return
                 prompt = str(messages[-1]["content"])
-                pause = 0.1 if "SLOW" in prompt else 0.0
+                slow = "SLOW" in prompt
                 if "NOCODE" in prompt:
                     reasoning, content = [], ["Just ", "words."]
-                elif pause:
+                elif slow:
                     reasoning, content = [], ["word "] * 100
                 else:
                     reasoning = REASONING
@@ -85,8 +89,10 @@ class ScriptedUpstream:
                 self.end_headers()
                 deltas = [{"role": "assistant"}] + [{"reasoning_content": r} for r in reasoning] + \
                     [{"content": c} for c in content]
-                for delta in deltas:
-                    time.sleep(pause)
+                for sent, delta in enumerate(deltas):
+                    if slow and sent == 6 and self._hold():  # the role and 5 words are out: hold the rest
+                        upstream.dropped += 1
+                        return
                     try:
                         self._event(base | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
                     except (BrokenPipeError, ConnectionResetError):
@@ -96,6 +102,18 @@ class ScriptedUpstream:
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
                 self.close_connection = True
+
+            def _hold(self) -> bool:
+                """Wait for the client to go (True), or for `release` or a minute (False)."""
+                deadline = time.monotonic() + 60
+                while not upstream.release.is_set() and time.monotonic() < deadline:
+                    # The client sends nothing more on this connection: readable means closed.
+                    if select.select([self.connection], [], [], 0.05)[0]:
+                        try:
+                            return self.connection.recv(1, socket.MSG_PEEK) == b""
+                        except ConnectionError:
+                            return True
+                return False
 
             def _event(self, payload: dict) -> None:
                 self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())

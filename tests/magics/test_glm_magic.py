@@ -335,28 +335,43 @@ def test_rich_display_streams_a_collapsible_thinking_block(remote, upstream):
 
 
 def test_interrupt_cancels_the_generation_and_keeps_nothing(remote, upstream):
-    import _thread
+    """The kernel's interrupt button (SIGINT to the kernel's main thread) mid-answer: the generation stops, what
+    had come stays on screen, nothing is remembered, the endpoint sees the client go. The endpoint holds its last
+    95 words until the client goes (a minute at most), so the check does not depend on the machine's
+    speed: an interrupt that did not cancel shows all 100 words."""
+    import io
+    import signal
+    import sys
     import threading
     import time
 
-    # The kernel's interrupt button raises KeyboardInterrupt in the main thread, as interrupt_main does.
     def interrupt_once_streaming() -> None:
-        deadline = time.monotonic() + 30
-        while not upstream.requests and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.8)  # a few words in
-        _thread.interrupt_main()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the cell's captured output shows a few words
+            out = sys.stdout
+            if isinstance(out, io.StringIO) and "word word" in out.getvalue():
+                break
+            time.sleep(0.02)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
+    upstream.release.clear()
+    dropped = upstream.dropped
+    # A kernel runs cells with Python's own SIGINT handler (one raising KeyboardInterrupt), whatever an earlier
+    # test in this process left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Thread(target=interrupt_once_streaming)
-    timer.start()
-    result, captured = run(remote, "%%glm\nSLOW answer please")
-    timer.join()
-    assert len(captured.stdout.split("word")) < 60  # 100 words at 0.1 s: it stopped well before the end
+    try:
+        timer.start()
+        result, captured = run(remote, "%%glm\nSLOW answer please")
+        timer.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        upstream.release.set()  # an endpoint still holding (the client never left) goes on
+    assert 2 <= captured.stdout.count("word") <= 5, captured.stdout  # what had come is still shown, and no more
     assert "interrupted: the generation was cancelled" in captured.stdout
-    assert "word word" in captured.stdout  # what had come is still shown
     assert magics_of(remote).session.turns == [] and remote.rl_next_input is None
-    deadline = time.monotonic() + 5
-    while upstream.dropped == 0 and time.monotonic() < deadline:  # the endpoint sees the client go
+    deadline = time.monotonic() + 30
+    while upstream.dropped == dropped and time.monotonic() < deadline:  # the endpoint sees the client go
         time.sleep(0.1)
-    assert upstream.dropped == 1
+    assert upstream.dropped == dropped + 1
     assert remote.run_cell("1 + 1").result == 2
