@@ -97,11 +97,14 @@ class GLMWorkbench(ExtensionApp):
 
     def _log_into_the_server_log(self) -> None:
         """The workbench's loggers (and its kernels') write through the server's log handlers, at its level: the
-        server log says what loads, what runs (kernels, cpu_kernels) and when the CPU kernels are first compiled."""
+        server log says what loads, what runs (kernels, cpu_kernels) and when the CPU kernels are first compiled.
+        Only where nobody has set up logging (a server process of its own; not, e.g., a server inside pytest)."""
+        if logging.getLogger().handlers:
+            return
         server_log = self.serverapp.log
         for name in ("workbench", "glm_kernels"):
             logger = logging.getLogger(name)
-            if not logger.handlers and logger.level == logging.NOTSET:  # nobody else has configured it
+            if not logger.handlers and logger.level == logging.NOTSET:
                 logger.setLevel(server_log.getEffectiveLevel())
                 for handler in server_log.handlers:
                     logger.addHandler(handler)
