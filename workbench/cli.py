@@ -171,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--cpu-kernels", default="auto", choices=["auto", "compiled", "torch"],
                           help="on the CPU: the compiled kernels (built once per machine, about a minute) or torch")
     generate.set_defaults(run=cmd_generate)
-    lab = commands.add_parser("lab", help="open JupyterLab with the workbench (the default command), in your "
-                                          "workspace: --workspace DIR, default ~/glm-workbench, where the demo "
-                                          "notebooks are copied once")
+    lab = commands.add_parser("lab", help="open JupyterLab with the workbench (the default command) in your "
+                                          "workspace (--workspace DIR, default ~/glm-workbench), which gets a copy "
+                                          "of each demo notebook it lacks; nothing there is overwritten")
     lab.add_argument("lab_args", nargs=argparse.REMAINDER, help="passed on to `jupyter lab`")
     lab.set_defaults(run=cmd_lab)
     return parser
