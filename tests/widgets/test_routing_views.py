@@ -264,6 +264,20 @@ def test_figures_offer_the_themed_mime_in_a_notebook(trace, monkeypatch):
     assert widgets.figures.with_themed_mime({"text/plain": "x"}) == {"text/plain": "x"}
 
 
+def test_a_figure_displayed_in_a_kernel_carries_the_themed_mime(trace, monkeypatch):
+    import plotly.io as pio
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.display import display
+    from IPython.utils.capture import capture_output
+
+    InteractiveShell.instance()
+    monkeypatch.setattr(pio.renderers, "default", "plotly_mimetype")
+    with capture_output() as captured:
+        display(widgets.load_heatmap(trace))  # what a cell ending in a figure does
+    (output,) = captured.outputs
+    assert widgets.figures.THEMED_MIME in output.data and "application/vnd.plotly.v1+json" in output.data
+
+
 def test_titles_fit_a_narrow_notebook(trace):
     # Short titles at the left, details in the subtitle: a centred 90-character title was cut off at both sides.
     for fig in (widgets.token_grid(trace), widgets.token_grid(trace, expert=0), widgets.load_heatmap(trace),

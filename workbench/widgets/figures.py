@@ -53,6 +53,18 @@ class RoutingFigure(go.Figure):
         bundle = super()._repr_mimebundle_(include, exclude, validate, **kwargs)
         return with_themed_mime(bundle)
 
+    def _ipython_display_(self) -> None:
+        # IPython asks _ipython_display_ before _repr_mimebundle_, and plotly's goes through pio.show, which
+        # never sees the themed type; renderers that are not mime types (a browser tab, say) keep plotly's way.
+        import plotly.io as pio
+        from IPython.display import display
+
+        bundle = self._repr_mimebundle_() if pio.renderers.render_on_display and pio.renderers.default else {}
+        if THEMED_MIME in bundle:
+            display(bundle, raw=True)
+        else:
+            super()._ipython_display_()
+
 
 def with_themed_mime(bundle: dict) -> dict:
     """`bundle` plus the themed copy of its plotly figure (unchanged when it holds none)."""
