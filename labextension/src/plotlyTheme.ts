@@ -71,7 +71,7 @@ export function themeTemplate(colors: ThemeColors): Record<string, unknown> {
       paper_bgcolor: colors.background,
       plot_bgcolor: colors.background,
       font: { color: colors.font, family: colors.fontFamily },
-      title: { font: { color: colors.font }, subtitle: { font: { color: colors.fontMuted } } },
+      title: { font: { color: colors.font } },
       xaxis: axis,
       yaxis: axis,
       legend: { font: { color: colors.font }, bgcolor: 'rgba(0,0,0,0)' },

@@ -67,7 +67,7 @@ def test_token_grid_axes_and_hover(engine, trace):
     hover = grid.text[1][3]
     first, second = trace.expert_ids[1, 3].tolist()
     assert f"e{first} " in hover and f"e{second} " in hover and "layer 2" in hover
-    assert "shared expert" in hover and "shared expert" in fig.layout.title.subtitle.text
+    assert "shared expert" in hover and "shared expert" in fig.layout.title.text.split("<br>")[1]
     # The prompt / generated boundary is drawn, its labels above the plot area (they covered cells before).
     assert any(shape.x0 == trace.prompt_len - 0.5 for shape in fig.layout.shapes)
     labels = {a.text.strip(): a for a in fig.layout.annotations}
@@ -284,5 +284,6 @@ def test_titles_fit_a_narrow_notebook(trace):
                 widgets.coactivation_heatmap(trace, 1), widgets.locality_chart(trace),
                 widgets.expert_card(trace, 1, 0), widgets.comparison_chart(trace, trace)):
         title = fig.layout.title
-        assert len(title.text) <= 60 and title.xanchor == "left" and title.x == 0, title.text
+        first_line = title.text.split("<br>")[0]
+        assert len(first_line) <= 60 and title.xanchor == "left" and title.x == 0, title.text
         assert fig.layout.margin.t >= 90

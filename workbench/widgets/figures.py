@@ -120,13 +120,16 @@ def _height_for_rows(rows: int, per_row: int = 18, base: int = 160, minimum: int
 
 
 def _title(text: str, subtitle: str = "") -> dict:
-    """A title that fits a narrow notebook: a short line, the details in a smaller subtitle, both at the left
-    (a centred long title runs off both edges)."""
-    title: dict = dict(text=text, x=0, xref="paper", xanchor="left", y=0.98, yref="container", yanchor="top",
-                       font=dict(size=15))
+    """A title that fits a narrow notebook: a short line, the details on a smaller second line, both at the left
+    (a centred long title ran off both edges). The second line is part of the text, not plotly's `subtitle`,
+    which plotly.js misplaces onto the title when a figure is redrawn in another theme."""
     if subtitle:
-        title["subtitle"] = dict(text=subtitle, font=dict(size=11))
-    return title
+        text += f"<br><span style='font-size:11px'>{html.escape(subtitle)}</span>"
+    # At the figure's top, inside the top margin (t >= 90 in every figure here), which leaves room between it
+    # and the plot area for the labels drawn just above the plot ("generated →", subplot titles). plotly.js
+    # raises a two-line title by about a line, so the pad brings its first line back inside the figure.
+    return dict(text=text, x=0, xref="paper", xanchor="left", y=1, yref="container", yanchor="top",
+                pad=dict(t=28 if subtitle else 10), font=dict(size=15))
 
 
 # --- token x layer grid -------------------------------------------------------------------------------
@@ -174,12 +177,14 @@ def token_grid(trace: RoutingTrace, tokenizer=None, *, layers: Sequence[int] | N
         if len(positions) <= MAX_LABELLED_COLUMNS:
             colour.update(texttemplate="%{z:d}", textfont=dict(size=9))
         title = "First-choice expert per token and layer"
+        colorbar_px = 14 * experts if ticks else 0  # a legible tick per expert on the colour bar
         subtitle = f"top-{trace.top_k} of {trace.num_experts} routed experts; the cell shows the first choice"
     else:
         hit = ids == expert
         z = np.where(hit.any(-1), (weights * hit).sum(-1), np.nan)
         colour = dict(colorscale="Viridis", zmin=0, zmax=1, colorbar=dict(title="weight"))
         title = f"Tokens routed to expert {expert}"
+        colorbar_px = 0
         subtitle = "colour = its weight; blank = not among the token's top-K"
     if shared:
         subtitle += f"; + {shared} shared expert{'s' if shared > 1 else ''} on every token"
@@ -194,7 +199,7 @@ def token_grid(trace: RoutingTrace, tokenizer=None, *, layers: Sequence[int] | N
                                text=text, showarrow=False, font=dict(size=11))
     fig.update_layout(
         title=_title(title, subtitle),
-        height=_height_for_rows(len(layer_ids)) + 40, margin=dict(l=60, r=20, t=100, b=80),
+        height=max(_height_for_rows(len(layer_ids)) + 40, 180 + colorbar_px), margin=dict(l=60, r=20, t=100, b=80),
         xaxis=dict(title="token", tickmode="array", tickvals=positions, ticktext=texts, tickangle=-60,
                    showgrid=False),
         yaxis=dict(title="layer", autorange="reversed", type="category"),

@@ -172,7 +172,8 @@ export function RoutingView({
           ticktext: tokens.length <= 40 ? tokens.map(t => labels[t]) : undefined
         },
         yaxis: { title: { text: 'layer' }, autorange: 'reversed' },
-        height: Math.max(220, 60 + 22 * data.layer_ids.length)
+        // tall enough for a row per layer and, while the colour bar names every expert, a legible tick each
+        height: 130 + Math.max(24 * data.layer_ids.length, data.num_experts <= 32 ? 14 * data.num_experts : 0)
       }
     };
   }, [data, tokens, labels, problem]);
