@@ -125,6 +125,10 @@ def test_load_heatmap_axes_and_imbalance(trace):
     assert set(beside) == {"cv", "max violation", "entropy"}
     np.testing.assert_allclose(beside["entropy"].x, analysis.imbalance(trace).entropy)
     assert fig.layout.xaxis.title.text == "expert" and fig.layout.yaxis.title.text == "layer"
+    # a ratio scale from 0 with white at 1 (zmid=1 with zmin=0 made plotly label the bar with negative loads), its
+    # colour bar right of both panels
+    assert heat.zmin == 0 and heat.zmid is None and heat.zmax >= max(2, z.max())
+    assert heat.colorscale[1][0] == pytest.approx(1 / heat.zmax) and heat.colorbar.x >= 1
 
 
 def test_coactivation_heatmap(trace):

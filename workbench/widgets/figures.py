@@ -38,7 +38,10 @@ EXPERT_PALETTE = (
 )
 # Cells wider than this many token columns are too narrow for their expert id as text.
 MAX_LABELLED_COLUMNS = 64
-DIVERGING_COLORSCALE = "RdBu_r"  # blue under, red over the balanced / random value at the centre
+# Ratios to a baseline (relative load, lift): blue under 1, white at 1, red over. plotly's zmid with zmin=0
+# stretches the scale to a symmetric range and labels the colour bar with impossible negative values, so the
+# white stop is placed at 1 on a [0, top] scale instead (see `_around_one`).
+RATIO_BLUE, RATIO_WHITE, RATIO_RED = "#2166ac", "#f7f7f7", "#b2182b"
 BOUNDARY_COLOUR = "rgba(128, 128, 128, 0.9)"  # the prompt / generated line: visible on light and dark themes
 # The mime type the glm-workbench JupyterLab extension renders in JupyterLab's theme (labextension/src/
 # routingFigure.ts); the payload is plotly's own ({data, layout, config}).
@@ -117,6 +120,13 @@ def _layer_labels(trace: RoutingTrace) -> list[str]:
 
 def _height_for_rows(rows: int, per_row: int = 18, base: int = 160, minimum: int = 320) -> int:
     return max(minimum, base + per_row * rows)
+
+
+def _around_one(values: np.ndarray) -> dict:
+    """Heatmap colour settings for ratios to a baseline: 0 blue, 1 white, the top (at least 2) red."""
+    finite = values[np.isfinite(values)]
+    top = max(2.0, float(np.ceil(finite.max()))) if finite.size else 2.0
+    return dict(zmin=0.0, zmax=top, colorscale=[[0.0, RATIO_BLUE], [1.0 / top, RATIO_WHITE], [1.0, RATIO_RED]])
 
 
 def _title(text: str, subtitle: str = "") -> dict:
@@ -220,7 +230,7 @@ def load_heatmap(trace: RoutingTrace) -> go.Figure:
     counts = (analysis.load(trace) * trace.num_tokens * trace.top_k).round().astype(int)
     fig.add_trace(go.Heatmap(
         z=relative, x=list(range(trace.num_experts)), y=labels, customdata=counts,
-        colorscale=DIVERGING_COLORSCALE, zmid=1.0, zmin=0.0, colorbar=dict(title="load", x=0.76),
+        colorbar=dict(title="load", x=1.0, xanchor="left"), **_around_one(relative),
         hovertemplate=("layer %{y}, expert %{x}<br>relative load %{z:.2f}<br>%{customdata} tokens"
                        "<extra></extra>"),
     ), row=1, col=1)
@@ -233,8 +243,11 @@ def load_heatmap(trace: RoutingTrace) -> go.Figure:
     fig.update_yaxes(title_text="layer", autorange="reversed", type="category", row=1, col=1)
     fig.update_xaxes(title_text="expert", row=1, col=1)
     fig.update_xaxes(title_text="value", row=1, col=2)
-    fig.update_layout(height=_height_for_rows(trace.num_layers) + 40, legend=dict(orientation="h", y=-0.15),
-                      margin=dict(t=110),
+    # the colour bar right of both panels (it sat on the imbalance panel), the legend at the figure's bottom edge
+    # (it covered the expert axis title)
+    fig.update_layout(height=_height_for_rows(trace.num_layers) + 90,
+                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=1, xanchor="right"),
+                      margin=dict(t=110, b=110, r=90),
                       title=_title(f"Expert load over {trace.num_tokens} tokens",
                                    f"mean entropy {float(np.mean(imb.entropy)):.3f}, dead experts {int(dead.sum())}"))
     return fig
@@ -250,7 +263,7 @@ def coactivation_heatmap(trace: RoutingTrace, layer: int) -> go.Figure:
     custom = np.stack([co.conditional, co.counts.astype(float)], axis=-1)
     experts = list(range(trace.num_experts))
     fig = RoutingFigure(go.Heatmap(
-        z=lift, x=experts, y=experts, customdata=custom, colorscale=DIVERGING_COLORSCALE, zmid=1.0, zmin=0.0,
+        z=lift, x=experts, y=experts, customdata=custom, **_around_one(lift),
         colorbar=dict(title="lift"),
         hovertemplate=("experts %{y} and %{x}<br>P(%{x} | %{y}) = %{customdata[0]:.3f}<br>"
                        "together on %{customdata[1]} tokens<br>lift %{z:.2f}<extra></extra>"),

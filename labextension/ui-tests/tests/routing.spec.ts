@@ -143,6 +143,14 @@ test.describe('Routing views @local', () => {
     await output.locator('.lm-TabBar-tab', { hasText: 'Tokens x layers' }).click();
     await expect.poll(() => brightness(figure.locator('.main-svg').first())).toBeLessThan(3 * 100);
     await shot(output, 'routing-widget-dark');
+    // the load tab: its title clear of the two subplot titles under it
+    await output.locator('.lm-TabBar-tab', { hasText: 'Load' }).click();
+    const load = output.locator('.glm-RoutingFigure').filter({ hasText: 'imbalance per layer' });
+    await expect(load.locator('.heatmaplayer')).toHaveCount(1, { timeout: 60 * 1000 });
+    const loadTitle = await load.locator('.gtitle').boundingBox();
+    const subplotTitle = await load.locator('.annotation', { hasText: 'relative load' }).boundingBox();
+    expect(loadTitle!.y + loadTitle!.height).toBeLessThanOrEqual(subplotTitle!.y);
+    await shot(output, 'routing-widget-load-dark');
     await shot(page, 'routing-notebook-dark');
     await page.theme.setLightTheme();
   });
