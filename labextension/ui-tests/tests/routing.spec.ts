@@ -151,6 +151,15 @@ test.describe('Routing views @local', () => {
     const subplotTitle = await load.locator('.annotation', { hasText: 'relative load' }).boundingBox();
     expect(loadTitle!.y + loadTitle!.height).toBeLessThanOrEqual(subplotTitle!.y);
     await shot(output, 'routing-widget-load-dark');
+    for (const [tabName, mark] of [
+      ['Co-activation', 'Co-activation at layer'],
+      ['Locality', 'Routing locality per layer']
+    ]) {
+      await output.locator('.lm-TabBar-tab', { hasText: tabName }).click();
+      const view = output.locator('.glm-RoutingFigure').filter({ hasText: mark });
+      await expect.poll(() => brightness(view.locator('.main-svg').first())).toBeLessThan(3 * 100);
+      await shot(output, `routing-widget-${tabName.toLowerCase()}-dark`);
+    }
     await shot(page, 'routing-notebook-dark');
     await page.theme.setLightTheme();
   });
