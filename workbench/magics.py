@@ -10,7 +10,9 @@ in-process (`workbench.chat` backends) when there is no such server or when aske
     prompt lines, with {variables}, {In[3]} and {Out[3]} from the kernel; {{ and }} for literal braces
 
     %glm status | models | history | reset | use local | use remote URL MODEL | use server URL [TOKEN]
-         | config [key=value ...]
+         | config [key=value ...] | help
+
+`%glm --help`, `%glm help` and `%%glm --help` (with or without a body) print the usage and every option.
 
 Mistakes (unknown options, an empty prompt, an unknown `{name}`, a server that is down) end the cell with a
 one-line `UsageError`; the kernel keeps working.
@@ -638,7 +640,9 @@ prompt lines; {name}, {In[3]}, {Out[3]} come from the kernel, {{ and }} are lite
 %glm use local                the local engine (the Jupyter server's, else loaded in this kernel)
 %glm use remote URL MODEL     an OpenAI-compatible GLM endpoint, called from this kernel
 %glm use server URL [TOKEN]   the GLM API of a given Jupyter server
-%glm config [key=value ...]   show or change settings (%glm config lists them)"""
+%glm config [key=value ...]   show or change settings (%glm config lists them)
+%glm help | --help            this text (so does %%glm --help)"""
+HELP_FLAGS = ("-h", "--help")
 
 
 @magics_class
@@ -675,14 +679,19 @@ class GLMMagics(Magics):
         except GLMError as exc:
             raise UsageError(f"{'%glm' if cell is None else '%%glm'}: {exc}") from None
 
+    def help_text(self) -> str:
+        """The usage (`USAGE`) and every `%%glm` option with its meaning, from the option parser itself."""
+        options = self.glm.parser.format_help().split("options:", 1)[-1].rstrip("\n")
+        return f"{USAGE}\n\n%%glm options:{options}"
+
     # --- %glm subcommands ---------------------------------------------------------------------------------
     def _line(self, line: str) -> None:
         try:
             words = shlex.split(line)
         except ValueError as exc:
             raise GLMError(f"cannot read {line!r}: {exc}") from None
-        if not words or words[0] == "help":
-            print(USAGE)
+        if not words or words[0] == "help" or words[0] in HELP_FLAGS:
+            print(self.help_text())
             return
         command, rest = words[0], words[1:]
         session = self.session
@@ -762,6 +771,13 @@ class GLMMagics(Magics):
 
     # --- %%glm -------------------------------------------------------------------------------------------
     def _cell(self, line: str, cell: str) -> None:
+        try:
+            asks_help = any(word in HELP_FLAGS for word in shlex.split(line))
+        except ValueError:
+            asks_help = False  # unbalanced quotes: argparse says what is wrong just below
+        if asks_help:  # the usage, whatever else the line or the body holds: nothing is sent
+            print(self.help_text())
+            return
         args = parse_argstring(self.glm, line)  # unknown options: argparse's one-line UsageError
         settings = self.session.settings
         if args.think and args.no_think:
@@ -776,7 +792,7 @@ class GLMMagics(Magics):
             raise GLMError(f"--max-tokens {args.max_tokens}: must be at least 1")
         prompt = interpolate(cell, self.shell.user_ns).strip()
         if not prompt:
-            raise GLMError("the prompt is empty: write it on the lines below %%glm")
+            raise GLMError("the prompt is empty: write it on the lines below %%glm (%glm --help shows the usage)")
         user_text = (cells_context(self.shell, args.cells, self.output_log) if args.cells else "") + prompt
 
         connection = self.session.connection()
@@ -906,6 +922,21 @@ def _shorten(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+_GLM_CELL_MAGIC = re.compile(r"^\s*%%glm(?P<line>(\s.*)?)$")
+
+
+def empty_glm_cell(lines: list[str]) -> list[str]:
+    """An input transformer for `%%glm` cells with nothing below the magic line (`%%glm --help`, say).
+
+    IPython refuses any cell magic with an empty body before the magic runs ("the cell body is empty"), which
+    would hide `%%glm --help` and the magic's own message; such a cell calls the magic directly instead.
+    """
+    match = _GLM_CELL_MAGIC.match(lines[0].rstrip("\n")) if lines else None
+    if match is None or any(line.strip() for line in lines[1:]):
+        return lines
+    return [f"get_ipython().find_cell_magic('glm')({match['line'].strip()!r}, '')\n"]
+
+
 def load_ipython_extension(ipython) -> None:
     """`%load_ext workbench` (or `%load_ext workbench.magics`): registers `%%glm` and `%glm`."""
     previous = ipython.magics_manager.registry.get("GLMMagics")
@@ -914,6 +945,8 @@ def load_ipython_extension(ipython) -> None:
     magics = GLMMagics(ipython)
     magics.output_log.register()
     ipython.register_magics(magics)
+    if empty_glm_cell not in ipython.input_transformers_cleanup:
+        ipython.input_transformers_cleanup.append(empty_glm_cell)
 
 
 def unload_ipython_extension(ipython) -> None:
@@ -921,3 +954,5 @@ def unload_ipython_extension(ipython) -> None:
     if magics is not None:
         magics.session.disconnect()
         magics.output_log.unregister()
+    if empty_glm_cell in ipython.input_transformers_cleanup:
+        ipython.input_transformers_cleanup.remove(empty_glm_cell)

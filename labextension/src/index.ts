@@ -25,6 +25,7 @@ import { WorkbenchClient } from './api';
 import { ChatModel, type ChatPreferences, DEFAULT_PREFERENCES } from './chatModel';
 import { errorOutput, explainErrorPrompt, NotebookTools } from './notebookBridge';
 import { ChatSidebar, RoutingPanel } from './widgets';
+import { routingTitle } from './routingData';
 
 const PLUGIN_ID = 'glm-workbench:plugin';
 
@@ -164,7 +165,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
           app.shell.activateById(existing.id);
           return;
         }
-        const content = new RoutingPanel(client, completionId);
+        const content = new RoutingPanel(client, completionId, routingTitle(model.state.conversation.messages, completionId));
         const widget = new MainAreaWidget({ content });
         widget.id = content.id;
         widget.title.label = content.title.label;

@@ -7,4 +7,5 @@ declare module 'plotly.js-dist-min' {
     config?: Record<string, unknown>
   ): Promise<HTMLElement>;
   export function purge(element: HTMLElement): void;
+  export const Plots: { resize(element: HTMLElement): void };
 }

@@ -1,10 +1,11 @@
 /**
  * Numbers behind the routing panel, computed from `RoutingTrace.to_dict()`: per-layer expert load,
- * the token x layer grid of top experts, and one token's experts in every layer.
+ * the token x layer grid of top experts, and one token's experts in every layer; and the panel's title.
  *
  * Pure and unit-tested; the panel only hands the results to plotly.
  */
 
+import type { Message, UserMessage } from './chatState';
 import type { RoutingData } from './protocol';
 
 export type TokenRange = 'all' | 'prompt' | 'generated';
@@ -69,4 +70,26 @@ export function tokenExperts(data: RoutingData, t: number): LayerExperts[] {
       .map((id, k) => ({ id, weight: data.weights[l]?.[t]?.[k] ?? 0 }))
       .sort((a, b) => b.weight - a.weight)
   }));
+}
+
+/** The longest tab title: about what fits a main-area tab. */
+const TITLE_CHARS = 32;
+
+/**
+ * The routing tab's title and caption for the answer `completionId` in `messages`: the question it answered
+ * (the user message before it), shortened to fit a tab, e.g. "Routing: Write a Python function th…".
+ * Falls back to "Expert routing" when the answer is no longer in the conversation.
+ */
+export function routingTitle(messages: Message[], completionId: string): { label: string; caption: string } {
+  const at = messages.findIndex(m => m.kind === 'assistant' && m.completionId === completionId);
+  const question = messages
+    .slice(0, Math.max(at, 0))
+    .reverse()
+    .find((m): m is UserMessage => m.kind === 'user');
+  const text = at >= 0 && question ? question.text.replace(/\s+/g, ' ').trim() : '';
+  if (!text) {
+    return { label: 'Expert routing', caption: `Expert routing of completion ${completionId}` };
+  }
+  const short = text.length > TITLE_CHARS ? `${text.slice(0, TITLE_CHARS - 1).trimEnd()}…` : text;
+  return { label: `Routing: ${short}`, caption: `Expert routing of the answer to: ${text}` };
 }

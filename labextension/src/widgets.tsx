@@ -12,6 +12,7 @@ import { ChatView, type ChatViewActions } from './components/ChatView';
 import { MarkdownContext, type MarkdownServices } from './components/Markdown';
 import { RoutingView } from './components/RoutingView';
 import type { RoutingData } from './protocol';
+import { routingTitle } from './routingData';
 
 export class ChatSidebar extends ReactWidget {
   constructor(
@@ -77,15 +78,17 @@ function RoutingLoader({
 export class RoutingPanel extends ReactWidget {
   private themeVersion = 0;
 
+  /** `title`: routingTitle() of the answer (the question it answered). */
   constructor(
     private readonly client: WorkbenchClient,
-    readonly completionId: string
+    readonly completionId: string,
+    title: { label: string; caption: string } = routingTitle([], completionId)
   ) {
     super();
     this.addClass('glm-RoutingPanel');
     this.id = `glm-routing-${completionId.replace(/[^A-Za-z0-9_-]/g, '_')}`;
-    this.title.label = `Experts ${completionId.slice(-8)}`;
-    this.title.caption = `Expert routing of completion ${completionId}`;
+    this.title.label = title.label;
+    this.title.caption = title.caption;
     this.title.closable = true;
   }
 

@@ -1,6 +1,15 @@
 import { describe, expect, it } from 'vitest';
 import type { RoutingData } from '../src/protocol';
-import { checkRouting, expertLoad, tokenExperts, tokenIndices, tokenLabels, topExpertGrid } from '../src/routingData';
+import { newAssistantMessage } from '../src/chatState';
+import {
+  checkRouting,
+  expertLoad,
+  routingTitle,
+  tokenExperts,
+  tokenIndices,
+  tokenLabels,
+  topExpertGrid
+} from '../src/routingData';
 
 // 2 MoE layers (model layers 1 and 2), 3 tokens (2 prompt + 1 generated), top-2 of 4 experts.
 const trace: RoutingData = {
@@ -60,5 +69,36 @@ describe('routing panel data', () => {
     expect(() => checkRouting({ ...trace, layer_ids: [1] })).toThrow(/layer_ids/);
     expect(() => checkRouting({ ...trace, token_ids: [1, 2] })).toThrow(/one row per token/);
     expect(() => checkRouting(trace)).not.toThrow();
+  });
+});
+
+describe('routing tab title', () => {
+  const user = (id: string, text: string) => ({ kind: 'user' as const, id, text, context: [] });
+  const answer = (id: string, completionId: string) => ({
+    ...newAssistantMessage(id, 0),
+    completionId,
+    status: 'done' as const
+  });
+
+  it('names the question the answer answered, shortened to fit a tab', () => {
+    const messages = [
+      user('u1', 'hello'),
+      answer('a1', 'chatcmpl-1'),
+      user('u2', 'Write a Python function that reverses a string.\nThanks'),
+      answer('a2', 'chatcmpl-2')
+    ];
+    expect(routingTitle(messages, 'chatcmpl-1').label).toBe('Routing: hello');
+    const second = routingTitle(messages, 'chatcmpl-2');
+    expect(second.label).toBe('Routing: Write a Python function that re…');
+    expect(second.label.length).toBeLessThanOrEqual('Routing: '.length + 32);
+    expect(second.caption).toBe('Expert routing of the answer to: Write a Python function that reverses a string. Thanks');
+  });
+
+  it('falls back to a plain title when the answer is not in the conversation', () => {
+    expect(routingTitle([user('u1', 'hi')], 'chatcmpl-9')).toEqual({
+      label: 'Expert routing',
+      caption: 'Expert routing of completion chatcmpl-9'
+    });
+    expect(routingTitle([answer('a1', 'chatcmpl-1')], 'chatcmpl-1').label).toBe('Expert routing');
   });
 });

@@ -1,4 +1,4 @@
-"""The demo notebooks run top to bottom in a real kernel (nbclient) on the bundled model; any error fails.
+"""The demo notebooks (01-06) run top to bottom in a real kernel (nbclient) on the bundled model; any error fails.
 
 Notebook 5 (the real GLM-4.5-Air) runs its skip path: no key and no server in the environment."""
 
@@ -86,6 +86,29 @@ def test_real_glm_notebook_skips_cleanly_without_a_key_or_server():
     assert "No real GLM-4.5-Air configured" in cell(out, "import json")
     skipped = [text for text in out.values() if "skipped: no remote GLM configured" in text]
     assert len(skipped) == 4
+
+
+def test_magic_and_routing():
+    out = run_notebook("06_magic_and_routing.ipynb")
+    assert "the local engine in this kernel" in cell(out, "%glm status")
+    assert "%%glm options:" in cell(out, "%glm --help") and "--max-tokens" in cell(out, "%glm --help")
+    # Real answers: thinking off and room enough, so neither answer is cut off or empty (32 and 16 tokens of a
+    # thinking model left both empty before).
+    first = cell(out, "%%glm --no-think --max-tokens 200")
+    assert re.search(r"↳ \d+ lines? of code put into a new cell below", first) and "cut off" not in first
+    second = cell(out, "%%glm --no-think --max-tokens 120")
+    assert "cut off" not in second
+    # --trace put the routing view under the second answer
+    assert "<application/vnd.jupyter.widget-view+json>" in second
+    history = cell(out, "%glm history").splitlines()
+    answers = [line for line in history if line.startswith(("[1] glm:", "[2] glm:"))]
+    assert len(answers) == 2 and all(len(line.split("glm:", 1)[1].strip()) > 10 for line in answers), history
+    assert "[2] you: Now explain it" in cell(out, "%glm history")
+    for start in ("widgets.load_heatmap", "widgets.coactivation_heatmap", "widgets.expert_card", "again ="):
+        text = cell(out, start)
+        assert "<application/vnd.plotly.v1+json>" in text, start
+        assert "<application/vnd.glm-workbench.plotly+json>" in text, start  # drawn in JupyterLab's theme
+    assert "agreement per layer: [" in cell(out, "again =")
 
 
 def test_committed_notebooks_are_stripped_of_outputs():

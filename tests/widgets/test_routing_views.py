@@ -53,8 +53,12 @@ def test_token_grid_axes_and_hover(engine, trace):
     assert z.shape == (trace.num_layers, trace.num_tokens)
     assert list(grid.y) == ["L1", "L2"]
     assert list(grid.x) == list(range(trace.num_tokens))
-    # Colour = the first-choice expert of each (layer, token).
+    # Colour = the first-choice expert of each (layer, token), on a categorical scale: each id its own flat band
+    # of a qualitative palette (ids are categories: no continuous ramp), its id written in the cell.
     np.testing.assert_array_equal(z, trace.expert_ids[:, :, 0].numpy())
+    assert (grid.zmin, grid.zmax) == (-0.5, trace.num_experts - 0.5)
+    assert grid.texttemplate == "%{z:d}"
+    assert list(grid.colorbar.tickvals) == list(range(trace.num_experts))
     assert fig.layout.xaxis.title.text == "token" and fig.layout.yaxis.title.text == "layer"
     # Tick labels are the tokens' own text; the hover names the top-K with weights and the shared expert.
     texts = widgets.token_texts(trace, engine.tokenizer)
@@ -63,9 +67,34 @@ def test_token_grid_axes_and_hover(engine, trace):
     hover = grid.text[1][3]
     first, second = trace.expert_ids[1, 3].tolist()
     assert f"e{first} " in hover and f"e{second} " in hover and "layer 2" in hover
-    assert "shared expert" in hover and "shared expert" in fig.layout.title.text
-    # The prompt / generated boundary is drawn.
+    assert "shared expert" in hover and "shared expert" in fig.layout.title.text.split("<br>")[1]
+    # The prompt / generated boundary is drawn, its labels above the plot area (they covered cells before).
     assert any(shape.x0 == trace.prompt_len - 0.5 for shape in fig.layout.shapes)
+    labels = {a.text.strip(): a for a in fig.layout.annotations}
+    assert set(labels) == {"← prompt", "generated →"}
+    assert all(a.yref == "paper" and a.y == 1 and a.yanchor == "bottom" for a in labels.values())
+    assert labels["generated →"].xanchor == "left" and labels["← prompt"].xanchor == "right"
+
+
+def test_expert_colours_are_categorical():
+    scale = widgets.figures.expert_colorscale(16)
+    # Two stops per expert: a flat band [e/16, (e+1)/16] of one colour; neighbours differ.
+    assert len(scale) == 32 and scale[0][0] == 0 and scale[-1][0] == 1
+    colours = [scale[2 * e][1] for e in range(16)]
+    assert all(scale[2 * e + 1][1] == colours[e] for e in range(16))
+    assert len(set(colours)) == 16, "16 experts, 16 distinct colours"
+    many = widgets.figures.expert_colorscale(128)
+    assert {c for _, c in many} == set(widgets.figures.EXPERT_PALETTE)  # beyond the palette, colours repeat
+    with pytest.raises(ValueError, match="num_experts"):
+        widgets.figures.expert_colorscale(0)
+
+
+def test_long_grids_leave_the_ids_to_the_hover():
+    trace = analysis.random_trace(2, 100, 8, 2)
+    (grid,) = heatmaps(widgets.token_grid(trace, max_tokens=100))
+    assert grid.texttemplate is None  # 100 columns: cells too narrow for text
+    (grid,) = heatmaps(widgets.token_grid(trace, max_tokens=40))
+    assert grid.texttemplate == "%{z:d}"
 
 
 def test_token_grid_expert_filter_layers_and_window(trace):
@@ -96,6 +125,10 @@ def test_load_heatmap_axes_and_imbalance(trace):
     assert set(beside) == {"cv", "max violation", "entropy"}
     np.testing.assert_allclose(beside["entropy"].x, analysis.imbalance(trace).entropy)
     assert fig.layout.xaxis.title.text == "expert" and fig.layout.yaxis.title.text == "layer"
+    # a ratio scale from 0 with white at 1 (zmid=1 with zmin=0 made plotly label the bar with negative loads), its
+    # colour bar right of both panels
+    assert heat.zmin == 0 and heat.zmid is None and heat.zmax >= max(2, z.max())
+    assert heat.colorscale[1][0] == pytest.approx(1 / heat.zmax) and heat.colorbar.x >= 1
 
 
 def test_coactivation_heatmap(trace):
@@ -131,8 +164,23 @@ def test_expert_card_lists_the_routed_tokens(engine, trace):
     assert f"expert {expert}: {len(routed)} of {trace.num_tokens} tokens" in fig.layout.title.text
     bar = next(t for t in fig.data if isinstance(t, go.Bar))
     assert sum(bar.y) == len(routed) or len(bar.x) == 20
+    # Laid out in pixels: the table's domain holds its rows (no blank area under them), and the gap between the
+    # bars and the table's title leaves room for the bars' tick labels (no axis title to collide with it).
+    assert fig.layout.xaxis.title.text is None
+    plot_px = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    bars_bottom = fig.layout.yaxis.domain[0] * plot_px
+    table_top = table.domain.y[1] * plot_px
+    assert bars_bottom - table_top >= 90
+    rows_px = 26 + 22 * min(len(routed), 14)
+    assert rows_px <= table_top <= rows_px + 20
     with pytest.raises(ValueError, match="not a MoE layer"):
         widgets.expert_card(trace, layer=7, expert=0)
+
+
+def test_expert_card_height_follows_its_rows():
+    few = widgets.expert_card(analysis.random_trace(1, 3, 8, 2), layer=1, expert=0)
+    many = widgets.expert_card(analysis.random_trace(1, 200, 8, 2), layer=1, expert=0)
+    assert few.layout.height < many.layout.height <= 800  # long tables scroll inside
 
 
 def test_comparison_of_prefill_and_decode(engine, generated):
@@ -159,6 +207,8 @@ def test_routing_view_tabs_and_controls(engine, trace):
         assert name in view.figures
         bundle = view.outputs[name].outputs[0]["data"]
         assert "application/vnd.plotly.v1+json" in bundle
+        # the same figure for the extension's renderer that follows JupyterLab's theme
+        assert bundle[widgets.figures.THEMED_MIME] == bundle["application/vnd.plotly.v1+json"]
     # Controls redraw their figure.
     view.expert_filter.value = 3
     assert "expert 3" in view.figures["tokens"].layout.title.text
@@ -201,3 +251,43 @@ def test_views_of_a_server_trace_round_trip(trace):
     # The server sends traces as JSON (RoutingTrace.to_dict); the views read them back the same.
     again = RoutingTrace.from_dict(json.loads(json.dumps(trace.to_dict())))
     np.testing.assert_array_equal(heatmaps(widgets.token_grid(again))[0].z, heatmaps(widgets.token_grid(trace))[0].z)
+
+
+def test_figures_offer_the_themed_mime_in_a_notebook(trace, monkeypatch):
+    import plotly.io as pio
+
+    monkeypatch.setattr(pio.renderers, "default", "plotly_mimetype")
+    for fig in (widgets.token_grid(trace), widgets.load_heatmap(trace), widgets.coactivation_heatmap(trace, 1),
+                widgets.locality_chart(trace), widgets.expert_card(trace, 1, 0),
+                widgets.comparison_chart(trace, trace)):
+        bundle = fig._repr_mimebundle_()
+        assert bundle[widgets.figures.THEMED_MIME] == bundle["application/vnd.plotly.v1+json"], fig.layout.title.text
+        # nothing that vanishes on a dark background: no black or white set by hand
+        spec = json.dumps(fig.to_plotly_json()["layout"].get("shapes", []))
+        assert '"black"' not in spec and '"white"' not in spec
+    assert widgets.figures.with_themed_mime({"text/plain": "x"}) == {"text/plain": "x"}
+
+
+def test_a_figure_displayed_in_a_kernel_carries_the_themed_mime(trace, monkeypatch):
+    import plotly.io as pio
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.display import display
+    from IPython.utils.capture import capture_output
+
+    InteractiveShell.instance()
+    monkeypatch.setattr(pio.renderers, "default", "plotly_mimetype")
+    with capture_output() as captured:
+        display(widgets.load_heatmap(trace))  # what a cell ending in a figure does
+    (output,) = captured.outputs
+    assert widgets.figures.THEMED_MIME in output.data and "application/vnd.plotly.v1+json" in output.data
+
+
+def test_titles_fit_a_narrow_notebook(trace):
+    # Short titles at the left, details in the subtitle: a centred 90-character title was cut off at both sides.
+    for fig in (widgets.token_grid(trace), widgets.token_grid(trace, expert=0), widgets.load_heatmap(trace),
+                widgets.coactivation_heatmap(trace, 1), widgets.locality_chart(trace),
+                widgets.expert_card(trace, 1, 0), widgets.comparison_chart(trace, trace)):
+        title = fig.layout.title
+        first_line = title.text.split("<br>")[0]
+        assert len(first_line) <= 60 and title.xanchor == "left" and title.x == 0, title.text
+        assert fig.layout.margin.t >= 90

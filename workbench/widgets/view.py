@@ -148,8 +148,10 @@ class RoutingView(widgets.VBox):
 
 def figure_bundle(figure: go.Figure) -> dict:
     """The Jupyter mime bundle of a figure: plotly's own JSON mime type, which JupyterLab, Notebook 7 and
-    VS Code render with their bundled plotly.js (offline, no CDN), plus a one-line text fallback."""
-    bundle = dict(pio.renderers["plotly_mimetype"].to_mimebundle(figure.to_dict()))
+    VS Code render with their bundled plotly.js (offline, no CDN), the same figure under
+    `figures.THEMED_MIME` (drawn in JupyterLab's theme by the glm-workbench extension), and a one-line text
+    fallback."""
+    bundle = figures.with_themed_mime(dict(pio.renderers["plotly_mimetype"].to_mimebundle(figure.to_dict())))
     title = figure.layout.title.text or "routing figure"
     bundle["text/plain"] = f"<plotly figure: {title}>"
     return bundle

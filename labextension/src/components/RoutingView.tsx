@@ -4,7 +4,8 @@
  * and weights in every layer.
  *
  * plotly.js is bundled with the extension (no CDN) and loaded on first use, so the sidebar does not pay
- * for it. Colours come from the JupyterLab theme variables, so the plots follow light and dark themes.
+ * for it. Colours come from the JupyterLab theme (plotlyTheme.ts), so the plots follow light and dark themes;
+ * expert ids, being categories, get the categorical palette there rather than a colour ramp.
  */
 
 import React, { useEffect, useMemo, useRef, useState } from 'react';
@@ -19,26 +20,7 @@ import {
   type TokenRange,
   topExpertGrid
 } from '../routingData';
-
-type PlotlyModule = typeof import('plotly.js-dist-min');
-
-let plotlyPromise: Promise<PlotlyModule> | null = null;
-function loadPlotly(): Promise<PlotlyModule> {
-  plotlyPromise ??= import('plotly.js-dist-min').then(
-    m => ((m as { default?: PlotlyModule }).default ?? m) as PlotlyModule
-  );
-  return plotlyPromise;
-}
-
-function themeColors(): { font: string; background: string; grid: string } {
-  const style = getComputedStyle(document.body);
-  const read = (name: string, fallback: string) => style.getPropertyValue(name).trim() || fallback;
-  return {
-    font: read('--jp-ui-font-color1', '#222'),
-    background: read('--jp-layout-color1', '#fff'),
-    grid: read('--jp-border-color2', '#ddd')
-  };
-}
+import { expertColorscale, loadPlotly, readTheme, themedLayout } from '../plotlyTheme';
 
 function Plot({
   data,
@@ -66,14 +48,7 @@ function Plot({
         if (cancelled) {
           return;
         }
-        const colors = themeColors();
-        const themed = {
-          paper_bgcolor: colors.background,
-          plot_bgcolor: colors.background,
-          font: { color: colors.font, size: 11 },
-          margin: { l: 60, r: 20, t: 30, b: 50 },
-          ...layout
-        };
+        const themed = themedLayout({ font: { size: 11 }, margin: { l: 60, r: 20, t: 40, b: 50 }, ...layout }, readTheme());
         return Plotly.react(el, data as never, themed as never, { responsive: true, displaylogo: false }).then(() => {
           if (onClick) {
             const plot = el as unknown as { removeAllListeners?: (e: string) => void; on: Function };
@@ -172,10 +147,19 @@ export function RoutingView({
           y: data.layer_ids.map(l => `L${l}`),
           text: hover,
           customdata: data.layer_ids.map(() => tokens.map(t => labels[t])),
-          colorscale: 'Jet',
-          zmin: 0,
-          zmax: Math.max(1, data.num_experts - 1),
-          colorbar: { title: { text: 'top expert' } },
+          // expert ids are categories: one flat colour band per id, the id written in the cell while it fits
+          colorscale: expertColorscale(data.num_experts),
+          zmin: -0.5,
+          zmax: data.num_experts - 0.5,
+          xgap: 1,
+          ygap: 1,
+          ...(tokens.length <= 48 ? { texttemplate: '%{z:d}', textfont: { size: 9 } } : {}),
+          colorbar: {
+            title: { text: 'top expert' },
+            ...(data.num_experts <= 32
+              ? { tickvals: [...Array(data.num_experts).keys()], ticktext: [...Array(data.num_experts).keys()].map(e => `e${e}`) }
+              : {})
+          },
           hovertemplate: 'token %{x} “%{customdata}”, layer %{y}<br>experts: %{text}<extra></extra>'
         }
       ],
@@ -188,7 +172,8 @@ export function RoutingView({
           ticktext: tokens.length <= 40 ? tokens.map(t => labels[t]) : undefined
         },
         yaxis: { title: { text: 'layer' }, autorange: 'reversed' },
-        height: Math.max(220, 60 + 22 * data.layer_ids.length)
+        // tall enough for a row per layer and, while the colour bar names every expert, a legible tick each
+        height: 130 + Math.max(24 * data.layer_ids.length, data.num_experts <= 32 ? 14 * data.num_experts : 0)
       }
     };
   }, [data, tokens, labels, problem]);
