@@ -58,6 +58,7 @@ def test_every_decode_step_matches_the_torch_path(checkpoint, dtype):
         # Each step starts from the reference's cache, so a difference cannot carry over into later steps.
         for (k, v), (k_ref, v_ref) in zip(compiled.cache.layers, reference.cache.layers, strict=True):
             k.copy_(k_ref), v.copy_(v_ref)
+        compiled._reserve_decode_slots([ours]), reference._reserve_decode_slots([theirs])  # blocks on demand
         logits = compiled._decode_compiled([ours])
         expected = reference._decode_batch([theirs])
         if not torch.equal(ours.routing_chunks[-1][0], theirs.routing_chunks[-1][0]):

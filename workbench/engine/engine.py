@@ -5,6 +5,15 @@ continuous batching: requests are admitted between steps, their prompts prefille
 request advances by one token per batched decode step. Knows nothing of messages, prompts or HTTP: callers
 bring token ids (the tokenizer is here to turn text into ids and back, and to render chat templates).
 
+KV memory on demand: a request holds cache blocks for the tokens it has, one more block each time it fills its
+last. When the pool runs out, the most recently admitted request is preempted: its blocks are freed, it goes back
+to the front of the queue, and when it is admitted again one prefill recomputes its prompt and everything it had
+generated; its stream goes on with the next token, without a gap or a repeat. The oldest running request always
+progresses, so nothing deadlocks, and nothing fails for want of memory.
+
+Failures stay with their owner: a sequence whose sampling or stop strings fail ends alone with an error; a failure
+of the shared forward pass ends the requests of that step, and the engine serves the next ones.
+
 Threading: `step()` runs under a lock, so any number of threads may call `stream()`/`generate()` at once; each
 step serves every request, whichever thread runs it. `Request.cancel()` is safe from any thread and takes effect
 at the next step, which frees the request's cache blocks.
@@ -35,6 +44,7 @@ from workbench.engine.model import AttentionBatch, GLMForCausalLM, Segment
 from workbench.engine.ops import select_kernels
 from workbench.engine.routing import RoutingRecorder, RoutingTrace
 from workbench.engine.sampling import SamplingParams, make_generator, sample
+from workbench.engine.stop_strings import StopMatcher
 from workbench.engine.tokenizer import Tokenizer
 from workbench.engine.weights import CheckpointError, load_weights
 
@@ -93,7 +103,7 @@ class Request:
     stop_token_id: int | None = None
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     # engine-side state
-    blocks: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # cache blocks holding its tokens; grows as it generates
     block_table: torch.Tensor | None = None  # blocks as an int32 tensor, for the compiled decode step
     num_cached: int = 0
     generator: torch.Generator | None = None
@@ -101,7 +111,8 @@ class Request:
     emitted_chars: int = 0
     routing_chunks: list = field(default_factory=list)
     routing_pending: bool = False  # finished, but its last token still has to go through the model for the trace
-    held_text: str = ""  # decoded text held back because it may begin a stop string
+    stop_matcher: StopMatcher | None = None  # holds back decoded text that may begin a stop string
+    preemptions: int = 0  # times its cache was taken back for older requests (and recomputed on resumption)
     error: BaseException | None = None
     created: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
@@ -123,6 +134,11 @@ class Request:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Every token of the sequence so far: what a prefill after a preemption recomputes."""
+        return self.prompt_ids + self.output_ids
 
     def result(self) -> GenerationResult:
         if not self.finished:
@@ -178,13 +194,17 @@ class Engine:
         self.max_batch_size = max_batch_size
         limit = self.config.max_position_embeddings
         self.max_context = min(max_context or limit, limit)
-        cache_tokens = cache_tokens or min(self.max_context, 65536)
+        # By default the pool holds a full context for every sequence of a batch, up to 64K tokens (a real
+        # GLM-4.5-Air's 64K take 12 GB in bf16); blocks are taken as sequences grow, so a smaller pool only means
+        # more preemption under load.
+        cache_tokens = cache_tokens or min(self.max_context * max_batch_size, 65536)
         self.max_context = min(self.max_context, cache_tokens)
         config = self.config
         self.cache = PagedKVCache(config.num_hidden_layers, -(-cache_tokens // block_size), block_size,
                                   config.num_key_value_heads, config.head_dim, dtype, device)
         self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []
+        self._running: list[Request] = []  # in order of admission: the last is the first to be preempted
+        self.preemptions = 0
         self._step_lock = threading.Lock()
         self._admit_lock = threading.Lock()
         self._progress = threading.Condition()
@@ -274,6 +294,8 @@ class Engine:
                           routing_scores=routing_scores)
         request.generator = make_generator(params.seed, self.device)
         request.decoder = self.tokenizer.incremental_decoder() if self.tokenizer else None
+        if params.stop_strings:
+            request.stop_matcher = StopMatcher(params.stop_strings)
         with self._admit_lock:
             self._waiting.append(request)
         return request
@@ -303,6 +325,12 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def num_preempted(self) -> int:
+        """Requests waiting to resume after a preemption."""
+        with self._admit_lock:
+            return sum(1 for r in self._waiting if r.output_ids)
+
     def has_unfinished(self) -> bool:
         return bool(self._running or self._waiting)
 
@@ -318,7 +346,7 @@ class Engine:
                 self._drop_cancelled()
                 admitted = self._admit()
                 produced = self._prefill(admitted) if admitted else 0
-                decoding = [r for r in self._running if r not in admitted]
+                decoding = self._reserve_decode_slots([r for r in self._running if r not in admitted])
                 produced += self._decode(decoding) if decoding else 0
             except BaseException as exc:
                 self._fail_all(exc)
@@ -349,30 +377,61 @@ class Engine:
             self._finish(request, "cancelled")
 
     def _admit(self) -> list[Request]:
-        admitted, budget = [], 8192  # prompt tokens prefilled per step: bounds the pause other requests see
+        """Admit waiting requests (preempted ones first) while their tokens, and the next token's slot, fit in the
+        free blocks left after this step's decode takes what the running requests need."""
+        admitted, budget = [], 8192  # tokens prefilled per step: bounds the pause other requests see
+        growing = sum(1 for r in self._running if self._blocks_to_write_next(r) > len(r.blocks))
         with self._admit_lock:
             while self._waiting and len(self._running) < self.max_batch_size:
                 request = self._waiting[0]
-                need = len(request.prompt_ids) + request.params.max_new_tokens
-                if admitted and len(request.prompt_ids) > budget:
+                rows = len(request.token_ids)
+                if admitted and rows > budget:
                     break
-                if not self.cache.can_allocate(need):
-                    if not self._running and not admitted and self.cache.blocks_for(need) > self.cache.num_blocks:
-                        self._waiting.popleft()
-                        self._finish(request, "length")  # cannot ever fit: _check_prompt makes this unreachable
-                        continue
+                # Nothing running: the first request always fits (a request's tokens never exceed max_context,
+                # which the pool holds), so the queue cannot stall.
+                if self.cache.blocks_for(rows + 1) + growing > self.cache.num_free_blocks and self._running:
                     break
                 self._waiting.popleft()
-                request.blocks = self.cache.allocate(need)
-                budget -= len(request.prompt_ids)
+                request.blocks = self.cache.allocate(rows)
+                budget -= rows
                 admitted.append(request)
                 self._running.append(request)
         return admitted
 
+    def _blocks_to_write_next(self, request: Request) -> int:
+        """Blocks a running request needs for the token its next decode step writes (at position num_cached)."""
+        return self.cache.blocks_for(request.num_cached + 1)
+
+    def _reserve_decode_slots(self, decoding: list[Request]) -> list[Request]:
+        """Give each decoding request the block its next token needs, oldest first; when the pool is empty,
+        preempt the most recently admitted request until it is not. Returns the requests still running."""
+        for request in decoding:
+            while request in self._running and self._blocks_to_write_next(request) > len(request.blocks):
+                if self.cache.num_free_blocks:
+                    request.blocks += self.cache.allocate(1)
+                    request.block_table = None
+                else:
+                    self._preempt(self._running[-1])
+        return [r for r in decoding if r in self._running]
+
+    def _preempt(self, request: Request) -> None:
+        """Take a running request's cache back and queue it first in line; its next admission recomputes it."""
+        self._running.remove(request)
+        self.cache.free(request.blocks)
+        request.blocks, request.block_table, request.num_cached = [], None, 0
+        request.routing_chunks.clear()  # the recomputing prefill records the routing of every token again
+        request.preemptions += 1
+        self.preemptions += 1
+        with self._admit_lock:
+            self._waiting.appendleft(request)
+        log.info("KV cache full: request %d preempted after %d tokens (it resumes when blocks free up)",
+                 request.id, len(request.output_ids))
+
     def _prefill(self, requests: list[Request]) -> int:
+        """One forward over the prompts of newly admitted requests (a resumed one's whole sequence so far)."""
         rows, segments, positions, slots = [], [], [], []
         for request in requests:
-            ids = request.prompt_ids
+            ids = request.token_ids
             segments.append(Segment(start=len(rows), length=len(ids)))
             rows.extend(ids)
             positions.extend(range(len(ids)))
@@ -382,8 +441,13 @@ class Engine:
         spans = [(s.start, s.length) for s in segments]
         logits = self._forward(self._tensor(rows), batch, requests, spans, batch.last_rows)
         for request in requests:
-            request.num_cached = len(request.prompt_ids)
-        return self._emit(requests, logits)
+            request.num_cached = len(request.token_ids)
+        routed = [r for r in requests if r.routing_pending]
+        for request in routed:  # resumed only to route its last token: its generation was already complete
+            request.routing_pending = False
+            self._complete(request)
+        live = [i for i, r in enumerate(requests) if r not in routed]
+        return self._emit([requests[i] for i in live], logits[live])
 
     def _decode(self, requests: list[Request]) -> int:
         decode = self._decode_compiled if self.compiled_decode is not None else self._decode_batch
@@ -400,7 +464,7 @@ class Engine:
     def _decode_compiled(self, requests: list[Request]) -> torch.Tensor:
         """One token for each request through the compiled step: the same result as `_decode_batch`."""
         for request in requests:
-            if request.block_table is None:  # blocks are reserved at admission: one table for the whole request
+            if request.block_table is None:  # made anew when the request gains a block
                 request.block_table = torch.tensor(request.blocks, dtype=torch.int32)
         if len(requests) == 1:
             tables = requests[0].block_table[None]
@@ -452,41 +516,33 @@ class Engine:
         tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
         now = time.perf_counter()
         for request, token in zip(requests, tokens):
-            request.first_token_time = request.first_token_time or now
-            if token in request.stop_ids:
-                request.stop_token_id = token
-                self._finish(request, "stop")
-                continue
-            request.output_ids.append(token)
-            text = request.decoder.push(token) if request.decoder else ""
-            reason = None
-            if request.params.stop_strings:
-                text, reason = self._apply_stop_strings(request, text)
-            else:
-                request.text += text
-            request.events.put(StreamToken(token, text, len(request.output_ids) - 1))
-            if reason is None and len(request.output_ids) >= request.params.max_new_tokens:
-                reason = "length"
-            if reason:
-                self._finish(request, reason)
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                self._accept(request, token, now)
+            except Exception as exc:  # this sequence's own failure: it ends alone, the batch goes on
+                self._fail(request, exc)
         return len(tokens)
 
-    def _apply_stop_strings(self, request: Request, delta: str) -> tuple[str, str | None]:
-        """Pass new text through the stop strings: cut at a complete one, hold back a possible beginning of one.
-
-        Held text is the longest suffix that starts some stop string, so any match begins inside it.
-        """
-        pending = request.held_text + delta
-        stops = request.params.stop_strings
-        hits = [pending.find(s) for s in stops if s in pending]
-        if hits:
-            emitted, request.held_text = pending[: min(hits)], ""
-            request.text += emitted
-            return emitted, "stop"
-        hold = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-        emitted, request.held_text = pending[: len(pending) - hold], pending[len(pending) - hold:]
-        request.text += emitted
-        return emitted, None
+    def _accept(self, request: Request, token: int, now: float) -> None:
+        """Append a sampled token to its request: stream its text, and end the request on a stop or the limit."""
+        request.first_token_time = request.first_token_time or now
+        if token in request.stop_ids:
+            request.stop_token_id = token
+            self._finish(request, "stop")
+            return
+        request.output_ids.append(token)
+        text = request.decoder.push(token) if request.decoder else ""
+        reason = None
+        if request.stop_matcher is not None:
+            text, hit = request.stop_matcher.push(text)
+            reason = "stop" if hit else None
+        request.text += text
+        request.events.put(StreamToken(token, text, len(request.output_ids) - 1))
+        if reason is None and len(request.output_ids) >= request.params.max_new_tokens:
+            reason = "length"
+        if reason:
+            self._finish(request, reason)
 
     def _finish(self, request: Request, reason: str) -> None:
         request.finish_reason = reason
@@ -505,14 +561,11 @@ class Engine:
     def _flush_text(self, request: Request) -> None:
         """Emit what the detokeniser and the stop-string check still hold once generation has ended."""
         tail = request.decoder.flush() if request.decoder else ""
-        if request.params.stop_strings:
-            tail, hit = self._apply_stop_strings(request, tail)
+        if request.stop_matcher is not None:
+            tail, hit = request.stop_matcher.push(tail)
             if not hit:
-                tail += request.held_text
-                request.text += request.held_text
-            request.held_text = ""
-        else:
-            request.text += tail
+                tail += request.stop_matcher.flush()
+        request.text += tail
         if tail:
             request.events.put(StreamToken(request.output_ids[-1], tail, len(request.output_ids) - 1))
 
@@ -540,17 +593,19 @@ class Engine:
                             meta={"model": self.name, "dtype": str(self.dtype).removeprefix("torch."),
                                   "kernels": self.kernels})
 
+    def _fail(self, request: Request, exc: BaseException) -> None:
+        log.warning("request %d failed alone: %s: %s", request.id, type(exc).__name__, exc)
+        request.error = exc
+        request.routing = False
+        self._finish(request, "error")
+
     def _fail_all(self, exc: BaseException) -> None:
-        """An exception inside a step: end every request in flight so no caller waits forever."""
-        log.exception("engine step failed; ending %d running requests", len(self._running))
+        """An exception in the shared part of a step (the forward pass): end the requests it ran for, so no caller
+        waits forever. Waiting requests were not part of it: the next step serves them."""
+        log.exception("engine step failed; ending its %d running requests", len(self._running))
         for request in list(self._running):
             request.error = exc
             request.routing = False
-            self._finish(request, "error")
-        with self._admit_lock:
-            waiting, self._waiting = list(self._waiting), deque()
-        for request in waiting:
-            request.error = exc
             self._finish(request, "error")
 
     def _tensor(self, values, dtype: torch.dtype = torch.long) -> torch.Tensor:
