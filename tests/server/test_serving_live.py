@@ -37,8 +37,8 @@ def small_pool_server(tmp_path_factory):
 async def stream_chat(client: httpx.AsyncClient, server, body: dict) -> dict:
     """One streamed completion, checked chunk by chunk: well-formed JSON, one role chunk first, [DONE] last."""
     chunks, done = [], False
-    async with client.stream("POST", f"{server.api}/chat/completions", headers=server.headers,
-                             json={"model": MODEL, **body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    body = {"model": MODEL, **body, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", f"{server.api}/chat/completions", headers=server.headers, json=body) as r:
         assert r.status_code == 200, await r.aread()
         async for line in r.aiter_lines():
             if not line.startswith("data: "):

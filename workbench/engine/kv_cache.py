@@ -4,7 +4,7 @@ Owns the pool tensors and the block allocator. Why paged: sequences of very diff
 (chat turns, tool calls, a 128K-token document next to a one-line question); a block pool wastes at most one
 partly filled block per sequence, needs no copying when sequences end, and its block tables are exactly what
 a paged decode-attention kernel reads. The engine takes blocks for a sequence as it grows, one at a time, and
-preempts a sequence when none is left (see workbench.engine.engine).
+preempts a sequence when none is left (see workbench.engine.scheduler).
 
 Layout per layer: k, v [num_blocks, block_size, Hk, Dh].
 """
