@@ -33,10 +33,6 @@ class PagedKVCache:
     def num_free_blocks(self) -> int:
         return len(self._free)
 
-    @property
-    def capacity_tokens(self) -> int:
-        return self.num_blocks * self.block_size
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

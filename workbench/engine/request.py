@@ -100,9 +100,6 @@ class Request:
     def finished(self) -> bool:
         return self._done.is_set()
 
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
     @property
     def token_ids(self) -> list[int]:
         """Every token of the sequence so far: what a prefill after a preemption recomputes."""
