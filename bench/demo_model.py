@@ -27,10 +27,10 @@ from workbench.chat.parser import parse_completion
 from workbench.engine import Engine
 from workbench.engine.routing import RoutingTrace
 from workbench.models import default_model_path
-from workbench.models.build import balance_metrics, measure
-from workbench.models.card import DEMO_FILE, write_card
-from workbench.models.corpus import build_corpus, defines_function, extract_code, heldout_requests
-from workbench.models.training import tokenize_documents
+from workbench.models.recipe.build import balance_metrics, measure
+from workbench.models.recipe.card import DEMO_FILE, write_card
+from workbench.models.recipe.corpus import build_corpus, defines_function, extract_code, heldout_requests
+from workbench.models.recipe.training import tokenize_documents
 
 
 def main() -> None:

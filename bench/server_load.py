@@ -6,10 +6,13 @@ Measured side by side in one run, against a live `jupyter server` with the exten
    (target: at least 4x with N = 8): the scheduler should put concurrent requests into shared decode steps;
 2. time to the first token through HTTP (a streaming request for one token, until its finish event) against a
    direct `Engine.generate(max_new_tokens=1)` call on the same prompt in this process (target: under 20 ms
-   extra): rendering, tokenizing, the scheduler hand-off and server-sent events should cost little.
+   extra): rendering, tokenizing, the scheduler hand-off and server-sent events should cost little;
+3. N concurrent clients that send no max_tokens (each may run to the end of the context, and stops where the
+   model stops): aggregate tokens/s and the most requests seen decoding at once in api/status (KV blocks are
+   taken as sequences grow, so these run together instead of one whole-context reservation at a time).
 
 The model is --model (default: the bundled model when it is installed, else a random-weight checkpoint of
---preset written to a temporary folder). Requests use ignore_eos so every client generates exactly --max-tokens.
+--preset written to a temporary folder). Requests 1 and 2 use ignore_eos so every client generates exactly --max-tokens.
 
     python bench/server_load.py [--model PATH] [--preset bench-10m] [--clients 8] [--max-tokens 64] [--device cpu]
 
@@ -37,10 +40,13 @@ def messages_for(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Client {i}: summarise the benefits of mixture-of-experts models."}]
 
 
-async def stream_one(client: httpx.AsyncClient, server: GLMServer, model: str, i: int, max_tokens: int) -> int:
-    """One streaming request to its end; returns the completion tokens the server counted."""
-    body = {"model": model, "messages": messages_for(i), "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+async def stream_one(client: httpx.AsyncClient, server: GLMServer, model: str, i: int, max_tokens: int | None) -> int:
+    """One streaming request to its end; returns the completion tokens the server counted. Without max_tokens the
+    request runs until the model stops (or the context is full), as a chat client's default does."""
+    body = {"model": model, "messages": messages_for(i), "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if max_tokens is not None:
+        body.update(max_tokens=max_tokens, ignore_eos=True)
     tokens = 0
     async with client.stream("POST", f"{server.api}/chat/completions", json=body, headers=server.headers) as r:
         if r.status_code != 200:
@@ -72,6 +78,28 @@ async def throughput(server: GLMServer, model: str, clients: int, max_tokens: in
         raise RuntimeError(f"token counts are off: sequential {sequential_tokens}, concurrent {sum(counts)}, "
                            f"expected {expected} each")
     return sequential, concurrent
+
+
+async def open_ended(server: GLMServer, model: str, clients: int) -> tuple[float, int, int]:
+    """(aggregate tok/s, completion tokens, most requests decoding at once) of `clients` concurrent requests that
+    send no max_tokens."""
+    most_running, done = 0, asyncio.Event()
+
+    async def watch(client: httpx.AsyncClient) -> None:
+        nonlocal most_running
+        while not done.is_set():
+            status = (await client.get(f"{server.url}/glm/api/status", headers=server.headers)).json()
+            most_running = max(most_running, status["active_requests"])
+            await asyncio.sleep(0.05)
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients * 2)) as client:
+        watcher = asyncio.create_task(watch(client))
+        start = time.perf_counter()
+        counts = await asyncio.gather(*[stream_one(client, server, model, i, None) for i in range(clients)])
+        elapsed = time.perf_counter() - start
+        done.set()
+        await watcher
+    return sum(counts) / elapsed, sum(counts), most_running
 
 
 def first_token_ms(server: GLMServer, model: str, model_path: Path, device: str, runs: int) -> tuple[float, float]:
@@ -142,6 +170,7 @@ def main() -> None:
             print(f"model {model_path} on {status['device']} ({status['dtype']}, kernels={status['kernels']}), "
                   f"{args.clients} clients x {args.max_tokens} tokens")
             sequential, concurrent = asyncio.run(throughput(server, model, args.clients, args.max_tokens))
+            open_rate, open_tokens, open_running = asyncio.run(open_ended(server, model, args.clients))
             http_ms, direct_ms = first_token_ms(server, model, model_path, args.device, args.ttft_runs)
         finally:
             server.stop()
@@ -150,6 +179,8 @@ def main() -> None:
     overhead = http_ms - direct_ms
     print(f"sequential   {sequential:9.1f} tok/s  ({args.clients} requests one after another)")
     print(f"concurrent   {concurrent:9.1f} tok/s  ({args.clients} streaming clients at once)   target >= 4x")
+    print(f"no max_tokens {open_rate:8.1f} tok/s  ({args.clients} clients at once, {open_tokens} tokens; at most "
+          f"{open_running} decoding together)")
     print(f"first token  {http_ms:9.1f} ms via HTTP, {direct_ms:.1f} ms direct (median of {args.ttft_runs})   "
           "target < 20 ms extra")
     print(f"concurrent_vs_sequential={ratio:.2f} ttft_overhead_ms={overhead:.1f}")

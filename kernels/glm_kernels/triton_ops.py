@@ -6,8 +6,6 @@ from it. Prefill attention is the Triton flash kernel; `bench/gpu.py` times it a
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from glm_kernels.attention import decode_attention_triton, prefill_attention_triton
 from glm_kernels.fused_moe import fused_moe_triton
 from glm_kernels.rms_norm import rms_norm_triton
@@ -21,5 +19,4 @@ TRITON_KERNELS = dict(
     fused_moe=fused_moe_triton,
     prefill_attention=prefill_attention_triton,
     decode_attention=decode_attention_triton,
-    linear=F.linear,  # bf16/fp16 dense layers: cuBLAS. FP8 dense layers are FP8Linear modules.
 )

@@ -9,8 +9,8 @@ import torch
 
 from workbench.engine import Engine, GLMConfig
 from workbench.models import REQUIRED_FILES, default_model_path
-from workbench.models.corpus import defines_function, extract_code
-from workbench.models.tokenizer_build import ALL_ADDED_TOKENS
+from workbench.models.recipe.corpus import defines_function, extract_code
+from workbench.models.recipe.tokenizer_build import ALL_ADDED_TOKENS
 
 FOLDER = default_model_path(check=False)
 
@@ -94,7 +94,7 @@ def test_model_card_is_rendered_from_the_figures_beside_it(tmp_path):
     # The committed card is what card.py writes from this folder's config and JSON files: it cannot drift.
     import shutil
 
-    from workbench.models.card import write_card
+    from workbench.models.recipe.card import write_card
 
     for f in FOLDER.iterdir():
         if f.suffix in (".json", ".md") or f.name == "model.safetensors":

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 
 from workbench.engine.chat_template import render_chat
-from workbench.models import corpus
-from workbench.models.corpus import (
+from workbench.models.recipe import corpus
+from workbench.models.recipe.corpus import (
     END_OF_TURN,
     TOOLS,
     build_corpus,

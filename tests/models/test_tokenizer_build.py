@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from workbench.models.tokenizer_build import (
+from workbench.models.recipe.tokenizer_build import (
     ALL_ADDED_TOKENS,
     CONTROL_TOKENS,
     MARKUP_TOKENS,

@@ -8,8 +8,8 @@ import torch
 
 from workbench.engine.config import GLMConfig
 from workbench.engine.routing import RoutingRecorder
-from workbench.models.corpus import Document
-from workbench.models.training import (
+from workbench.models.recipe.corpus import Document
+from workbench.models.recipe.training import (
     PackedStream,
     TokenizedDocument,
     TrainConfig,

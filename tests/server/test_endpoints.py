@@ -309,17 +309,17 @@ async def test_engine_failure_fails_that_request_and_the_server_goes_on(jp_fetch
 
 async def test_engine_failure_mid_stream_ends_the_stream_with_an_error_event(jp_fetch, glm):
     await post(jp_fetch, request_body(max_tokens=1))
-    engine = glm.glm_backend.engine
-    original, calls = engine._decode, []
+    scheduler = glm.glm_backend.engine.scheduler
+    original, calls = scheduler._decode, []
 
     def fails_on_third_decode(requests):  # the decode step, whichever path (compiled or torch) runs it
         calls.append(1)
         if len(calls) == 3:
-            engine._decode = original
+            scheduler._decode = original
             raise RuntimeError("injected fault after two tokens")
         return original(requests)
 
-    engine._decode = fails_on_third_decode
+    scheduler._decode = fails_on_third_decode
     response = await post(jp_fetch, request_body(max_tokens=10, ignore_eos=True, stream=True))
     assert response.code == 200
     events = sse_events(response)

@@ -3,8 +3,8 @@
 Owns the pool tensors and the block allocator. Why paged: sequences of very different lengths come and go
 (chat turns, tool calls, a 128K-token document next to a one-line question); a block pool wastes at most one
 partly filled block per sequence, needs no copying when sequences end, and its block tables are exactly what
-a paged decode-attention kernel reads. A sequence reserves the blocks for its prompt plus its token budget when
-it is admitted, so it can never run out mid-generation and nothing is ever preempted.
+a paged decode-attention kernel reads. The engine takes blocks for a sequence as it grows, one at a time, and
+preempts a sequence when none is left (see workbench.engine.scheduler).
 
 Layout per layer: k, v [num_blocks, block_size, Hk, Dh].
 """
@@ -32,10 +32,6 @@ class PagedKVCache:
     @property
     def num_free_blocks(self) -> int:
         return len(self._free)
-
-    @property
-    def capacity_tokens(self) -> int:
-        return self.num_blocks * self.block_size
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

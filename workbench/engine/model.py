@@ -182,6 +182,7 @@ class MLP(nn.Module):
         self.fused_gate_up = _fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor, ops: KernelOps | None = None, recorder=None) -> torch.Tensor:
+        # `ops` and `recorder` are MoE.forward's: a decoder layer calls its mlp the same way, dense or MoE.
         if self.fused_gate_up is not None and not self.gate_proj.weight.requires_grad:  # see Attention.forward
             gate, up = F.linear(x, *self.fused_gate_up).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)

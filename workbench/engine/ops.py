@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import glm_kernels
 import torch
-import torch.nn.functional as F
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
@@ -27,7 +26,6 @@ class KernelOps:
     fused_moe: Callable
     prefill_attention: Callable
     decode_attention: Callable
-    linear: Callable
 
 
 # The torch path: the references' contracts, with the short decode paths of glm_kernels.cpu where they exist.
@@ -39,7 +37,6 @@ TORCH_OPS = KernelOps(
     fused_moe=glm_kernels.fused_moe_cpu,
     prefill_attention=glm_kernels.prefill_attention_reference,
     decode_attention=glm_kernels.decode_attention_cpu,
-    linear=F.linear,
 )
 
 

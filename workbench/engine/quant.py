@@ -199,11 +199,6 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x, self.weight, self.weight_scale, self.bias, self.block_size, self.act_quant)
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from glm_kernels.fp8 import dequantize_weight
-
-        return dequantize_weight(self.weight, self.weight_scale, self.block_size, dtype)
-
     def extra_repr(self) -> str:
         scales = "channel" if self.block_size is None else f"block {self.block_size[0]}x{self.block_size[1]}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -1,6 +1,12 @@
 """Sampling settings and next-token selection from logits: greedy, temperature, top-k, top-p, seeded.
 
 Owns `SamplingParams` (validated on construction: a bad value is a clear error before any work) and `sample`.
+
+Numerically safe for every value the settings accept: a temperature or top_p too small to compute with (below
+SAMPLING_EPS; 1e-300 would underflow float32 to 0 and divide by it) means greedy, the most likely token always
+survives top-p, and logits are shifted by their maximum before scaling so nothing overflows. A row whose
+probabilities still come out non-finite (NaN logits from the model) is an error of that row alone: `sample`
+returns it in that row's place, and the caller fails that sequence and no other.
 """
 
 from __future__ import annotations
@@ -8,6 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+# Below this a temperature (or top_p) leaves one token standing in float32: such settings are greedy (vLLM uses
+# the same threshold).
+SAMPLING_EPS = 1e-5
 
 
 @dataclass
@@ -40,7 +50,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS or self.top_p < SAMPLING_EPS or self.top_k == 1
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -51,29 +61,45 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return generator
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits [B, V] fp32 -> one token id per row, each row with its own settings."""
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int | SamplingError]:
+    """logits [B, V] fp32 -> one token id per row, each row with its own settings; a row that cannot be sampled
+    gets a SamplingError in its place (the other rows are unaffected)."""
     greedy_ids = logits.argmax(dim=-1)
+    out: list[int | SamplingError] = greedy_ids.tolist()
     if all(p.greedy for p in params):
-        return greedy_ids.tolist()
-    out = greedy_ids.tolist()
+        return out
     for row, (p, generator) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
-        out[row] = _sample_row(logits[row], p, generator)
+        try:
+            out[row] = _sample_row(logits[row], p, generator)
+        except (RuntimeError, ValueError) as exc:
+            out[row] = SamplingError(f"sampling failed ({exc})")
     return out
 
 
+class SamplingError(RuntimeError):
+    """A row's next token could not be sampled (its logits were not finite)."""
+
+
 def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    scaled = logits / p.temperature
+    logits = logits.float()
+    if not torch.isfinite(logits).any():
+        raise SamplingError("the model produced no finite logit for this sequence")
+    # Shifting by the maximum first keeps every scaled value <= 0: no overflow however small the temperature.
+    scaled = (logits - logits.max()) / p.temperature
     if p.top_k and p.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, p.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(scaled, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens before it already reach top_p; the first token always stays.
-        drop = (cumulative - sorted_logits.softmax(-1)) >= p.top_p
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens before it already reach top_p; the most likely token always stays.
+        drop = (probs.cumsum(-1) - probs) >= p.top_p
+        drop[0] = False
         scaled = scaled.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = scaled.softmax(-1)
+    if not torch.isfinite(probs).all():
+        raise SamplingError("the sequence's probabilities are not finite (NaN logits from the model)")
     return int(torch.multinomial(probs, 1, generator=generator))

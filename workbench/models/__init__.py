@@ -1,8 +1,8 @@
 """The small bundled checkpoint: a GLM-4.5-Air-architecture MoE trained by this project on the standard library.
 
 Owns where the default model lives. The engine, the server and the magics load `default_model_path()` when no
-other model is configured. The recipe that made it is `python -m workbench.models.build` (see `build.py`); the
-model card is the README.md in the model's folder.
+other model is configured. The recipe that made it is `python -m workbench.models.recipe.build` (see
+`recipe/build.py`); the model card is the README.md in the model's folder.
 
 Importing this package is cheap: it touches no tensors and no files.
 """
@@ -28,7 +28,7 @@ def default_model_path(check: bool = True) -> Path:
         if missing:
             raise FileNotFoundError(
                 f"the bundled model at {folder} lacks {', '.join(missing)}: reinstall glm-workbench, or rebuild it "
-                "with `python -m workbench.models.build` (about an hour on two CPU cores)")
+                "with `python -m workbench.models.recipe.build` (about an hour on two CPU cores)")
     return folder
 
 

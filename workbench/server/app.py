@@ -67,7 +67,13 @@ class GLMWorkbench(ExtensionApp):
     max_queued_requests = Int(64, config=True,
                               help="Requests that may wait beyond max_concurrent_sequences; more get a 429.")
     context_limit = Int(0, config=True, help="Tokens of context per sequence (0: the model's own limit).")
-    default_max_tokens = Int(1024, config=True, help="Completion length when a request gives no max_tokens.")
+    default_max_tokens = Int(0, config=True,
+                             help="Completion length when a request gives no max_tokens: 0 (default) gives the room "
+                                  "left in the context, as vLLM does; a positive value caps it.")
+    kv_cache_tokens = Int(0, config=True,
+                          help="Tokens the local engine's KV cache holds for all sequences together (0: a full "
+                               "context for each of max_concurrent_sequences, at most 65,536). Blocks are taken as "
+                               "sequences grow; when they run out the newest sequence pauses and resumes later.")
     routing_history = Int(32, config=True, help="Routing traces kept for api/routing/{id} (the most recent ones).")
     remote_base_url = Unicode("", config=True,
                               help="API root of the remote endpoint, e.g. https://api.z.ai/api/paas/v4, "
@@ -117,6 +123,7 @@ class GLMWorkbench(ExtensionApp):
                             dtype=self.dtype, kernels=self.kernels, cpu_kernels=self.cpu_kernels,
                             max_concurrent_sequences=self.max_concurrent_sequences,
                             max_queued_requests=self.max_queued_requests, context_limit=self.context_limit,
+                            kv_cache_tokens=self.kv_cache_tokens,
                             default_max_tokens=self.default_max_tokens, routing_history=self.routing_history,
                             unconfigured_message=None if self.model_path else self._unconfigured_message())
 

@@ -8,7 +8,8 @@ Owns the scheduler thread and the request lifecycle around `Engine.add_request` 
   output parser turns them into OpenAI chunks; no engine work runs on the event loop;
 - a client that goes away cancels its request: the engine drops it, and frees its cache, at the next step;
 - admission is bounded: `max_concurrent_sequences` decode together, `max_queued_requests` more may wait, and
-  one more is refused with a 429 (Retry-After) instead of queueing without end;
+  one more is refused with a 429 (Retry-After) instead of queueing without end; a request without max_tokens
+  may run to the end of the context (the engine takes KV blocks as it grows and preempts under pressure);
 - an exception in a step ends the requests in that step with a 500 (the engine ends them); the thread and the
   server go on.
 
@@ -68,8 +69,9 @@ class LocalBackend(Backend):
     def __init__(self, engine: Any = None, *, model_path: str | Path | None = None, model_id: str | None = None,
                  device: str = "cpu", dtype: str = "auto", kernels: str = "auto", cpu_kernels: str = "auto",
                  max_concurrent_sequences: int = 8,
-                 max_queued_requests: int = 64, context_limit: int = 0, default_max_tokens: int = 1024,
-                 routing_history: int = 32, unconfigured_message: str | None = None) -> None:
+                 max_queued_requests: int = 64, context_limit: int = 0, default_max_tokens: int = 0,
+                 kv_cache_tokens: int = 0, routing_history: int = 32,
+                 unconfigured_message: str | None = None) -> None:
         self.engine = engine
         self.model_path = Path(model_path).expanduser() if model_path else None
         self._model_id = model_id
@@ -77,7 +79,8 @@ class LocalBackend(Backend):
         self.max_concurrent_sequences = max_concurrent_sequences
         self.max_queued_requests = max_queued_requests
         self.context_limit_setting = context_limit
-        self.default_max_tokens = default_max_tokens
+        self.default_max_tokens = default_max_tokens  # 0: the room left in the context
+        self.kv_cache_tokens = kv_cache_tokens
         self.routing_history = routing_history
         self.state = "ready" if engine is not None else "stopped"
         self.message = unconfigured_message or ""
@@ -129,7 +132,8 @@ class LocalBackend(Backend):
         started = time.perf_counter()
         engine = Engine.from_pretrained(self.model_path, dtype=self.dtype, device=self.device, kernels=self.kernels,
                                         cpu_kernels=self.cpu_kernels, max_batch_size=self.max_concurrent_sequences,
-                                        max_context=self.context_limit_setting or None)
+                                        max_context=self.context_limit_setting or None,
+                                        cache_tokens=self.kv_cache_tokens or None)
         # What runs, in api/status's words (the CLI prints the same line).
         log.info("loaded %s in %.1f s: %s on %s, kernels=%s, cpu_kernels=%s", engine.name,
                  time.perf_counter() - started, str(engine.dtype).removeprefix("torch."), engine.device,
@@ -241,7 +245,8 @@ class LocalBackend(Backend):
                            param="max_tokens", code="context_length_exceeded")
         temperature = 0.0 if request.greedy else (1.0 if request.temperature is None else request.temperature)
         try:
-            params = SamplingParams(max_new_tokens=max_new_tokens or min(self.default_max_tokens, room),
+            default = min(self.default_max_tokens, room) if self.default_max_tokens > 0 else room
+            params = SamplingParams(max_new_tokens=max_new_tokens or default,
                                     temperature=temperature, top_p=1.0 if request.top_p is None else request.top_p,
                                     seed=request.seed, stop_strings=request.stop_list,
                                     stop_token_ids=[] if request.ignore_eos else None)
@@ -391,6 +396,10 @@ class LocalBackend(Backend):
             memory["model_bytes"] = sum(p.numel() * p.element_size() for p in engine.model.parameters())
             memory["kv_cache_blocks_free"] = _safe(lambda: engine.cache.num_free_blocks)
             memory["kv_cache_blocks_total"] = _safe(lambda: engine.cache.num_blocks)
+            memory["kv_cache_blocks_used"] = _safe(lambda: engine.cache.num_blocks - engine.cache.num_free_blocks)
+            memory["kv_cache_block_tokens"] = _safe(lambda: engine.cache.block_size)
+            info["preempted_requests"] = _safe(lambda: engine.num_preempted)
+            info["preemptions_total"] = _safe(lambda: engine.preemptions)
             if str(engine.device).startswith("cuda"):
                 import torch
 

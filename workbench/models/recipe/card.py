@@ -4,7 +4,7 @@ Owns the card's text. Every figure in it comes from `training_summary.json` (wri
 `demo_figures.json` (written by `bench/demo_model.py --write-card`), and the architecture table from
 `config.json`, so the card cannot drift from the checkpoint beside it.
 
-    python -m workbench.models.card [FOLDER]     # re-render README.md from the JSON files in FOLDER
+    python -m workbench.models.recipe.card [FOLDER]     # re-render README.md from the JSON files in FOLDER
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ carries the GLM-4.5 chat template (it renders every shared chat-format fixture b
 ## Data
 
 Everything comes from the standard library of the Python that builds it (here Python {summary['python']}), so any
-machine can rebuild it; `workbench/models/corpus.py` is the recipe.
+machine can rebuild it; `workbench/models/recipe/corpus.py` is the recipe.
 
 - **Source**: the text of the standard-library modules, without tests, generated codec tables and sysconfig
   data; plus the language-reference prose of `pydoc_data.topics` as plain text.
@@ -164,7 +164,7 @@ one in ten language-reference topics and one in ten tool conversations. Training
 
 ## Training
 
-`python -m workbench.models.build` (resumable: stop it and run it again). Seeded; AdamW (betas 0.9/0.95, weight
+`python -m workbench.models.recipe.build` (resumable: stop it and run it again). Seeded; AdamW (betas 0.9/0.95, weight
 decay {train_cfg['weight_decay']} on matrices), learning rate {train_cfg['lr']:g} after {train_cfg['warmup_steps']}
 warmup steps, cosine to {train_cfg['min_lr']:g}, gradient clipping at {train_cfg['grad_clip']}; {summary['steps']:,}
 steps of {train_cfg['batch_size']} rows x {train_cfg['seq_len']} tokens = {summary['tokens_seen']:,} tokens; every

@@ -1,7 +1,7 @@
 """Build the bundled model from nothing but the standard library: data, tokenizer, training, export, figures.
 
-    python -m workbench.models.build                      # everything, resuming where a previous run stopped
-    python -m workbench.models.build --steps 20 --preset smoke --work /tmp/smoke --out /tmp/smoke/model
+    python -m workbench.models.recipe.build                      # everything, resuming where a previous run stopped
+    python -m workbench.models.recipe.build --steps 20 --preset smoke --work /tmp/smoke --out /tmp/smoke/model
 
 Owns the recipe: the model's shape (`MODEL_CONFIG`), the training settings (`TRAIN_CONFIG`) and the order of the
 stages. The work folder keeps the tokenizer and the resumable training state; the output folder receives the
@@ -26,11 +26,11 @@ import torch
 from workbench.engine.config import GLMConfig
 from workbench.engine.routing import RoutingTrace
 from workbench.engine.weights import save_checkpoint
-from workbench.models import MODEL_NAME  # noqa: E402  (one name, kept with default_model_path)
-from workbench.models.card import DEMO_FILE, SUMMARY_FILE, write_card
-from workbench.models.corpus import Corpus, build_corpus
-from workbench.models.tokenizer_build import save_tokenizer, train_tokenizer
-from workbench.models.training import (
+from workbench.models import MODEL_NAME  # one name, kept with default_model_path
+from workbench.models.recipe.card import DEMO_FILE, SUMMARY_FILE, write_card
+from workbench.models.recipe.corpus import Corpus, build_corpus
+from workbench.models.recipe.tokenizer_build import save_tokenizer, train_tokenizer
+from workbench.models.recipe.training import (
     PackedStream,
     TokenizedDocument,
     TrainConfig,
