@@ -1,8 +1,9 @@
 """The routing trace: which experts each token went to, in every MoE layer.
 
-Owns the record's shape and its (de)serialisation. The model fills it only when asked; analysis and views
-(`workbench.analysis`, `workbench.widgets`) read it. Compact by design: expert ids are int16 (E <= 32767),
-weights float16, and the full sigmoid scores are kept only on request.
+Owns the record's shape and its (de)serialisation: data only, the engine never draws. The model fills it only
+when asked; analysis and views (`workbench.analysis`, `workbench.widgets`, which also gives traces a `.show()`)
+read it. Compact by design: expert ids are int16 (E <= 32767), weights float16, and the full sigmoid scores are
+kept only on request.
 
 Shape legend: L = MoE layers, T = tokens (prompt then generated), K = experts per token, E = experts.
 """
@@ -83,12 +84,6 @@ class RoutingTrace:
     @classmethod
     def load(cls, path_or_buffer: str | io.BytesIO) -> RoutingTrace:
         return cls(**torch.load(path_or_buffer, weights_only=True))
-
-    def show(self, tokenizer=None, **kwargs):
-        """Open the main routing view in a notebook (see `workbench.widgets`)."""
-        from workbench.widgets import show_routing
-
-        return show_routing(self, tokenizer=tokenizer, **kwargs)
 
 
 class RoutingRecorder:

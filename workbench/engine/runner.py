@@ -119,6 +119,12 @@ class CompiledCPURunner(TorchRunner):
         return logits
 
 
+def start_message() -> str | None:
+    """What an engine's start is waiting for, when it waits for something a user should know of: the first build
+    of the compiled CPU kernels on this machine (about a minute). None otherwise."""
+    return cpu_compiled.building()
+
+
 def select_runner(model: GLMForCausalLM, cache: PagedKVCache, device: torch.device, choice: str) -> TorchRunner:
     """The runner for this engine, chosen once. The compiled CPU kernels (glm_kernels.cpu_compiled) go to work
     where they can: their decode step for this model, and their prefill attention, MoE and rotary in the model's

@@ -1,9 +1,11 @@
 """Notebook views of routing traces: plotly figures (`figures`) and the tabbed view with controls (`view`).
 
-`show_routing(trace, tokenizer=None)` is the one-call entry (`RoutingTrace.show()` calls it); the figure
-functions return plain plotly figures for scripts, papers and `save_html`.
+`show_routing(trace, tokenizer=None)` is the one-call entry; importing this package also gives every
+`RoutingTrace` a `.show(tokenizer=None)` that calls it (the engine's trace is data only and imports no view). The
+figure functions return plain plotly figures for scripts, papers and `save_html`.
 """
 
+from workbench.engine.routing import RoutingTrace
 from workbench.widgets.figures import (
     coactivation_heatmap,
     comparison_chart,
@@ -15,6 +17,8 @@ from workbench.widgets.figures import (
     token_texts,
 )
 from workbench.widgets.view import RoutingView, figure_bundle, routing_view, show_routing
+
+RoutingTrace.show = show_routing  # trace.show(tokenizer) once the views are imported
 
 __all__ = [
     "RoutingView",

@@ -385,9 +385,9 @@ class LocalBackend(Backend):
             "memory": memory,
         }
         if self.state == "loading" and not self.message:
-            from glm_kernels import cpu_compiled  # the engine's start may be waiting for their first build
+            from workbench.engine.runner import start_message  # e.g. the first build of the CPU kernels
 
-            info["message"] = cpu_compiled.building()
+            info["message"] = start_message()
         if engine is not None:
             info.update(device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
                         kernels=engine.kernels, cpu_kernels=engine.cpu_kernels, context_limit=self.context_limit,
