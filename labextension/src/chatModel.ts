@@ -25,7 +25,7 @@ import {
   type ToolMessage
 } from './chatState';
 import { statusFailure, WorkbenchError } from './errors';
-import type { ChatCompletionRequest, ModelInfo, ServerStatus, ThinkingMode } from './protocol';
+import type { ChatCompletionChunk, ChatCompletionRequest, ModelInfo, ServerStatus, ThinkingMode } from './protocol';
 import { approve, createToolMessage, latestToolMessages, NOTEBOOK_TOOLS, readyToContinue, reject, startRun, complete, fail } from './tools';
 
 export interface ChatPreferences {
@@ -33,6 +33,7 @@ export interface ChatPreferences {
   thinkingMode: ThinkingMode;
   autoApproveTools: string[];
   enableTools: boolean;
+  /** 0: as much as fits (no max_tokens sent: the server gives the room left in the context). */
   maxTokens: number;
   temperature: number;
   systemPrompt: string;
@@ -43,7 +44,7 @@ export const DEFAULT_PREFERENCES: ChatPreferences = {
   thinkingMode: 'auto',
   autoApproveTools: [],
   enableTools: true,
-  maxTokens: 1024,
+  maxTokens: 0,
   temperature: 0.6,
   systemPrompt: ''
 };
@@ -73,6 +74,28 @@ export interface ChatState {
   status: ServerStatus | null;
 }
 
+/** The model this package ships: a 10M-parameter demo (workbench/models/glm45-air-mini), not a coding assistant. */
+export const BUNDLED_MODEL_ID = 'glm45-air-mini';
+
+/** What "Try tools" asks, and the tool it makes the model call (tool_choice names it: the demo model never
+ * saw the notebook tools, so asked freely it would not call one). */
+export const TOOL_DEMO = {
+  prompt: 'Read the cells of my notebook.',
+  tool: 'read_cells',
+  label: 'Tool demo: read_cells requested with tool_choice'
+} as const;
+
+/** The text Continue sends after an answer that was cut off. */
+export const CONTINUE_PROMPT = 'Continue from where you stopped.';
+
+/** The numbers of a "maximum context length" refusal (ours and vLLM's wording). */
+const CONTEXT_REFUSAL = /maximum context length is (\d+) tokens[\s\S]*?\((\d+) in the messages, (\d+) in the completion\)/;
+
+export function parseContextRefusal(message: string): { limit: number; prompt: number; asked: number } | null {
+  const m = CONTEXT_REFUSAL.exec(message);
+  return m ? { limit: Number(m[1]), prompt: Number(m[2]), asked: Number(m[3]) } : null;
+}
+
 /** Tool rounds per user message, so a model that keeps calling tools cannot loop forever. */
 const MAX_TOOL_ROUNDS = 8;
 
@@ -87,6 +110,10 @@ export class ChatModel {
   private abort: AbortController | null = null;
   private toolRounds = 0;
   private stopped = false;
+  /** A tool the next request names in tool_choice (the tool demo); cleared once that request is built. */
+  private forcedTool: string | null = null;
+  /** A saved conversation to reopen on the first refresh (the last one of the previous session). */
+  restoreConversationId: string | null = null;
 
   constructor(
     private readonly client: WorkbenchClient,
@@ -173,6 +200,11 @@ export class ChatModel {
       const model = models.some(m => m.id === this._state.model) ? this._state.model : (models[0]?.id ?? '');
       const failure = statusFailure(status);
       this.update({ models, status, history, model, failure });
+      const restore = this.restoreConversationId;
+      this.restoreConversationId = null;
+      if (restore && !this._state.conversation.messages.length && history.some(h => h.id === restore)) {
+        await this.openConversation(restore);
+      }
       if (failure?.kind === 'loading') {
         this.pollWhileLoading();
       }
@@ -203,6 +235,47 @@ export class ChatModel {
     setTimeout(() => void tick(), this.loadingPollMs);
   }
 
+  /** Whether this is the bundled demo model (by its id, or the local engine's checkpoint folder). */
+  isDemoModel(modelId: string = this._state.model): boolean {
+    if (modelId === BUNDLED_MODEL_ID) {
+      return true;
+    }
+    const status = this._state.status;
+    const path = typeof status?.model_path === 'string' ? status.model_path.replace(/[\\/]+$/, '') : '';
+    return status?.model === modelId && (path.endsWith(`/${BUNDLED_MODEL_ID}`) || path.endsWith(`\\${BUNDLED_MODEL_ID}`));
+  }
+
+  /** The model's context length in tokens: from its model card (max_model_len / context_length) or the
+   * local engine's status (context_limit); null when the server does not say. */
+  contextLength(modelId: string = this._state.model): number | null {
+    const info = this._state.models.find(m => m.id === modelId);
+    const fromCard = info?.max_model_len ?? info?.context_length;
+    if (typeof fromCard === 'number' && fromCard > 0) {
+      return fromCard;
+    }
+    const status = this._state.status;
+    const limit = status?.context_limit;
+    if (typeof limit === 'number' && limit > 0 && (!status?.model || status.model === modelId)) {
+      return limit;
+    }
+    return null;
+  }
+
+  /** Ask the model to call a notebook tool, so the approval flow can be seen even on the demo model. */
+  async tryTools(): Promise<void> {
+    if (this._state.busy) {
+      return;
+    }
+    this.forcedTool = TOOL_DEMO.tool;
+    await this.send(TOOL_DEMO.prompt, [], { label: TOOL_DEMO.label, toggledContext: false });
+    this.forcedTool = null;
+  }
+
+  /** Ask for the rest of an answer that was cut off. */
+  async continueAnswer(): Promise<void> {
+    await this.send(CONTINUE_PROMPT, [], { toggledContext: false });
+  }
+
   /** Whether answers from this model come from the local engine, which can record routing. */
   supportsRouting(modelId: string = this._state.model): boolean {
     const info = this._state.models.find(m => m.id === modelId);
@@ -213,17 +286,26 @@ export class ChatModel {
     return (info?.backend ?? this._state.status?.backend) === 'local';
   }
 
-  async send(text: string, extraContext: ContextBlock[] = []): Promise<void> {
+  /**
+   * Send a user message. `label` is shown above it and never sent; `toggledContext: false` leaves out what the
+   * context toggles would add (Continue and the tool demo need none of it).
+   */
+  async send(
+    text: string,
+    extraContext: ContextBlock[] = [],
+    options: { label?: string; toggledContext?: boolean } = {}
+  ): Promise<void> {
     const trimmed = text.trim();
     if (!trimmed || this._state.busy) {
       return;
     }
-    const context = [...extraContext, ...this.bridge.collectContext(this._state.context)];
+    const { label, toggledContext = true } = options;
+    const context = [...extraContext, ...(toggledContext ? this.bridge.collectContext(this._state.context) : [])];
     this.toolRounds = 0;
     this.stopped = false;
     this.setMessages([
       ...this._state.conversation.messages,
-      { kind: 'user', id: UUID.uuid4(), text: trimmed, context }
+      { kind: 'user', id: UUID.uuid4(), text: trimmed, context, ...(label ? { label } : {}) }
     ]);
     await this.generate();
   }
@@ -260,17 +342,23 @@ export class ChatModel {
       messages: toApiMessages(messages, this.preferences.systemPrompt || undefined),
       stream: true,
       stream_options: { include_usage: true },
-      max_tokens: this.preferences.maxTokens,
       temperature: this.preferences.temperature
     };
+    if (this.preferences.maxTokens > 0) {
+      request.max_tokens = this.preferences.maxTokens;
+    }
     if (this._state.thinkingMode !== 'auto') {
       request.thinking = { type: this._state.thinkingMode === 'on' ? 'enabled' : 'disabled' };
     }
     if (this.supportsRouting()) {
       request.routing = true;
     }
-    if (this.preferences.enableTools) {
+    if (this.preferences.enableTools || this.forcedTool) {
       request.tools = NOTEBOOK_TOOLS;
+    }
+    if (this.forcedTool) {
+      request.tool_choice = { type: 'function', function: { name: this.forcedTool } };
+      this.forcedTool = null; // the model answers the tool's result freely
     }
     return request;
   }
@@ -285,7 +373,26 @@ export class ChatModel {
     const abort = new AbortController();
     this.abort = abort;
     try {
-      for await (const chunk of this.client.chat(request, abort.signal)) {
+      let stream: AsyncGenerator<ChatCompletionChunk, void, undefined>;
+      try {
+        stream = await this.open(request, abort.signal);
+      } catch (error) {
+        // An explicit max_tokens that does not fit beside the conversation: ask again for what fits, and say so.
+        const refusal = error instanceof WorkbenchError && request.max_tokens ? parseContextRefusal(error.message) : null;
+        const room = refusal ? refusal.limit - refusal.prompt : 0;
+        if (!refusal || room < 1 || room >= request.max_tokens!) {
+          throw error;
+        }
+        message = {
+          ...message,
+          note:
+            `Maximum tokens per answer (${request.max_tokens}) lowered to ${room}: what fits in the model's ` +
+            `${refusal.limit}-token context after the conversation's ${refusal.prompt} tokens.`
+        };
+        this.replaceMessage(id, () => message);
+        stream = await this.open({ ...request, max_tokens: room }, abort.signal);
+      }
+      for await (const chunk of stream) {
         message = applyChunk(message, chunk, Date.now());
         this.replaceMessage(id, () => message);
       }
@@ -312,6 +419,21 @@ export class ChatModel {
     this.update({ busy: false });
     await this.save();
     await this.refreshHistory();
+  }
+
+  /** Send the request and wait for the response headers (a refusal throws here, before any chunk). */
+  private async open(
+    request: ChatCompletionRequest,
+    signal: AbortSignal
+  ): Promise<AsyncGenerator<ChatCompletionChunk, void, undefined>> {
+    const stream = this.client.chat(request, signal);
+    const first = await stream.next();
+    return (async function* () {
+      if (!first.done) {
+        yield first.value;
+        yield* stream;
+      }
+    })();
   }
 
   private async startToolCalls(message: AssistantMessage): Promise<void> {

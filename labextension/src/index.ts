@@ -8,11 +8,13 @@
 import { ILayoutRestorer, type JupyterFrontEnd, type JupyterFrontEndPlugin } from '@jupyterlab/application';
 import {
   Clipboard,
+  Dialog,
   ICommandPalette,
   ISanitizer,
   IThemeManager,
   MainAreaWidget,
   Sanitizer,
+  showDialog,
   showErrorMessage,
   WidgetTracker
 } from '@jupyterlab/apputils';
@@ -20,6 +22,7 @@ import { IEditorLanguageRegistry } from '@jupyterlab/codemirror';
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { LabIcon } from '@jupyterlab/ui-components';
+import { Widget } from '@lumino/widgets';
 
 import { WorkbenchClient } from './api';
 import { ChatModel, type ChatPreferences, DEFAULT_PREFERENCES } from './chatModel';
@@ -32,8 +35,49 @@ export const CommandIDs = {
   openChat: 'glm-workbench:open-chat',
   newConversation: 'glm-workbench:new-conversation',
   explainError: 'glm-workbench:explain-error',
-  showRouting: 'glm-workbench:show-routing'
+  showRouting: 'glm-workbench:show-routing',
+  connectModel: 'glm-workbench:connect-model'
 } as const;
+
+/** Browser storage: the conversation to reopen after a reload, and whether the sidebar was ever shown. */
+const LAST_CONVERSATION_KEY = 'glm-workbench:last-conversation';
+const OPENED_ONCE_KEY = 'glm-workbench:sidebar-opened';
+
+/** Where notebook 5 (connecting a real GLM-4.5-Air) may be, relative to the server's root. */
+const NOTEBOOK_5 = '05_real_glm45_air.ipynb';
+const NOTEBOOK_5_PLACES = [NOTEBOOK_5, `notebooks/${NOTEBOOK_5}`, `glm-workbench/${NOTEBOOK_5}`];
+
+function storage(): Storage | null {
+  try {
+    return window.localStorage;
+  } catch {
+    return null; // storage disabled: no restore, nothing breaks
+  }
+}
+
+/** The how-to shown by "Connect a real model" (the README's "bundled model" paragraph and notebook 5). */
+function connectModelBody(): HTMLElement {
+  const body = document.createElement('div');
+  body.className = 'glm-ConnectDialog';
+  const lines: Array<[string, string]> = [
+    ['p', 'The bundled glm45-air-mini is a 10M-parameter demo. For real answers, start the workbench on a real GLM-4.5-Air:'],
+    ['h4', 'Your own checkpoint (a GPU machine)'],
+    ['pre', 'glm-workbench --GLMWorkbench.model_path=/path/to/GLM-4.5-Air --GLMWorkbench.device=cuda'],
+    ['h4', 'The hosted GLM API (Z.ai) or a vLLM / SGLang server'],
+    [
+      'pre',
+      'export ZAI_API_KEY=...\nglm-workbench --GLMWorkbench.backend=remote \\\n' +
+        '  --GLMWorkbench.remote_base_url=https://api.z.ai/api/paas/v4 --GLMWorkbench.remote_model=glm-4.5-air'
+    ],
+    ['p', 'Notebook 5 (05_real_glm45_air.ipynb) walks through both; the README\'s "bundled model" section says more.']
+  ];
+  for (const [tag, text] of lines) {
+    const el = document.createElement(tag);
+    el.textContent = text;
+    body.appendChild(el);
+  }
+  return body;
+}
 
 const chatIcon = new LabIcon({
   name: 'glm-workbench:chat',
@@ -92,12 +136,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
       },
       {
         copy: text => Clipboard.copyToSystem(text),
-        showRouting: completionId => void app.commands.execute(CommandIDs.showRouting, { completionId })
+        showRouting: completionId => void app.commands.execute(CommandIDs.showRouting, { completionId }),
+        connectModel: () => void app.commands.execute(CommandIDs.connectModel)
       }
     );
     sidebar.id = 'glm-workbench-chat';
     sidebar.title.icon = chatIcon;
-    sidebar.title.caption = 'GLM chat';
+    sidebar.title.caption = 'GLM Chat (Alt+Shift+G)';
     app.shell.add(sidebar, 'right', { rank: 400 });
     restorer?.add(sidebar, sidebar.id);
 
@@ -120,6 +165,32 @@ const plugin: JupyterFrontEndPlugin<void> = {
       execute: () => {
         app.shell.activateById(sidebar.id);
         sidebar.focusInput();
+      }
+    });
+
+    app.commands.addCommand(CommandIDs.connectModel, {
+      label: 'Connect a Real GLM Model',
+      caption: 'How to point the workbench at a real GLM-4.5-Air',
+      execute: async () => {
+        const contents = app.serviceManager.contents;
+        let notebook: string | null = null;
+        for (const path of NOTEBOOK_5_PLACES) {
+          try {
+            await contents.get(path, { content: false });
+            notebook = path;
+            break;
+          } catch {
+            // not there: try the next place
+          }
+        }
+        const buttons = [Dialog.okButton({ label: 'Close' })];
+        if (notebook) {
+          buttons.unshift(Dialog.createButton({ label: 'Open notebook 5', actions: ['open'] }));
+        }
+        const result = await showDialog({ title: 'Connect a real GLM model', body: new Widget({ node: connectModelBody() }), buttons });
+        if (notebook && result.button.actions.includes('open')) {
+          await app.commands.execute('docmanager:open', { path: notebook });
+        }
       }
     });
 
@@ -180,7 +251,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
 
     if (palette) {
       const category = 'GLM Workbench';
-      for (const command of [CommandIDs.openChat, CommandIDs.newConversation, CommandIDs.explainError]) {
+      for (const command of [
+        CommandIDs.openChat,
+        CommandIDs.newConversation,
+        CommandIDs.explainError,
+        CommandIDs.connectModel
+      ]) {
         palette.addItem({ command, category });
       }
     }
@@ -196,7 +272,27 @@ const plugin: JupyterFrontEndPlugin<void> = {
         .catch(reason => console.error('GLM Workbench: could not load settings.', reason));
     }
 
-    void app.restored.then(() => model.refresh());
+    // After a reload, reopen the conversation the user was in; remember it whenever it changes.
+    const store = storage();
+    model.restoreConversationId = store?.getItem(LAST_CONVERSATION_KEY) ?? null;
+    let remembered = model.restoreConversationId;
+    model.changed.connect(() => {
+      const { conversation } = model.state;
+      const id = conversation.messages.length ? conversation.id : null;
+      if (store && id && id !== remembered) {
+        remembered = id;
+        store.setItem(LAST_CONVERSATION_KEY, id);
+      }
+    });
+
+    void app.restored.then(() => {
+      // The first time JupyterLab runs with the workbench, show the sidebar; later the saved layout decides.
+      if (store && !store.getItem(OPENED_ONCE_KEY)) {
+        store.setItem(OPENED_ONCE_KEY, '1');
+        app.shell.activateById(sidebar.id);
+      }
+      void model.refresh();
+    });
   }
 };
 
