@@ -96,6 +96,11 @@ export function parseContextRefusal(message: string): { limit: number; prompt: n
   return m ? { limit: Number(m[1]), prompt: Number(m[2]), asked: Number(m[3]) } : null;
 }
 
+/** Tokens kept free for the answer after a tool result, and a cautious characters-per-token for code. */
+const TOOL_RESULT_ANSWER_ROOM = 256;
+const TOOL_RESULT_CHARS_PER_TOKEN = 2;
+const TOOL_RESULT_MIN_CHARS = 200;
+
 /** Tool rounds per user message, so a model that keeps calling tools cannot loop forever. */
 const MAX_TOOL_ROUNDS = 8;
 
@@ -481,11 +486,35 @@ export class ChatModel {
     }
     this.replaceMessage(id, m => startRun(m as ToolMessage));
     try {
-      const result = await this.bridge.runTool(current.call.function.name, current.args ?? {});
+      const result = this.fitToolResult(await this.bridge.runTool(current.call.function.name, current.args ?? {}));
       this.replaceMessage(id, m => complete(m as ToolMessage, result));
     } catch (error) {
       this.replaceMessage(id, m => fail(m as ToolMessage, error instanceof Error ? error.message : String(error)));
     }
+  }
+
+  /**
+   * A tool result cut to what the model's context can still take (a whole notebook does not fit in the demo
+   * model's 1024 tokens), with a line saying so; unchanged when the context length is unknown or there is room.
+   */
+  fitToolResult(result: string): string {
+    const limit = this.contextLength();
+    if (!limit) {
+      return result;
+    }
+    const last = [...this._state.conversation.messages]
+      .reverse()
+      .find((m): m is AssistantMessage => m.kind === 'assistant' && !!m.usage);
+    const used = last?.usage ? last.usage.prompt_tokens + last.usage.completion_tokens : 0;
+    const tokens = limit - used - TOOL_RESULT_ANSWER_ROOM;
+    const chars = Math.max(TOOL_RESULT_MIN_CHARS, tokens * TOOL_RESULT_CHARS_PER_TOKEN);
+    if (result.length <= chars) {
+      return result;
+    }
+    return (
+      `${result.slice(0, chars)}\n[... ${result.length - chars} more characters left out: ` +
+      `the model's ${limit}-token context has no room for them]`
+    );
   }
 
   private async continueIfReady(): Promise<void> {

@@ -47,6 +47,32 @@ const OPENED_ONCE_KEY = 'glm-workbench:sidebar-opened';
 const NOTEBOOK_5 = '05_real_glm45_air.ipynb';
 const NOTEBOOK_5_PLACES = [NOTEBOOK_5, `notebooks/${NOTEBOOK_5}`, `glm-workbench/${NOTEBOOK_5}`];
 
+/** The chat's width when it opens (px): room for the header's controls and a line of code. */
+const SIDEBAR_WIDTH = 380;
+/** What the notebook keeps at least when the chat widens (px). */
+const MAIN_AREA_MIN_WIDTH = 300;
+
+/**
+ * Widen the right area to `SIDEBAR_WIDTH` when the sidebar shows narrower (JupyterLab opens side panels at about
+ * 250 px and has no public API for their width; its layouts ignore a child's CSS min-width there). Uses the
+ * shell's split panel when it has the expected shape, and does nothing otherwise.
+ */
+function widenRightArea(shell: JupyterFrontEnd.IShell, sidebar: HTMLElement): void {
+  const split = (shell as unknown as { _hsplitPanel?: { node: HTMLElement; relativeSizes(): number[]; setRelativeSizes(sizes: number[]): void } })._hsplitPanel;
+  const width = sidebar.getBoundingClientRect().width;
+  if (!split || typeof split.setRelativeSizes !== 'function' || width === 0 || width >= SIDEBAR_WIDTH - 1) {
+    return;
+  }
+  const total = split.node.getBoundingClientRect().width;
+  const sizes = split.relativeSizes();
+  const right = (sizes[2] * SIDEBAR_WIDTH) / width;
+  const main = sizes[1] - (right - sizes[2]);
+  if (sizes.length !== 3 || main * total < MAIN_AREA_MIN_WIDTH) {
+    return; // an unexpected layout, or a window too small to give the chat more
+  }
+  split.setRelativeSizes([sizes[0], main, right]);
+}
+
 function storage(): Storage | null {
   try {
     return window.localStorage;
@@ -144,6 +170,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     sidebar.title.icon = chatIcon;
     sidebar.title.caption = 'GLM Chat (Alt+Shift+G)';
     app.shell.add(sidebar, 'right', { rank: 400 });
+    sidebar.onShown = () => widenRightArea(app.shell, sidebar.node);
     restorer?.add(sidebar, sidebar.id);
 
     function runCodeAction(action: () => void): void {

@@ -17,7 +17,7 @@ const chunk = (delta: ChatCompletionChunk['choices'][0]['delta'], finish: string
 class FakeClient {
   requests: ChatCompletionRequest[] = [];
   saved: Conversation[] = [];
-  constructor(private scripts: Script[], private serverStatus: Record<string, unknown> = { backend: 'local' }) {}
+  constructor(private scripts: Script[], public serverStatus: Record<string, unknown> = { backend: 'local' }) {}
   modelList: Array<Record<string, unknown>> = [{ id: 'glm-tiny' }];
   async models() {
     return this.modelList;
@@ -338,5 +338,21 @@ describe('ChatModel', () => {
     model.newConversation();
     await model.refresh(); // only once: a later refresh leaves the new conversation alone
     expect(model.state.conversation.id).not.toBe('conv-1');
+  });
+
+  it('cuts a tool result to what the context can still take, and says so', async () => {
+    const { model, client } = await makeModel(
+      [() => say(chunk({ content: 'x' }), { id: 'c', choices: [], usage: { prompt_tokens: 500, completion_tokens: 68, total_tokens: 568 } })],
+      DEFAULT_PREFERENCES,
+      { backend: 'local', model: 'glm-tiny', context_limit: 1024 }
+    );
+    await model.send('hi');
+    const fitted = model.fitToolResult('x'.repeat(5000));
+    // (1024 - 568 - 256 answer tokens) * 2 characters
+    expect(fitted.startsWith('x'.repeat(400) + '\n[... 4600 more characters left out')).toBe(true);
+    expect(model.fitToolResult('short')).toBe('short');
+    client.serverStatus = { backend: 'remote' }; // no context length known: unchanged
+    await model.refresh();
+    expect(model.fitToolResult('y'.repeat(5000))).toHaveLength(5000);
   });
 });
