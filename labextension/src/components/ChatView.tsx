@@ -218,19 +218,7 @@ function AssistantMessageView({
       {message.note && <div className="glm-Note glm-mod-info">{message.note}</div>}
       {message.content && <AnswerText text={message.content} />}
       {message.status === 'stopped' && <div className="glm-Note">Stopped.</div>}
-      {isCutOff(message) && (
-        <div className="glm-Note glm-mod-warning glm-CutOff" role="status">
-          <span>
-            Cut off: the {message.content ? 'answer' : 'thinking'} reached its token limit
-            {message.content ? '' : ' before any answer'}.
-          </span>
-          {isLast && !busy && (
-            <button className="glm-Button glm-Continue" onClick={() => void model.continueAnswer()}>
-              Continue
-            </button>
-          )}
-        </div>
-      )}
+      {isCutOff(message) && <CutOffNote message={message} isLast={isLast} busy={busy} model={model} />}
       {message.status === 'error' && (
         <div className="glm-Note glm-mod-error" role="alert">
           {message.error}
@@ -261,6 +249,46 @@ function AssistantMessageView({
             )}
           </span>
         </div>
+      )}
+    </div>
+  );
+}
+
+/**
+ * "Cut off" under an answer that ended at its token limit, with Continue; when the conversation already fills the
+ * model's context there is nothing to continue in, and the note offers a new conversation instead.
+ */
+function CutOffNote({
+  message,
+  isLast,
+  busy,
+  model
+}: {
+  message: AssistantMessage;
+  isLast: boolean;
+  busy: boolean;
+  model: ChatModel;
+}): JSX.Element {
+  const what = message.content ? 'answer' : 'thinking';
+  const limit = model.contextLength(message.model);
+  const used = contextTokens(message);
+  const full = limit !== null && used !== null && used >= limit;
+  return (
+    <div className="glm-Note glm-mod-warning glm-CutOff" role="status">
+      <span>
+        {full
+          ? `Cut off: the conversation fills the model's ${limit}-token context${message.content ? '' : ' before any answer'}.`
+          : `Cut off: the ${what} reached its token limit${message.content ? '' : ' before any answer'}.`}
+      </span>
+      {isLast && !busy && !full && (
+        <button className="glm-Button glm-Continue" onClick={() => void model.continueAnswer()}>
+          Continue
+        </button>
+      )}
+      {isLast && !busy && full && (
+        <button className="glm-Button glm-CutOff-new" onClick={() => model.newConversation()}>
+          New conversation
+        </button>
       )}
     </div>
   );

@@ -37,6 +37,12 @@ async function shot(page: Page, name: string): Promise<void> {
   await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
 }
 
+async function useTheme(page: Page, theme: string): Promise<void> {
+  await page.getByRole('menuitem', { name: 'Settings' }).click();
+  await page.locator('.lm-Menu-itemLabel', { hasText: /^Theme$/ }).hover();
+  await page.locator('.lm-Menu-itemLabel', { hasText: theme }).click();
+}
+
 async function send(chat: Locator, text: string): Promise<void> {
   const input = chat.getByRole('textbox', { name: 'Message' });
   await input.fill(text);
@@ -113,15 +119,11 @@ test.describe('First contact with glm-workbench @first-contact', () => {
     expect(rate, 'a 10M model on a CPU, not thousands of tok/s').toBeLessThan(2000);
     await shot(page, 'fc-05-try-tools-done-light');
 
-    // the same sidebar in the dark theme
-    await page.getByRole('menuitem', { name: 'Settings' }).click();
-    await page.getByRole('menuitem', { name: 'Theme' }).hover();
-    await page.getByRole('menuitem', { name: 'JupyterLab Dark' }).click();
+    // the same sidebar in the dark theme (Settings > Theme, as a user switches it)
+    await useTheme(page, 'JupyterLab Dark');
     await expect(page.locator('body')).toHaveAttribute('data-jp-theme-light', 'false');
     await page.waitForTimeout(500); // the theme's stylesheet applies
     await shot(page, 'fc-06-try-tools-done-dark');
-    await page.getByRole('menuitem', { name: 'Settings' }).click();
-    await page.getByRole('menuitem', { name: 'Theme' }).hover();
-    await page.getByRole('menuitem', { name: 'JupyterLab Light' }).click();
+    await useTheme(page, 'JupyterLab Light');
   });
 });
