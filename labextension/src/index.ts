@@ -95,7 +95,7 @@ function connectModelBody(): HTMLElement {
       'export ZAI_API_KEY=...\nglm-workbench --GLMWorkbench.backend=remote \\\n' +
         '  --GLMWorkbench.remote_base_url=https://api.z.ai/api/paas/v4 --GLMWorkbench.remote_model=glm-4.5-air'
     ],
-    ['p', 'Notebook 5 (05_real_glm45_air.ipynb) walks through both; the README\'s "bundled model" section says more.']
+    ['p', 'Notebook 5 (05_real_glm45_air.ipynb) walks through both; the README says more (the paragraph on the default model).']
   ];
   for (const [tag, text] of lines) {
     const el = document.createElement(tag);

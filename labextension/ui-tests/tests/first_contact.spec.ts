@@ -40,7 +40,7 @@ async function shot(page: Page, name: string): Promise<void> {
 async function useTheme(page: Page, theme: string): Promise<void> {
   await page.getByRole('menuitem', { name: 'Settings' }).click();
   await page.locator('.lm-Menu-itemLabel', { hasText: /^Theme$/ }).hover();
-  await page.locator('.lm-Menu-itemLabel', { hasText: theme }).click();
+  await page.locator('.lm-Menu-itemLabel', { hasText: new RegExp(`^${theme}$`) }).click();
 }
 
 async function send(chat: Locator, text: string): Promise<void> {
