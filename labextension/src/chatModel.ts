@@ -96,6 +96,47 @@ export function parseContextRefusal(message: string): { limit: number; prompt: n
   return m ? { limit: Number(m[1]), prompt: Number(m[2]), asked: Number(m[3]) } : null;
 }
 
+/** The workbench server's refusal of messages that alone fill the context. */
+const MESSAGES_REFUSAL = /maximum context length is (\d+) tokens, but the messages take (\d+) tokens/;
+
+/**
+ * The request changed so that the context can take it, after the server refused it for its length, with a note
+ * saying what changed; null when nothing the sidebar chose can make it fit (the conversation itself is too long).
+ *
+ * - an explicit max_tokens larger than the room left: lowered to the room;
+ * - messages that fill the context only with the notebook tools' descriptions (about 550 tokens, half of the demo
+ *   model's context): sent without tools.
+ */
+export function fitToContext(
+  request: ChatCompletionRequest,
+  error: unknown
+): { request: ChatCompletionRequest; note: string } | null {
+  if (!(error instanceof WorkbenchError) || error.kind !== 'bad-request') {
+    return null;
+  }
+  const refusal = request.max_tokens ? parseContextRefusal(error.message) : null;
+  const room = refusal ? refusal.limit - refusal.prompt : 0;
+  if (refusal && room >= 1 && room < request.max_tokens!) {
+    return {
+      request: { ...request, max_tokens: room },
+      note:
+        `Maximum tokens per answer (${request.max_tokens}) lowered to ${room}: what fits in the model's ` +
+        `${refusal.limit}-token context after the conversation's ${refusal.prompt} tokens.`
+    };
+  }
+  const full = MESSAGES_REFUSAL.exec(error.message);
+  if (full && request.tools && !request.tool_choice) {
+    const { tools: _dropped, ...withoutTools } = request;
+    return {
+      request: withoutTools,
+      note:
+        `Sent without the notebook tools: with their descriptions the messages (${full[2]} tokens) do not fit ` +
+        `in the model's ${full[1]}-token context.`
+    };
+  }
+  return null;
+}
+
 /** Tokens kept free for the answer after a tool result, and a cautious characters-per-token for code. */
 const TOOL_RESULT_ANSWER_ROOM = 256;
 const TOOL_RESULT_CHARS_PER_TOKEN = 2;
@@ -379,23 +420,23 @@ export class ChatModel {
     this.abort = abort;
     try {
       let stream: AsyncGenerator<ChatCompletionChunk, void, undefined>;
-      try {
-        stream = await this.open(request, abort.signal);
-      } catch (error) {
-        // An explicit max_tokens that does not fit beside the conversation: ask again for what fits, and say so.
-        const refusal = error instanceof WorkbenchError && request.max_tokens ? parseContextRefusal(error.message) : null;
-        const room = refusal ? refusal.limit - refusal.prompt : 0;
-        if (!refusal || room < 1 || room >= request.max_tokens!) {
-          throw error;
+      let attempt = request;
+      const notes: string[] = [];
+      for (;;) {
+        try {
+          stream = await this.open(attempt, abort.signal);
+          break;
+        } catch (error) {
+          // A request the context cannot take: ask again for what fits, and say so under the answer.
+          const fitted = notes.length < 2 ? fitToContext(attempt, error) : null;
+          if (!fitted) {
+            throw error;
+          }
+          attempt = fitted.request;
+          notes.push(fitted.note);
+          message = { ...message, note: notes.join(' ') };
+          this.replaceMessage(id, () => message);
         }
-        message = {
-          ...message,
-          note:
-            `Maximum tokens per answer (${request.max_tokens}) lowered to ${room}: what fits in the model's ` +
-            `${refusal.limit}-token context after the conversation's ${refusal.prompt} tokens.`
-        };
-        this.replaceMessage(id, () => message);
-        stream = await this.open({ ...request, max_tokens: room }, abort.signal);
       }
       for await (const chunk of stream) {
         message = applyChunk(message, chunk, Date.now());

@@ -355,4 +355,41 @@ describe('ChatModel', () => {
     await model.refresh();
     expect(model.fitToolResult('y'.repeat(5000))).toHaveLength(5000);
   });
+
+  it('sends without the notebook tools when only their descriptions make the messages too long', async () => {
+    const full: Script = () => {
+      throw new WorkbenchError(
+        'bad-request',
+        "This model's maximum context length is 1024 tokens, but the messages take 1100 tokens. Shorten the conversation.",
+        400
+      );
+    };
+    const { client, model } = await makeModel([
+      async function* (r, s) { yield* full(r, s); },
+      () => say(chunk({ content: 'explained' }), chunk({}, 'stop'))
+    ]);
+    await model.send('Explain this error and fix the code.');
+    expect(client.requests[0].tools).toBeDefined();
+    expect(client.requests[1].tools).toBeUndefined();
+    const answer = lastAssistant(model);
+    expect(answer).toMatchObject({ content: 'explained', status: 'done' });
+    expect(answer.note).toMatch(/without the notebook tools.*1100 tokens.*1024-token context/);
+  });
+
+  it('gives up when the conversation itself is too long (no tools to drop)', async () => {
+    const full: Script = () => {
+      throw new WorkbenchError(
+        'bad-request',
+        "This model's maximum context length is 1024 tokens, but the messages take 1100 tokens. Shorten the conversation.",
+        400
+      );
+    };
+    const { client, model } = await makeModel([async function* (r, s) { yield* full(r, s); }], {
+      ...DEFAULT_PREFERENCES,
+      enableTools: false
+    });
+    await model.send('hi');
+    expect(client.requests).toHaveLength(1);
+    expect(lastAssistant(model)).toMatchObject({ status: 'error' });
+  });
 });
