@@ -21,12 +21,13 @@ import {
 import { IEditorLanguageRegistry } from '@jupyterlab/codemirror';
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
-import { LabIcon } from '@jupyterlab/ui-components';
+import { IFormRendererRegistry, LabIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
 
 import { WorkbenchClient } from './api';
 import { ChatModel, type ChatPreferences, DEFAULT_PREFERENCES } from './chatModel';
 import { errorOutput, explainErrorPrompt, NotebookTools } from './notebookBridge';
+import { ToolChecklist } from './components/SettingsFields';
 import { ChatSidebar, RoutingPanel } from './widgets';
 
 const PLUGIN_ID = 'glm-workbench:plugin';
@@ -133,7 +134,15 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'GLM Workbench: chat sidebar with thinking traces, notebook tools and expert routing.',
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [ISettingRegistry, ICommandPalette, ILayoutRestorer, IEditorLanguageRegistry, ISanitizer, IThemeManager],
+  optional: [
+    ISettingRegistry,
+    ICommandPalette,
+    ILayoutRestorer,
+    IEditorLanguageRegistry,
+    ISanitizer,
+    IThemeManager,
+    IFormRendererRegistry
+  ],
   activate: (
     app: JupyterFrontEnd,
     notebooks: INotebookTracker,
@@ -142,8 +151,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
     restorer: ILayoutRestorer | null,
     languages: IEditorLanguageRegistry | null,
     sanitizer: ISanitizer | null,
-    themeManager: IThemeManager | null
+    themeManager: IThemeManager | null,
+    formRegistry: IFormRendererRegistry | null
   ) => {
+    // the settings editor's own rendering of this array has no title: a titled checklist instead
+    formRegistry?.addRenderer(`${PLUGIN_ID}.autoApproveTools`, {
+      fieldRenderer: ToolChecklist as unknown as NonNullable<Parameters<IFormRendererRegistry['addRenderer']>[1]['fieldRenderer']>
+    });
     const client = new WorkbenchClient(app.serviceManager.serverSettings);
     const tools = new NotebookTools(notebooks);
     const model = new ChatModel(client, tools);

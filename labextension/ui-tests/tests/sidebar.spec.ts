@@ -292,6 +292,17 @@ test.describe('GLM Workbench sidebar', () => {
       .toBeGreaterThanOrEqual(350);
   });
 
+  test('titles the auto-approved tools in the settings editor', async ({ page }) => {
+    await page.getByRole('menuitem', { name: 'Settings' }).click();
+    await page.locator('.lm-Menu-itemLabel', { hasText: /^Settings Editor$/ }).click();
+    await page.locator('.jp-PluginList-entry-label-text', { hasText: /^GLM Workbench$/ }).click();
+    const tools = page.getByRole('group', { name: 'Auto-approved tools' });
+    await expect(tools).toBeVisible();
+    await expect(tools.getByRole('checkbox')).toHaveCount(4);
+    await expect(tools).toContainText('read_cells');
+    await shot(page, '17-settings-auto-approved-tools');
+  });
+
   test('shows failure states and recovers', async ({ page }) => {
     // The server answers "model still loading" (503) for a moment.
     const models = /\/glm\/v1\/models(\?|$)/;
