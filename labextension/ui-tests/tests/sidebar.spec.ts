@@ -386,9 +386,9 @@ test.describe('Maximum tokens per answer (local engine) @local', () => {
     await expect(answer.locator('.glm-Note.glm-mod-info')).toContainText(/lowered to \d+: what fits/);
     await expect(answer.locator('.glm-Markdown')).not.toBeEmpty({ timeout: 60 * 1000 }); // it is answering
     await shot(page, '16-max-tokens-lowered');
-    // a random-weight model would fill the whole context: enough seen
+    // a random-weight model may go on to the end of the context: enough seen (it may also have ended by itself)
     await chat.getByRole('textbox', { name: 'Message' }).press('Escape');
-    await expect(answer.locator('.glm-Note', { hasText: 'Stopped.' })).toBeVisible();
+    await expect(answer).toHaveClass(/glm-mod-(stopped|done)/);
     await expect(answer.locator('.glm-Note.glm-mod-error')).toHaveCount(0);
   });
 });
