@@ -32,11 +32,6 @@ if (!process.env.GLM_FIRST_CONTACT_HOME) {
   process.env.GLM_FIRST_CONTACT_WORKSPACE = path.join(root, 'workspace');
   process.env.GLM_FIRST_CONTACT_TOKEN = crypto.randomBytes(16).toString('hex');
   process.env.GLM_FIRST_CONTACT_URL = `http://127.0.0.1:${FIRST_PORT}`;
-  // glm-workbench still opens the checkout's own notebooks (issue 12, item 8, another branch): the kernel's
-  // metadata would be autosaved into them. The one setting this user has: no autosave.
-  const settings = path.join(root, 'home', '.jupyter', 'lab', 'user-settings', '@jupyterlab', 'docmanager-extension');
-  fs.mkdirSync(settings, { recursive: true });
-  fs.writeFileSync(path.join(settings, 'plugin.jupyterlab-settings'), JSON.stringify({ autosave: false }));
 }
 /** `glm-workbench` next to the Python that runs the tests (the one `pip install -e .` put there). */
 const glmWorkbench = (() => {
