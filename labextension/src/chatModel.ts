@@ -25,7 +25,7 @@ import {
   type ToolMessage
 } from './chatState';
 import { statusFailure, WorkbenchError } from './errors';
-import type { ChatCompletionRequest, ModelInfo, ServerStatus, ThinkingMode } from './protocol';
+import type { ChatCompletionChunk, ChatCompletionRequest, ModelInfo, ServerStatus, ThinkingMode } from './protocol';
 import { approve, createToolMessage, latestToolMessages, NOTEBOOK_TOOLS, readyToContinue, reject, startRun, complete, fail } from './tools';
 
 export interface ChatPreferences {
@@ -33,6 +33,7 @@ export interface ChatPreferences {
   thinkingMode: ThinkingMode;
   autoApproveTools: string[];
   enableTools: boolean;
+  /** 0: as much as fits (no max_tokens sent: the server gives the room left in the context). */
   maxTokens: number;
   temperature: number;
   systemPrompt: string;
@@ -43,7 +44,7 @@ export const DEFAULT_PREFERENCES: ChatPreferences = {
   thinkingMode: 'auto',
   autoApproveTools: [],
   enableTools: true,
-  maxTokens: 1024,
+  maxTokens: 0,
   temperature: 0.6,
   systemPrompt: ''
 };
@@ -73,6 +74,74 @@ export interface ChatState {
   status: ServerStatus | null;
 }
 
+/** The model this package ships: a 10M-parameter demo (workbench/models/glm45-air-mini), not a coding assistant. */
+export const BUNDLED_MODEL_ID = 'glm45-air-mini';
+
+/** What "Try tools" asks, and the tool it makes the model call (tool_choice names it: the demo model never
+ * saw the notebook tools, so asked freely it would not call one). */
+export const TOOL_DEMO = {
+  prompt: 'Read the cells of my notebook.',
+  tool: 'read_cells',
+  label: 'Tool demo: read_cells requested with tool_choice'
+} as const;
+
+/** The text Continue sends after an answer that was cut off. */
+export const CONTINUE_PROMPT = 'Continue from where you stopped.';
+
+/** The numbers of a "maximum context length" refusal (ours and vLLM's wording). */
+const CONTEXT_REFUSAL = /maximum context length is (\d+) tokens[\s\S]*?\((\d+) in the messages, (\d+) in the completion\)/;
+
+export function parseContextRefusal(message: string): { limit: number; prompt: number; asked: number } | null {
+  const m = CONTEXT_REFUSAL.exec(message);
+  return m ? { limit: Number(m[1]), prompt: Number(m[2]), asked: Number(m[3]) } : null;
+}
+
+/** The workbench server's refusal of messages that alone fill the context. */
+const MESSAGES_REFUSAL = /maximum context length is (\d+) tokens, but the messages take (\d+) tokens/;
+
+/**
+ * The request changed so that the context can take it, after the server refused it for its length, with a note
+ * saying what changed; null when nothing the sidebar chose can make it fit (the conversation itself is too long).
+ *
+ * - an explicit max_tokens larger than the room left: lowered to the room;
+ * - messages that fill the context only with the notebook tools' descriptions (about 550 tokens, half of the demo
+ *   model's context): sent without tools.
+ */
+export function fitToContext(
+  request: ChatCompletionRequest,
+  error: unknown
+): { request: ChatCompletionRequest; note: string } | null {
+  if (!(error instanceof WorkbenchError) || error.kind !== 'bad-request') {
+    return null;
+  }
+  const refusal = request.max_tokens ? parseContextRefusal(error.message) : null;
+  const room = refusal ? refusal.limit - refusal.prompt : 0;
+  if (refusal && room >= 1 && room < request.max_tokens!) {
+    return {
+      request: { ...request, max_tokens: room },
+      note:
+        `Maximum tokens per answer (${request.max_tokens}) lowered to ${room}: what fits in the model's ` +
+        `${refusal.limit}-token context after the conversation's ${refusal.prompt} tokens.`
+    };
+  }
+  const full = MESSAGES_REFUSAL.exec(error.message);
+  if (full && request.tools && !request.tool_choice) {
+    const { tools: _dropped, ...withoutTools } = request;
+    return {
+      request: withoutTools,
+      note:
+        `Sent without the notebook tools: with their descriptions the messages (${full[2]} tokens) do not fit ` +
+        `in the model's ${full[1]}-token context.`
+    };
+  }
+  return null;
+}
+
+/** Tokens kept free for the answer after a tool result, and a cautious characters-per-token for code. */
+const TOOL_RESULT_ANSWER_ROOM = 256;
+const TOOL_RESULT_CHARS_PER_TOKEN = 2;
+const TOOL_RESULT_MIN_CHARS = 200;
+
 /** Tool rounds per user message, so a model that keeps calling tools cannot loop forever. */
 const MAX_TOOL_ROUNDS = 8;
 
@@ -87,6 +156,10 @@ export class ChatModel {
   private abort: AbortController | null = null;
   private toolRounds = 0;
   private stopped = false;
+  /** A tool the next request names in tool_choice (the tool demo); cleared once that request is built. */
+  private forcedTool: string | null = null;
+  /** A saved conversation to reopen on the first refresh (the last one of the previous session). */
+  restoreConversationId: string | null = null;
 
   constructor(
     private readonly client: WorkbenchClient,
@@ -173,6 +246,11 @@ export class ChatModel {
       const model = models.some(m => m.id === this._state.model) ? this._state.model : (models[0]?.id ?? '');
       const failure = statusFailure(status);
       this.update({ models, status, history, model, failure });
+      const restore = this.restoreConversationId;
+      this.restoreConversationId = null;
+      if (restore && !this._state.conversation.messages.length && history.some(h => h.id === restore)) {
+        await this.openConversation(restore);
+      }
       if (failure?.kind === 'loading') {
         this.pollWhileLoading();
       }
@@ -204,6 +282,47 @@ export class ChatModel {
     setTimeout(() => void tick(), this.loadingPollMs);
   }
 
+  /** Whether this is the bundled demo model (by its id, or the local engine's checkpoint folder). */
+  isDemoModel(modelId: string = this._state.model): boolean {
+    if (modelId === BUNDLED_MODEL_ID) {
+      return true;
+    }
+    const status = this._state.status;
+    const path = typeof status?.model_path === 'string' ? status.model_path.replace(/[\\/]+$/, '') : '';
+    return status?.model === modelId && (path.endsWith(`/${BUNDLED_MODEL_ID}`) || path.endsWith(`\\${BUNDLED_MODEL_ID}`));
+  }
+
+  /** The model's context length in tokens: from its model card (max_model_len / context_length) or the
+   * local engine's status (context_limit); null when the server does not say. */
+  contextLength(modelId: string = this._state.model): number | null {
+    const info = this._state.models.find(m => m.id === modelId);
+    const fromCard = info?.max_model_len ?? info?.context_length;
+    if (typeof fromCard === 'number' && fromCard > 0) {
+      return fromCard;
+    }
+    const status = this._state.status;
+    const limit = status?.context_limit;
+    if (typeof limit === 'number' && limit > 0 && (!status?.model || status.model === modelId)) {
+      return limit;
+    }
+    return null;
+  }
+
+  /** Ask the model to call a notebook tool, so the approval flow can be seen even on the demo model. */
+  async tryTools(): Promise<void> {
+    if (this._state.busy) {
+      return;
+    }
+    this.forcedTool = TOOL_DEMO.tool;
+    await this.send(TOOL_DEMO.prompt, [], { label: TOOL_DEMO.label, toggledContext: false });
+    this.forcedTool = null;
+  }
+
+  /** Ask for the rest of an answer that was cut off. */
+  async continueAnswer(): Promise<void> {
+    await this.send(CONTINUE_PROMPT, [], { toggledContext: false });
+  }
+
   /** Whether answers from this model come from the local engine, which can record routing. */
   supportsRouting(modelId: string = this._state.model): boolean {
     const info = this._state.models.find(m => m.id === modelId);
@@ -214,17 +333,26 @@ export class ChatModel {
     return (info?.backend ?? this._state.status?.backend) === 'local';
   }
 
-  async send(text: string, extraContext: ContextBlock[] = []): Promise<void> {
+  /**
+   * Send a user message. `label` is shown above it and never sent; `toggledContext: false` leaves out what the
+   * context toggles would add (Continue and the tool demo need none of it).
+   */
+  async send(
+    text: string,
+    extraContext: ContextBlock[] = [],
+    options: { label?: string; toggledContext?: boolean } = {}
+  ): Promise<void> {
     const trimmed = text.trim();
     if (!trimmed || this._state.busy) {
       return;
     }
-    const context = [...extraContext, ...this.bridge.collectContext(this._state.context)];
+    const { label, toggledContext = true } = options;
+    const context = [...extraContext, ...(toggledContext ? this.bridge.collectContext(this._state.context) : [])];
     this.toolRounds = 0;
     this.stopped = false;
     this.setMessages([
       ...this._state.conversation.messages,
-      { kind: 'user', id: UUID.uuid4(), text: trimmed, context }
+      { kind: 'user', id: UUID.uuid4(), text: trimmed, context, ...(label ? { label } : {}) }
     ]);
     await this.generate();
   }
@@ -261,17 +389,23 @@ export class ChatModel {
       messages: toApiMessages(messages, this.preferences.systemPrompt || undefined),
       stream: true,
       stream_options: { include_usage: true },
-      max_tokens: this.preferences.maxTokens,
       temperature: this.preferences.temperature
     };
+    if (this.preferences.maxTokens > 0) {
+      request.max_tokens = this.preferences.maxTokens;
+    }
     if (this._state.thinkingMode !== 'auto') {
       request.thinking = { type: this._state.thinkingMode === 'on' ? 'enabled' : 'disabled' };
     }
     if (this.supportsRouting()) {
       request.routing = true;
     }
-    if (this.preferences.enableTools) {
+    if (this.preferences.enableTools || this.forcedTool) {
       request.tools = NOTEBOOK_TOOLS;
+    }
+    if (this.forcedTool) {
+      request.tool_choice = { type: 'function', function: { name: this.forcedTool } };
+      this.forcedTool = null; // the model answers the tool's result freely
     }
     return request;
   }
@@ -286,7 +420,26 @@ export class ChatModel {
     const abort = new AbortController();
     this.abort = abort;
     try {
-      for await (const chunk of this.client.chat(request, abort.signal)) {
+      let stream: AsyncGenerator<ChatCompletionChunk, void, undefined>;
+      let attempt = request;
+      const notes: string[] = [];
+      for (;;) {
+        try {
+          stream = await this.open(attempt, abort.signal);
+          break;
+        } catch (error) {
+          // A request the context cannot take: ask again for what fits, and say so under the answer.
+          const fitted = notes.length < 2 ? fitToContext(attempt, error) : null;
+          if (!fitted) {
+            throw error;
+          }
+          attempt = fitted.request;
+          notes.push(fitted.note);
+          message = { ...message, note: notes.join(' ') };
+          this.replaceMessage(id, () => message);
+        }
+      }
+      for await (const chunk of stream) {
         message = applyChunk(message, chunk, Date.now());
         this.replaceMessage(id, () => message);
       }
@@ -313,6 +466,21 @@ export class ChatModel {
     this.update({ busy: false });
     await this.save();
     await this.refreshHistory();
+  }
+
+  /** Send the request and wait for the response headers (a refusal throws here, before any chunk). */
+  private async open(
+    request: ChatCompletionRequest,
+    signal: AbortSignal
+  ): Promise<AsyncGenerator<ChatCompletionChunk, void, undefined>> {
+    const stream = this.client.chat(request, signal);
+    const first = await stream.next();
+    return (async function* () {
+      if (!first.done) {
+        yield first.value;
+        yield* stream;
+      }
+    })();
   }
 
   private async startToolCalls(message: AssistantMessage): Promise<void> {
@@ -360,11 +528,35 @@ export class ChatModel {
     }
     this.replaceMessage(id, m => startRun(m as ToolMessage));
     try {
-      const result = await this.bridge.runTool(current.call.function.name, current.args ?? {});
+      const result = this.fitToolResult(await this.bridge.runTool(current.call.function.name, current.args ?? {}));
       this.replaceMessage(id, m => complete(m as ToolMessage, result));
     } catch (error) {
       this.replaceMessage(id, m => fail(m as ToolMessage, error instanceof Error ? error.message : String(error)));
     }
+  }
+
+  /**
+   * A tool result cut to what the model's context can still take (a whole notebook does not fit in the demo
+   * model's 1024 tokens), with a line saying so; unchanged when the context length is unknown or there is room.
+   */
+  fitToolResult(result: string): string {
+    const limit = this.contextLength();
+    if (!limit) {
+      return result;
+    }
+    const last = [...this._state.conversation.messages]
+      .reverse()
+      .find((m): m is AssistantMessage => m.kind === 'assistant' && !!m.usage);
+    const used = last?.usage ? last.usage.prompt_tokens + last.usage.completion_tokens : 0;
+    const tokens = limit - used - TOOL_RESULT_ANSWER_ROOM;
+    const chars = Math.max(TOOL_RESULT_MIN_CHARS, tokens * TOOL_RESULT_CHARS_PER_TOKEN);
+    if (result.length <= chars) {
+      return result;
+    }
+    return (
+      `${result.slice(0, chars)}\n[... ${result.length - chars} more characters left out: ` +
+      `the model's ${limit}-token context has no room for them]`
+    );
   }
 
   private async continueIfReady(): Promise<void> {

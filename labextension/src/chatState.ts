@@ -20,6 +20,8 @@ export interface UserMessage {
   id: string;
   text: string;
   context: ContextBlock[];
+  /** Shown above the message, never sent (e.g. "Tool demo: ..."). */
+  label?: string;
 }
 
 export type AssistantStatus = 'streaming' | 'done' | 'stopped' | 'error';
@@ -47,6 +49,8 @@ export interface AssistantMessage {
   usage?: Usage;
   routingRequested: boolean;
   timing: Timing;
+  /** Something the sidebar changed about the request and says so under the answer (a clamped max_tokens). */
+  note?: string;
   /** Stream deltas counted as they come: one per token on this server, an estimate elsewhere. */
   reasoningDeltas: number;
   contentDeltas: number;
@@ -201,15 +205,82 @@ export function completionTokens(message: AssistantMessage): number {
   return message.usage?.completion_tokens ?? message.reasoningDeltas + message.contentDeltas;
 }
 
-/** Decode speed from the first token to the end, or null while there is too little to measure. */
+/**
+ * Decode speed, or null while there is too little to measure.
+ *
+ * The server's own clock when it sends one (`usage.decode_seconds`, first generated token to the last: the
+ * workbench's engine does), so every client shows the same figure. Otherwise the whole request as the browser
+ * saw it: a slower figure, never an inflated one (tokens that arrive in one burst after a silent wait would
+ * make the first-to-last window tiny: "22000 tok/s").
+ */
 export function tokensPerSecond(message: AssistantMessage): number | null {
-  const { firstToken, end } = message.timing;
   const tokens = completionTokens(message);
-  if (firstToken === undefined || end === undefined || end <= firstToken || tokens < 2) {
+  const decode = message.usage?.decode_seconds;
+  if (typeof decode === 'number') {
+    // The first token ends the prompt's time and starts the window, so it is not counted inside it.
+    return decode > 0 && tokens >= 2 ? (tokens - 1) / decode : null;
+  }
+  const { start, end } = message.timing;
+  if (end === undefined || end <= start || tokens < 2) {
     return null;
   }
-  // The first token marks the start of the window, so it is not counted inside it.
-  return (tokens - 1) / ((end - firstToken) / 1000);
+  return tokens / ((end - start) / 1000);
+}
+
+/** Tokens the conversation holds after this answer (prompt + completion, the server's counts), if known. */
+export function contextTokens(message: AssistantMessage): number | null {
+  return message.usage ? message.usage.prompt_tokens + message.usage.completion_tokens : null;
+}
+
+/** The answer stopped at its token limit (max_tokens, or the end of the context). */
+export function isCutOff(message: AssistantMessage): boolean {
+  return message.status === 'done' && message.finishReason === 'length';
+}
+
+/** One piece of an answer's text: prose, or a tool call the server could not use, shown as such. */
+export type AnswerPart = { kind: 'text'; text: string } | { kind: 'unusable-call'; name: string; args: string };
+
+const CALL_BLOCK = /<tool_call>([\s\S]*?)(?:<\/tool_call>|$)/g;
+const STRAY_MARKUP = /<\/?(?:tool_call|arg_key|arg_value)>/g;
+
+/** `name(key=value, ...)` from the text of a call block, however malformed. */
+function describeCall(body: string): { name: string; args: string } {
+  const name = body.trim().split(/[\s<]/)[0] || '?';
+  const args: string[] = [];
+  const pair = /<arg_key>([\s\S]*?)<\/arg_key>\s*<arg_value>([\s\S]*?)(?:<\/arg_value>|$)/g;
+  for (const m of body.matchAll(pair)) {
+    const value = m[2].trim();
+    args.push(`${m[1].trim()}=${value.length > 60 ? `${value.slice(0, 57)}...` : value}`);
+  }
+  return { name, args: args.join(', ') };
+}
+
+/**
+ * Split an answer into prose and the tool calls the server passed on as text (a call to a tool that was not
+ * offered, a malformed one, one cut off by the token limit: GLM's format says they stay text), so that the
+ * sidebar shows them as "unusable tool call", never as raw `<tool_call>` markup; stray markup is dropped.
+ */
+export function answerParts(content: string): AnswerPart[] {
+  const parts: AnswerPart[] = [];
+  let last = 0;
+  const pushText = (text: string) => {
+    const clean = text.replace(STRAY_MARKUP, '');
+    if (clean.trim()) {
+      parts.push({ kind: 'text', text: clean });
+    }
+  };
+  for (const m of content.matchAll(CALL_BLOCK)) {
+    pushText(content.slice(last, m.index));
+    parts.push({ kind: 'unusable-call', ...describeCall(m[1]) });
+    last = m.index! + m[0].length;
+  }
+  pushText(content.slice(last));
+  return parts;
+}
+
+/** Reasoning as shown: tool-call markup a model wrote there is dropped (the text between the tags stays). */
+export function visibleReasoning(reasoning: string): string {
+  return reasoning.replace(STRAY_MARKUP, '');
 }
 
 /** The user's text with its context blocks, as the model sees it. */

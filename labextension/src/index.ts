@@ -8,22 +8,26 @@
 import { ILayoutRestorer, type JupyterFrontEnd, type JupyterFrontEndPlugin } from '@jupyterlab/application';
 import {
   Clipboard,
+  Dialog,
   ICommandPalette,
   ISanitizer,
   IThemeManager,
   MainAreaWidget,
   Sanitizer,
+  showDialog,
   showErrorMessage,
   WidgetTracker
 } from '@jupyterlab/apputils';
 import { IEditorLanguageRegistry } from '@jupyterlab/codemirror';
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
-import { LabIcon } from '@jupyterlab/ui-components';
+import { IFormRendererRegistry, LabIcon } from '@jupyterlab/ui-components';
+import { Widget } from '@lumino/widgets';
 
 import { WorkbenchClient } from './api';
 import { ChatModel, type ChatPreferences, DEFAULT_PREFERENCES } from './chatModel';
 import { errorOutput, explainErrorPrompt, NotebookTools } from './notebookBridge';
+import { ToolChecklist } from './components/SettingsFields';
 import { ChatSidebar, RoutingPanel } from './widgets';
 import { routingTitle } from './routingData';
 
@@ -33,8 +37,75 @@ export const CommandIDs = {
   openChat: 'glm-workbench:open-chat',
   newConversation: 'glm-workbench:new-conversation',
   explainError: 'glm-workbench:explain-error',
-  showRouting: 'glm-workbench:show-routing'
+  showRouting: 'glm-workbench:show-routing',
+  connectModel: 'glm-workbench:connect-model'
 } as const;
+
+/** Browser storage: the conversation to reopen after a reload, and whether the sidebar was ever shown. */
+const LAST_CONVERSATION_KEY = 'glm-workbench:last-conversation';
+const OPENED_ONCE_KEY = 'glm-workbench:sidebar-opened';
+
+/** Where notebook 5 (connecting a real GLM-4.5-Air) may be, relative to the server's root. */
+const NOTEBOOK_5 = '05_real_glm45_air.ipynb';
+const NOTEBOOK_5_PLACES = [NOTEBOOK_5, `notebooks/${NOTEBOOK_5}`, `glm-workbench/${NOTEBOOK_5}`];
+
+/** The chat's width when it opens (px): room for the header's controls and a line of code. */
+const SIDEBAR_WIDTH = 380;
+/** What the notebook keeps at least when the chat widens (px). */
+const MAIN_AREA_MIN_WIDTH = 300;
+
+/**
+ * Widen the right area to `SIDEBAR_WIDTH` when the sidebar shows narrower (JupyterLab opens side panels at about
+ * 250 px and has no public API for their width; its layouts ignore a child's CSS min-width there). Uses the
+ * shell's split panel when it has the expected shape, and does nothing otherwise.
+ */
+function widenRightArea(shell: JupyterFrontEnd.IShell, sidebar: HTMLElement): void {
+  const split = (shell as unknown as { _hsplitPanel?: { node: HTMLElement; relativeSizes(): number[]; setRelativeSizes(sizes: number[]): void } })._hsplitPanel;
+  const width = sidebar.getBoundingClientRect().width;
+  if (!split || typeof split.setRelativeSizes !== 'function' || width === 0 || width >= SIDEBAR_WIDTH - 1) {
+    return;
+  }
+  const total = split.node.getBoundingClientRect().width;
+  const sizes = split.relativeSizes();
+  const right = (sizes[2] * SIDEBAR_WIDTH) / width;
+  const main = sizes[1] - (right - sizes[2]);
+  if (sizes.length !== 3 || main * total < MAIN_AREA_MIN_WIDTH) {
+    return; // an unexpected layout, or a window too small to give the chat more
+  }
+  split.setRelativeSizes([sizes[0], main, right]);
+}
+
+function storage(): Storage | null {
+  try {
+    return window.localStorage;
+  } catch {
+    return null; // storage disabled: no restore, nothing breaks
+  }
+}
+
+/** The how-to shown by "Connect a real model" (the README's "bundled model" paragraph and notebook 5). */
+function connectModelBody(): HTMLElement {
+  const body = document.createElement('div');
+  body.className = 'glm-ConnectDialog';
+  const lines: Array<[string, string]> = [
+    ['p', 'The bundled glm45-air-mini is a 10M-parameter demo. For real answers, start the workbench on a real GLM-4.5-Air:'],
+    ['h4', 'Your own checkpoint (a GPU machine)'],
+    ['pre', 'glm-workbench --GLMWorkbench.model_path=/path/to/GLM-4.5-Air --GLMWorkbench.device=cuda'],
+    ['h4', 'The hosted GLM API (Z.ai) or a vLLM / SGLang server'],
+    [
+      'pre',
+      'export ZAI_API_KEY=...\nglm-workbench --GLMWorkbench.backend=remote \\\n' +
+        '  --GLMWorkbench.remote_base_url=https://api.z.ai/api/paas/v4 --GLMWorkbench.remote_model=glm-4.5-air'
+    ],
+    ['p', 'Notebook 5 (05_real_glm45_air.ipynb) walks through both; the README says more (the paragraph on the default model).']
+  ];
+  for (const [tag, text] of lines) {
+    const el = document.createElement(tag);
+    el.textContent = text;
+    body.appendChild(el);
+  }
+  return body;
+}
 
 const chatIcon = new LabIcon({
   name: 'glm-workbench:chat',
@@ -64,7 +135,15 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'GLM Workbench: chat sidebar with thinking traces, notebook tools and expert routing.',
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [ISettingRegistry, ICommandPalette, ILayoutRestorer, IEditorLanguageRegistry, ISanitizer, IThemeManager],
+  optional: [
+    ISettingRegistry,
+    ICommandPalette,
+    ILayoutRestorer,
+    IEditorLanguageRegistry,
+    ISanitizer,
+    IThemeManager,
+    IFormRendererRegistry
+  ],
   activate: (
     app: JupyterFrontEnd,
     notebooks: INotebookTracker,
@@ -73,8 +152,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
     restorer: ILayoutRestorer | null,
     languages: IEditorLanguageRegistry | null,
     sanitizer: ISanitizer | null,
-    themeManager: IThemeManager | null
+    themeManager: IThemeManager | null,
+    formRegistry: IFormRendererRegistry | null
   ) => {
+    // the settings editor's own rendering of this array has no title: a titled checklist instead
+    formRegistry?.addRenderer(`${PLUGIN_ID}.autoApproveTools`, {
+      fieldRenderer: ToolChecklist as unknown as NonNullable<Parameters<IFormRendererRegistry['addRenderer']>[1]['fieldRenderer']>
+    });
     const client = new WorkbenchClient(app.serviceManager.serverSettings);
     const tools = new NotebookTools(notebooks);
     const model = new ChatModel(client, tools);
@@ -93,13 +177,15 @@ const plugin: JupyterFrontEndPlugin<void> = {
       },
       {
         copy: text => Clipboard.copyToSystem(text),
-        showRouting: completionId => void app.commands.execute(CommandIDs.showRouting, { completionId })
+        showRouting: completionId => void app.commands.execute(CommandIDs.showRouting, { completionId }),
+        connectModel: () => void app.commands.execute(CommandIDs.connectModel)
       }
     );
     sidebar.id = 'glm-workbench-chat';
     sidebar.title.icon = chatIcon;
-    sidebar.title.caption = 'GLM chat';
+    sidebar.title.caption = 'GLM Chat (Alt+Shift+G)';
     app.shell.add(sidebar, 'right', { rank: 400 });
+    sidebar.onShown = () => widenRightArea(app.shell, sidebar.node);
     restorer?.add(sidebar, sidebar.id);
 
     function runCodeAction(action: () => void): void {
@@ -121,6 +207,32 @@ const plugin: JupyterFrontEndPlugin<void> = {
       execute: () => {
         app.shell.activateById(sidebar.id);
         sidebar.focusInput();
+      }
+    });
+
+    app.commands.addCommand(CommandIDs.connectModel, {
+      label: 'Connect a Real GLM Model',
+      caption: 'How to point the workbench at a real GLM-4.5-Air',
+      execute: async () => {
+        const contents = app.serviceManager.contents;
+        let notebook: string | null = null;
+        for (const path of NOTEBOOK_5_PLACES) {
+          try {
+            await contents.get(path, { content: false });
+            notebook = path;
+            break;
+          } catch {
+            // not there: try the next place
+          }
+        }
+        const buttons = [Dialog.okButton({ label: 'Close' })];
+        if (notebook) {
+          buttons.unshift(Dialog.createButton({ label: 'Open notebook 5', actions: ['open'] }));
+        }
+        const result = await showDialog({ title: 'Connect a real GLM model', body: new Widget({ node: connectModelBody() }), buttons });
+        if (notebook && result.button.actions.includes('open')) {
+          await app.commands.execute('docmanager:open', { path: notebook });
+        }
       }
     });
 
@@ -181,7 +293,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
 
     if (palette) {
       const category = 'GLM Workbench';
-      for (const command of [CommandIDs.openChat, CommandIDs.newConversation, CommandIDs.explainError]) {
+      for (const command of [
+        CommandIDs.openChat,
+        CommandIDs.newConversation,
+        CommandIDs.explainError,
+        CommandIDs.connectModel
+      ]) {
         palette.addItem({ command, category });
       }
     }
@@ -197,7 +314,27 @@ const plugin: JupyterFrontEndPlugin<void> = {
         .catch(reason => console.error('GLM Workbench: could not load settings.', reason));
     }
 
-    void app.restored.then(() => model.refresh());
+    // After a reload, reopen the conversation the user was in; remember it whenever it changes.
+    const store = storage();
+    model.restoreConversationId = store?.getItem(LAST_CONVERSATION_KEY) ?? null;
+    let remembered = model.restoreConversationId;
+    model.changed.connect(() => {
+      const { conversation } = model.state;
+      const id = conversation.messages.length ? conversation.id : null;
+      if (store && id && id !== remembered) {
+        remembered = id;
+        store.setItem(LAST_CONVERSATION_KEY, id);
+      }
+    });
+
+    void app.restored.then(() => {
+      // The first time JupyterLab runs with the workbench, show the sidebar; later the saved layout decides.
+      if (store && !store.getItem(OPENED_ONCE_KEY)) {
+        store.setItem(OPENED_ONCE_KEY, '1');
+        app.shell.activateById(sidebar.id);
+      }
+      void model.refresh();
+    });
   }
 };
 

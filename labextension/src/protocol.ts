@@ -36,6 +36,7 @@ export interface ChatCompletionRequest {
   thinking?: { type: 'enabled' | 'disabled' };
   routing?: boolean;
   tools?: ToolDefinition[];
+  tool_choice?: 'auto' | 'none' | 'required' | { type: 'function'; function: { name: string } };
   max_tokens?: number;
   temperature?: number;
 }
@@ -45,6 +46,10 @@ export interface Usage {
   completion_tokens: number;
   total_tokens: number;
   completion_tokens_details?: { reasoning_tokens?: number };
+  /** The workbench's local engine: request arrival to first token (queue and prefill), in seconds. */
+  prompt_seconds?: number;
+  /** The workbench's local engine: first generated token to the last, in seconds. */
+  decode_seconds?: number;
 }
 
 export interface ToolCallDelta {
@@ -80,6 +85,9 @@ export interface ModelInfo {
   backend?: string;
   routing?: boolean;
   ready?: boolean;
+  /** Context length, as vLLM (`max_model_len`) or other servers name it. */
+  max_model_len?: number;
+  context_length?: number;
 }
 
 export interface ServerStatus {

@@ -4,6 +4,7 @@
  */
 
 import { ReactWidget } from '@jupyterlab/apputils';
+import type { Message } from '@lumino/messaging';
 import React, { useEffect, useState } from 'react';
 
 import type { WorkbenchClient } from './api';
@@ -35,6 +36,16 @@ export class ChatSidebar extends ReactWidget {
   /** Put the keyboard focus in the message box. */
   focusInput(): void {
     this.node.querySelector<HTMLTextAreaElement>('.glm-Input')?.focus();
+  }
+
+  /** Called each time the sidebar is shown (index.ts widens the right area when it is too narrow). */
+  onShown: (() => void) | null = null;
+
+  protected onAfterShow(msg: Message): void {
+    super.onAfterShow(msg);
+    if (this.onShown) {
+      requestAnimationFrame(() => this.onShown?.());
+    }
   }
 }
 

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 
 import type { WorkbenchClient } from '../src/api';
-import { ChatModel, DEFAULT_PREFERENCES, type NotebookBridge } from '../src/chatModel';
+import { ChatModel, CONTINUE_PROMPT, DEFAULT_PREFERENCES, type NotebookBridge, TOOL_DEMO } from '../src/chatModel';
 import type { AssistantMessage, Conversation, ToolMessage } from '../src/chatState';
 import { WorkbenchError } from '../src/errors';
 import type { ChatCompletionChunk, ChatCompletionRequest } from '../src/protocol';
@@ -17,15 +17,20 @@ const chunk = (delta: ChatCompletionChunk['choices'][0]['delta'], finish: string
 class FakeClient {
   requests: ChatCompletionRequest[] = [];
   saved: Conversation[] = [];
-  constructor(private scripts: Script[], private serverStatus: Record<string, unknown> = { backend: 'local' }) {}
+  constructor(private scripts: Script[], public serverStatus: Record<string, unknown> = { backend: 'local' }) {}
+  modelList: Array<Record<string, unknown>> = [{ id: 'glm-tiny' }];
   async models() {
-    return [{ id: 'glm-tiny' }];
+    return this.modelList;
   }
   async status() {
     return this.serverStatus;
   }
+  conversations: Conversation[] = [];
   async listConversations() {
-    return [];
+    return this.conversations.map(({ id, title, created, updated }) => ({ id, title, created, updated }));
+  }
+  async getConversation(id: string) {
+    return this.conversations.find(c => c.id === id)!;
   }
   async saveConversation(c: Conversation) {
     this.saved.push(c);
@@ -227,5 +232,164 @@ describe('ChatModel', () => {
     expect(kinds).toEqual(['user', 'assistant']);
     expect(lastAssistant(model).content).toBe('second');
     expect(client.requests[1].messages).toEqual(client.requests[0].messages);
+  });
+
+  it('sends no max_tokens by default: the server gives the room left in the context', async () => {
+    const { client, model } = await makeModel([() => say(chunk({ content: 'x' }))]);
+    expect(DEFAULT_PREFERENCES.maxTokens).toBe(0);
+    await model.send('Write a Python function that reverses a string.');
+    expect('max_tokens' in client.requests[0]).toBe(false);
+  });
+
+  it('lowers an explicit max_tokens that does not fit to what fits, and says so under the answer', async () => {
+    const refusal: Script = () => {
+      throw new WorkbenchError(
+        'bad-request',
+        "This model's maximum context length is 1024 tokens. However, you requested 1571 tokens (547 in the " +
+          'messages, 1024 in the completion). Lower max_tokens or shorten the messages.',
+        400
+      );
+    };
+    const { client, model } = await makeModel(
+      [async function* (r, s) { yield* refusal(r, s); }, () => say(chunk({ content: 'fits' }), chunk({}, 'stop'))],
+      { ...DEFAULT_PREFERENCES, maxTokens: 1024 }
+    );
+    await model.send('hi');
+    expect(client.requests.map(r => r.max_tokens)).toEqual([1024, 477]);
+    const answer = lastAssistant(model);
+    expect(answer).toMatchObject({ content: 'fits', status: 'done' });
+    expect(answer.note).toMatch(/lowered to 477.*1024-token context.*547 tokens/);
+  });
+
+  it('leaves other refusals alone (no retry)', async () => {
+    const refusal: Script = () => {
+      throw new WorkbenchError('bad-request', 'temperature must be a number', 400);
+    };
+    const { client, model } = await makeModel([async function* (r, s) { yield* refusal(r, s); }], {
+      ...DEFAULT_PREFERENCES,
+      maxTokens: 100
+    });
+    await model.send('hi');
+    expect(client.requests).toHaveLength(1);
+    expect(lastAssistant(model)).toMatchObject({ status: 'error', error: 'temperature must be a number' });
+  });
+
+  it('knows the context length from the model card or the local status', async () => {
+    const { model, client } = await makeModel([], DEFAULT_PREFERENCES, { backend: 'local', model: 'glm-tiny', context_limit: 1024 });
+    expect(model.contextLength()).toBe(1024);
+    client.modelList = [{ id: 'glm-tiny', max_model_len: 131072 }];
+    await model.refresh();
+    expect(model.contextLength()).toBe(131072);
+  });
+
+  it('marks the bundled model as the demo, by id or by the checkpoint folder', async () => {
+    const { model, client } = await makeModel([], DEFAULT_PREFERENCES, {
+      backend: 'local', model: 'my-name', model_path: '/site-packages/workbench/models/glm45-air-mini'
+    });
+    expect(model.isDemoModel('glm45-air-mini')).toBe(true);
+    expect(model.isDemoModel('glm-tiny')).toBe(false);
+    client.modelList = [{ id: 'my-name' }];
+    await model.refresh();
+    expect(model.isDemoModel('my-name')).toBe(true);
+  });
+
+  it('"Try tools" names read_cells in tool_choice once; the model answers the result freely', async () => {
+    const { client, bridge, model } = await makeModel(
+      [
+        () => say(chunk({ tool_calls: [{ index: 0, id: 'c1', type: 'function', function: { name: 'read_cells', arguments: '{"width": 3}' } }] }), chunk({}, 'tool_calls')),
+        () => say(chunk({ content: 'Read.' }), chunk({}, 'stop'))
+      ],
+      { ...DEFAULT_PREFERENCES, enableTools: false }
+    );
+    await model.tryTools();
+    expect(client.requests[0].tool_choice).toEqual({ type: 'function', function: { name: 'read_cells' } });
+    expect(client.requests[0].tools?.map(t => t.function.name)).toContain('read_cells');
+    const user = model.state.conversation.messages[0];
+    expect(user).toMatchObject({ kind: 'user', text: TOOL_DEMO.prompt, label: TOOL_DEMO.label });
+    expect(tools(model)[0].status).toBe('pending');
+    model.approveTool(tools(model)[0].id);
+    await until(() => lastAssistant(model).content === 'Read.' && !model.state.busy, 'the answer after the tool');
+    expect(bridge.calls).toEqual([{ name: 'read_cells', args: { width: 3 } }]);
+    expect(client.requests[1].tool_choice).toBeUndefined();
+    expect(client.requests[0].messages.at(-1)?.content).toBe(TOOL_DEMO.prompt); // the label is not sent
+  });
+
+  it('Continue asks for the rest of a cut-off answer', async () => {
+    const { client, model } = await makeModel([
+      () => say(chunk({ content: 'half' }), chunk({}, 'length')),
+      () => say(chunk({ content: 'rest' }), chunk({}, 'stop'))
+    ]);
+    await model.send('long one');
+    expect(lastAssistant(model).finishReason).toBe('length');
+    await model.continueAnswer();
+    expect(client.requests[1].messages.at(-1)).toEqual({ role: 'user', content: CONTINUE_PROMPT });
+    expect(client.requests[1].messages.at(-2)).toMatchObject({ role: 'assistant', content: 'half' });
+  });
+
+  it('reopens the last conversation on the first refresh after a reload', async () => {
+    const client = new FakeClient([]);
+    client.conversations = [{ id: 'conv-1', title: 'old', created: 1, updated: 2, messages: [
+      { kind: 'user', id: 'u', text: 'old question', context: [] }
+    ] }];
+    const model = new ChatModel(client as unknown as WorkbenchClient, new FakeBridge(), DEFAULT_PREFERENCES);
+    model.restoreConversationId = 'conv-1';
+    await model.refresh();
+    expect(model.state.conversation.id).toBe('conv-1');
+    model.newConversation();
+    await model.refresh(); // only once: a later refresh leaves the new conversation alone
+    expect(model.state.conversation.id).not.toBe('conv-1');
+  });
+
+  it('cuts a tool result to what the context can still take, and says so', async () => {
+    const { model, client } = await makeModel(
+      [() => say(chunk({ content: 'x' }), { id: 'c', choices: [], usage: { prompt_tokens: 500, completion_tokens: 68, total_tokens: 568 } })],
+      DEFAULT_PREFERENCES,
+      { backend: 'local', model: 'glm-tiny', context_limit: 1024 }
+    );
+    await model.send('hi');
+    const fitted = model.fitToolResult('x'.repeat(5000));
+    // (1024 - 568 - 256 answer tokens) * 2 characters
+    expect(fitted.startsWith('x'.repeat(400) + '\n[... 4600 more characters left out')).toBe(true);
+    expect(model.fitToolResult('short')).toBe('short');
+    client.serverStatus = { backend: 'remote' }; // no context length known: unchanged
+    await model.refresh();
+    expect(model.fitToolResult('y'.repeat(5000))).toHaveLength(5000);
+  });
+
+  it('sends without the notebook tools when only their descriptions make the messages too long', async () => {
+    const full: Script = () => {
+      throw new WorkbenchError(
+        'bad-request',
+        "This model's maximum context length is 1024 tokens, but the messages take 1100 tokens. Shorten the conversation.",
+        400
+      );
+    };
+    const { client, model } = await makeModel([
+      async function* (r, s) { yield* full(r, s); },
+      () => say(chunk({ content: 'explained' }), chunk({}, 'stop'))
+    ]);
+    await model.send('Explain this error and fix the code.');
+    expect(client.requests[0].tools).toBeDefined();
+    expect(client.requests[1].tools).toBeUndefined();
+    const answer = lastAssistant(model);
+    expect(answer).toMatchObject({ content: 'explained', status: 'done' });
+    expect(answer.note).toMatch(/without the notebook tools.*1100 tokens.*1024-token context/);
+  });
+
+  it('gives up when the conversation itself is too long (no tools to drop)', async () => {
+    const full: Script = () => {
+      throw new WorkbenchError(
+        'bad-request',
+        "This model's maximum context length is 1024 tokens, but the messages take 1100 tokens. Shorten the conversation.",
+        400
+      );
+    };
+    const { client, model } = await makeModel([async function* (r, s) { yield* full(r, s); }], {
+      ...DEFAULT_PREFERENCES,
+      enableTools: false
+    });
+    await model.send('hi');
+    expect(client.requests).toHaveLength(1);
+    expect(lastAssistant(model)).toMatchObject({ status: 'error' });
   });
 });

@@ -1,9 +1,12 @@
 import { describe, expect, it } from 'vitest';
 import {
+  answerParts,
   applyChunk,
   completionTokens,
+  contextTokens,
   conversationTitle,
   finishMessage,
+  isCutOff,
   isThinking,
   type Message,
   messagesForRegenerate,
@@ -11,7 +14,8 @@ import {
   reasoningTokens,
   thinkingSeconds,
   toApiMessages,
-  tokensPerSecond
+  tokensPerSecond,
+  visibleReasoning
 } from '../src/chatState';
 import type { ChatCompletionChunk } from '../src/protocol';
 
@@ -76,7 +80,35 @@ describe('assistant message state', () => {
     m = finishMessage(m, 3000, 'done');
     expect(completionTokens(m)).toBe(21);
     expect(reasoningTokens(m)).toBe(7);
-    expect(tokensPerSecond(m)).toBeCloseTo(10); // 20 tokens after the first, in 2 s
+    // no decode time from the server: the whole request as the browser saw it (21 tokens in 3 s), never the
+    // first-to-last window of a burst
+    expect(tokensPerSecond(m)).toBeCloseTo(7);
+  });
+
+  it("takes tok/s from the server's decode seconds when it sends them", () => {
+    let m = newAssistantMessage('a1', 0);
+    // the whole answer arrives in one burst after a long silence: the browser's window would say 22000 tok/s
+    m = applyChunk(m, delta({ content: 'a b c' }), 940);
+    m = applyChunk(m, delta({ content: ' d' }), 941);
+    m = applyChunk(m, { id: 'c', choices: [], usage: { prompt_tokens: 5, completion_tokens: 23, total_tokens: 28, prompt_seconds: 0.1, decode_seconds: 0.8 } }, 941);
+    m = finishMessage(m, 942, 'done');
+    expect(tokensPerSecond(m)).toBeCloseTo(22 / 0.8);
+    expect(contextTokens(m)).toBe(28);
+  });
+
+  it('gives no rate for a one-token answer timed by the server', () => {
+    let m = newAssistantMessage('a1', 0);
+    m = applyChunk(m, { id: 'c', choices: [], usage: { prompt_tokens: 5, completion_tokens: 1, total_tokens: 6, decode_seconds: 0 } }, 5);
+    m = finishMessage(m, 10, 'done');
+    expect(tokensPerSecond(m)).toBeNull();
+  });
+
+  it('says an answer was cut off only when it ended at its token limit', () => {
+    let m = newAssistantMessage('a1', 0);
+    m = applyChunk(m, delta({ content: 'half' }), 1);
+    m = applyChunk(m, { id: 'c', choices: [{ index: 0, delta: {}, finish_reason: 'length' }] }, 2);
+    expect(isCutOff(finishMessage(m, 3, 'done'))).toBe(true);
+    expect(isCutOff(finishMessage(m, 3, 'stopped'))).toBe(false);
   });
 
   it('ends thinking when the stream ends inside reasoning (stopped)', () => {
@@ -136,5 +168,26 @@ describe('conversation to API messages', () => {
     expect(conversationTitle([...base, a])).toBe('Fix this');
     expect(conversationTitle([])).toBe('New conversation');
     expect(messagesForRegenerate([...base, a])).toEqual(base);
+  });
+});
+
+describe('tool-call markup in what the model wrote', () => {
+  it('shows calls the server passed on as text as unusable calls, never as tags', () => {
+    const parts = answerParts(
+      'Sure.\n<tool_call>factorial\n<arg_key>n</arg_key>\n<arg_value>5</arg_value>\n</tool_call>\nDone</arg_value>'
+    );
+    expect(parts).toEqual([
+      { kind: 'text', text: 'Sure.\n' },
+      { kind: 'unusable-call', name: 'factorial', args: 'n=5' },
+      { kind: 'text', text: '\nDone' }
+    ]);
+  });
+
+  it('handles a call cut off by the token limit and stray markup in the reasoning', () => {
+    expect(answerParts('<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Par')).toEqual([
+      { kind: 'unusable-call', name: 'get_weather', args: 'city=Par' }
+    ]);
+    expect(visibleReasoning('The user asks</arg_value>\n<arg_key>width</arg_key>')).toBe('The user asks\nwidth');
+    expect(answerParts('Use `a < b` and <b>bold</b>.')).toEqual([{ kind: 'text', text: 'Use `a < b` and <b>bold</b>.' }]);
   });
 });

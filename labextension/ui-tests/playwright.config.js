@@ -5,8 +5,14 @@
  * on a tiny checkpoint written at start-up (real routing traces) and the remote backend pointed at
  * tests/ui/scripted_upstream.py (known thinking, code, tool calls and a long answer).
  *
+ * A third server is `glm-workbench` itself, started as the README says on a fresh temporary HOME and workspace
+ * (the bundled model, default settings): the first-contact tests (tagged @first-contact) use it.
+ *
  * Screenshots of each state go to $GLM_UI_ARTIFACTS (default: ui-tests/artifacts/).
  */
+const crypto = require('crypto');
+const fs = require('fs');
+const os = require('os');
 const path = require('path');
 const baseConfig = require('@jupyterlab/galata/lib/playwright-config');
 
@@ -15,6 +21,23 @@ const LOCAL_PORT = REMOTE_PORT + 1;
 const UPSTREAM_PORT = Number(process.env.GLM_UI_UPSTREAM_PORT || 8911);
 const python = process.env.PYTHON || 'python';
 const repo = path.resolve(__dirname, '..', '..');
+
+// The first-contact server: a fresh HOME and workspace, made once (workers inherit the environment).
+const FIRST_PORT = LOCAL_PORT + 1;
+if (!process.env.GLM_FIRST_CONTACT_HOME) {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'glm-first-contact-'));
+  fs.mkdirSync(path.join(root, 'home'));
+  fs.mkdirSync(path.join(root, 'workspace'));
+  process.env.GLM_FIRST_CONTACT_HOME = path.join(root, 'home');
+  process.env.GLM_FIRST_CONTACT_WORKSPACE = path.join(root, 'workspace');
+  process.env.GLM_FIRST_CONTACT_TOKEN = crypto.randomBytes(16).toString('hex');
+  process.env.GLM_FIRST_CONTACT_URL = `http://127.0.0.1:${FIRST_PORT}`;
+}
+/** `glm-workbench` next to the Python that runs the tests (the one `pip install -e .` put there). */
+const glmWorkbench = (() => {
+  const script = path.join(path.dirname(python), 'glm-workbench');
+  return path.isAbsolute(python) && fs.existsSync(script) ? script : 'glm-workbench';
+})();
 
 /** A `jupyter lab` whose workbench server extension uses `backend` (see jupyter_server_test_config.py). */
 function lab(backend, port) {
@@ -60,8 +83,10 @@ module.exports = {
   projects: [
     // One backend per server: the scripted remote model for everything whose output must be known,
     // the local engine (tests tagged @local) for real routing traces.
-    { name: 'remote', grepInvert: /@local/, use: { baseURL: `http://127.0.0.1:${REMOTE_PORT}` } },
-    { name: 'local', grep: /@local/, use: { baseURL: `http://127.0.0.1:${LOCAL_PORT}` } }
+    { name: 'remote', grepInvert: /@local|@first-contact/, use: { baseURL: `http://127.0.0.1:${REMOTE_PORT}` } },
+    { name: 'local', grep: /@local/, use: { baseURL: `http://127.0.0.1:${LOCAL_PORT}` } },
+    // `glm-workbench` as a newcomer starts it: galata's helpers are not there (no exposed app, a token)
+    { name: 'first-contact', grep: /@first-contact/, use: { baseURL: process.env.GLM_FIRST_CONTACT_URL } }
   ],
   webServer: [
     {
@@ -71,6 +96,25 @@ module.exports = {
       reuseExistingServer: false
     },
     lab('remote', REMOTE_PORT),
-    lab('local', LOCAL_PORT)
+    lab('local', LOCAL_PORT),
+    {
+      // exactly the README's command, plus the jupyter lab options a test needs (no browser, port, token)
+      command:
+        `${glmWorkbench} --no-browser --ip 127.0.0.1 --port ${FIRST_PORT} ` +
+        `--IdentityProvider.token=${process.env.GLM_FIRST_CONTACT_TOKEN}`,
+      url: `${process.env.GLM_FIRST_CONTACT_URL}/api/status?token=${process.env.GLM_FIRST_CONTACT_TOKEN}`,
+      cwd: process.env.GLM_FIRST_CONTACT_WORKSPACE,
+      timeout: 300 * 1000,
+      reuseExistingServer: false,
+      stdout: 'pipe',
+      env: {
+        ...process.env,
+        HOME: process.env.GLM_FIRST_CONTACT_HOME,
+        // a fresh user's Jupyter folders (under the fresh HOME), whatever the test runner's environment says
+        JUPYTER_CONFIG_DIR: path.join(process.env.GLM_FIRST_CONTACT_HOME, '.jupyter'),
+        JUPYTER_DATA_DIR: path.join(process.env.GLM_FIRST_CONTACT_HOME, '.local', 'share', 'jupyter'),
+        JUPYTER_RUNTIME_DIR: path.join(process.env.GLM_FIRST_CONTACT_HOME, '.local', 'share', 'jupyter', 'runtime')
+      }
+    }
   ]
 };

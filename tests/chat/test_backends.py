@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -160,3 +161,20 @@ def test_remote_routing_is_refused_clearly():
     with pytest.raises(APIError) as caught:
         RemoteBackend("http://h/v1", "m").payload(request(model="m", routing=True), stream=False)
     assert caught.value.status == 400 and caught.value.param == "routing"
+
+
+def test_usage_carries_the_engines_prompt_and_decode_seconds(backend):
+    async def run():
+        started = time.perf_counter()
+        chunks = [c async for c in backend.stream(request(max_tokens=12, stream=True,
+                                                          stream_options={"include_usage": True}))]
+        return chunks, time.perf_counter() - started
+
+    chunks, wall = asyncio.run(run())
+    usage = chunks[-1].usage.model_dump()
+    assert usage["completion_tokens"] == 12
+    # decode runs from the first generated token to the last, prompt up to the first: both inside the request
+    assert usage["decode_seconds"] > 0 and usage["prompt_seconds"] > 0, usage
+    assert usage["prompt_seconds"] + usage["decode_seconds"] <= wall, (usage, wall)
+    whole = asyncio.run(backend.complete(request(max_tokens=5))).usage.model_dump()
+    assert whole["decode_seconds"] > 0 and whole["prompt_seconds"] > 0, whole

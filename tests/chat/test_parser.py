@@ -169,3 +169,29 @@ def test_any_text_streams_like_whole(output, data, tools, truncated):
     assert as_expected(stream_parse(output, cuts, tools, truncated)) == as_expected(whole)
     if not whole.tool_calls:
         assert whole.finish_reason == ("length" if truncated else "stop")
+
+
+STRAY = "\n<think>The user asks</arg_value>\n<arg_key>width</arg_key>\n<arg_value>3</arg_value>\n</tool_call>" \
+        "</think>\n<arg_value>related/y and extension.</arg_value>"
+
+
+@pytest.mark.parametrize("cut_every", [0, 1, 3])
+def test_stray_call_markup_is_dropped_from_reasoning_and_content_when_tools_are_offered(cut_every):
+    # a small model's output (seen with the bundled one): pieces of a call with no <tool_call> before them
+    cuts = list(range(cut_every, len(STRAY), cut_every)) if cut_every else []
+    parsed = stream_parse(STRAY, cuts, TOOLS)
+    assert parsed.reasoning_content == "The user asks\nwidth\n3"
+    assert parsed.content == "related/y and extension."
+    assert parsed.tool_calls == [] and parsed.finish_reason == "stop"
+
+
+def test_stray_call_markup_stays_text_without_tools():
+    parsed = parse_completion(STRAY, None)
+    assert "<arg_key>width</arg_key>" in parsed.reasoning_content and parsed.content.startswith("<arg_value>")
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(STRAY)), max_size=10))
+def test_stray_call_markup_streamed_equals_whole(cuts):
+    whole = as_expected(parse_completion(STRAY, TOOLS))
+    assert as_expected(stream_parse(STRAY, cuts, TOOLS)) == whole

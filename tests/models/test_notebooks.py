@@ -70,6 +70,9 @@ def test_tool_calling():
     second = cell(out, "if choice.message.tool_calls:")
     assert re.search(r"get_weather\(\{'city': '[^']*'.*\}\) -> \{'city'", second) and "answer:" in second
     assert "finish_reason:" in cell(out, "def count_vowels")
+    # tool_choice names the function: a call for every seed (the sidebar's "Try tools" relies on it)
+    forced = cell(out, "for seed in range(3):").splitlines()
+    assert len(forced) == 3 and all("tool_calls [('get_weather'" in line for line in forced), forced
 
 
 def test_train_tiny_moe_shows_balancing_working():

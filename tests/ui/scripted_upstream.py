@@ -10,6 +10,8 @@ keyword in the last user message:
 - ``ponder``: a very long reasoning trace streamed fast, then a one-line answer;
 - ``long``:  an answer that streams for up to a minute, for the stop button;
 - ``tool``:  a call to ``insert_cell``; after the tool result comes back, a short confirmation;
+- ``cut``:   a short answer that ends at its token limit (``finish_reason: length``), for the cut-off note;
+- ``wide``:  an answer with a code block much wider than the sidebar;
 - anything else: a one-line answer.
 
 Run: ``python tests/ui/scripted_upstream.py --port 8911`` (prints ``READY <port>`` when listening).
@@ -60,6 +62,11 @@ def script_for(messages: list[dict]) -> tuple[list[Delta], float, str]:
         return reasoning + [{"content": w} for w in _words(CODE_ANSWER)], 0.05, "stop"
     if "long" in text:
         return [{"content": f"word{i} "} for i in range(600)], 0.1, "length"
+    if "cut" in text:
+        return [{"content": w} for w in _words("The first half of a long answer, and then")], 0.02, "length"
+    if "wide" in text:
+        line = "result = " + " + ".join(f"value_{i}" for i in range(40))
+        return [{"content": f"A wide line:\n\n```python\n{line}\nprint(result)\n```\n\nThat is all."}], 0.02, "stop"
     if "tool" in text:
         call = {"index": 0, "id": "call_insert_1", "type": "function",
                 "function": {"name": "insert_cell", "arguments": json.dumps({"source": INSERTED_SOURCE})}}
@@ -74,8 +81,16 @@ def chunks(completion_id: str, deltas: list[Delta], pause: float, finish: str) -
         time.sleep(pause)
         yield base | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
     yield base | {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
-    yield base | {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": len(deltas),
-                                           "total_tokens": 12 + len(deltas)}}
+    yield base | {"choices": [], "usage": usage(len(deltas))}
+
+
+def usage(completion_tokens: int) -> dict:
+    """Counts, and the timings the workbench's engine sends (scripted: 21 tokens in 2 s of decode is 10 tok/s)."""
+    return {"prompt_tokens": 12, "completion_tokens": completion_tokens, "total_tokens": 12 + completion_tokens,
+            "prompt_seconds": 0.25, "decode_seconds": DECODE_SECONDS_PER_TOKEN * max(completion_tokens - 1, 0)}
+
+
+DECODE_SECONDS_PER_TOKEN = 0.1
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -115,8 +130,7 @@ class Handler(BaseHTTPRequestHandler):
                 message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
             self._json(200, {"id": completion_id, "object": "chat.completion", "model": MODEL_ID,
                              "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                             "usage": {"prompt_tokens": 12, "completion_tokens": len(deltas),
-                                       "total_tokens": 12 + len(deltas)}})
+                             "usage": usage(len(deltas))})
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")

@@ -8,7 +8,10 @@ Owns the output format's parsing rules (GLM45_FORMAT.md section 4, `fixtures/glm
   becomes a tool call; its values are typed by the function's JSON schema (a `string` property stays raw,
   anything else is JSON-decoded and kept raw when that fails). Without offered tools `<tool_call>` is not a tag.
 - A call to an unknown function, a malformed call and a call cut off by the end of the output are content, raw:
-  a half tool call is never emitted.
+  a half tool call is never emitted (clients show such a block as an unusable call, not as tags).
+- When tools were offered, stray pieces of call markup outside a call (`</tool_call>`, `<arg_key>`,
+  `</arg_value>`, ... with no `<tool_call>` before them: a small model loses track of the format) are dropped from
+  the reasoning and the content, so they never show as raw tags; the text between them stays.
 - Reasoning and content are stripped of surrounding whitespace.
 
 There is one state machine, `OutputParser`; `parse_completion` feeds it the whole text at once, so the
@@ -28,6 +31,8 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
+# call markup that means nothing outside `<tool_call>...</tool_call>`: dropped there when tools were offered
+STRAY_TAGS = (CALL_CLOSE, "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
 
 # name, then argument pairs separated only by whitespace; values may hold anything but their closing tag.
 _CALL_NAME = re.compile(r"\s*([^\s<]+)\s*", re.DOTALL)
@@ -172,7 +177,7 @@ class OutputParser:
 
     # The tags each state looks for; `<tool_call>` is a tag only when there are tools to call.
     def _tags(self) -> tuple[str, ...]:
-        call = (CALL_OPEN,) if self.schemas else ()
+        call = (CALL_OPEN, *STRAY_TAGS) if self.schemas else ()
         if self.state == self._THINK:
             return (THINK_CLOSE, *call)
         if self.state == self._CONTENT:
@@ -245,6 +250,12 @@ class OutputParser:
 
         index, tag = min(found)
         before, self.buffer = self.buffer[:index], self.buffer[index + len(tag):]
+        if tag in STRAY_TAGS and self.state != self._CALL:  # stray call markup: keep the text, drop the tag
+            if self.state == self._THINK:
+                self._emit_reasoning(before, deltas)
+            else:
+                self._emit_content(before, deltas)
+            return True
         if self.state == self._THINK:
             self._emit_reasoning(before, deltas)
             self.state = self._CALL if tag == CALL_OPEN else self._CONTENT

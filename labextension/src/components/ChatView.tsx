@@ -7,12 +7,16 @@
  * animation frame however fast chunks arrive.
  */
 
+import { deleteIcon } from '@jupyterlab/ui-components';
 import React, { useEffect, useLayoutEffect, useRef, useState } from 'react';
 
 import type { ChatModel, ChatState } from '../chatModel';
 import {
+  answerParts,
   type AssistantMessage,
   completionTokens,
+  contextTokens,
+  isCutOff,
   type Message,
   tokensPerSecond,
   type ToolMessage,
@@ -26,7 +30,13 @@ import { ThinkingBlock } from './ThinkingBlock';
 export interface ChatViewActions {
   copy(text: string): void;
   showRouting(completionId: string): void;
+  /** How to point the workbench at a real GLM-4.5-Air (the README's section, notebook 5). */
+  connectModel(): void;
 }
+
+/** What the bundled model is, wherever the user meets it. */
+export const DEMO_MODEL_TEXT =
+  'a 10M-parameter demo model: it shows the workbench and real expert routing, but writes no useful code.';
 
 /** Subscribe to the model, coalescing bursts of changes into one render per frame. */
 function useChatState(model: ChatModel): ChatState {
@@ -87,6 +97,20 @@ function FailureBanner({ state, model }: { state: ChatState; model: ChatModel })
   );
 }
 
+/** "14:05" today, "3 Dec 14:05" this year, "3 Dec 2025" before. */
+export function historyDate(ms: number, now: Date = new Date()): string {
+  const date = new Date(ms);
+  const time = date.toLocaleTimeString(undefined, { hour: '2-digit', minute: '2-digit' });
+  if (date.toDateString() === now.toDateString()) {
+    return time;
+  }
+  const day = date.toLocaleDateString(undefined, { day: 'numeric', month: 'short' });
+  if (date.getFullYear() === now.getFullYear()) {
+    return `${day} ${time}`;
+  }
+  return date.toLocaleDateString(undefined, { day: 'numeric', month: 'short', year: 'numeric' });
+}
+
 function HistoryList({ state, model, onClose }: { state: ChatState; model: ChatModel; onClose: () => void }) {
   return (
     <div className="glm-History" role="region" aria-label="Past conversations">
@@ -105,14 +129,16 @@ function HistoryList({ state, model, onClose }: { state: ChatState; model: ChatM
               }}
               title={new Date(item.updated).toLocaleString()}
             >
-              {item.title || 'Untitled'}
+              <span className="glm-History-title">{item.title || 'Untitled'}</span>
+              <span className="glm-History-date">{historyDate(item.updated)}</span>
             </button>
             <button
-              className="glm-Button glm-History-delete"
+              className="glm-Button glm-IconButton glm-History-delete"
               aria-label={`Delete conversation ${item.title}`}
+              title="Delete this conversation"
               onClick={() => void model.deleteConversation(item.id)}
             >
-              🗑
+              <deleteIcon.react tag="span" elementSize="normal" />
             </button>
           </li>
         ))}
@@ -124,6 +150,7 @@ function HistoryList({ state, model, onClose }: { state: ChatState; model: ChatM
 function UserMessageView({ message }: { message: UserMessage }): JSX.Element {
   return (
     <div className="glm-Message glm-mod-user" aria-label="Your message">
+      {message.label && <div className="glm-Message-label">{message.label}</div>}
       {message.context.length > 0 && (
         <div className="glm-Message-context">
           {message.context.map((block, i) => (
@@ -149,12 +176,21 @@ function UsageLine({ message }: { message: AssistantMessage }): JSX.Element | nu
     parts.push(`${rate.toFixed(1)} tok/s`);
   }
   if (message.usage) {
-    parts.push(`prompt ${message.usage.prompt_tokens}`);
+    const seconds = message.usage.prompt_seconds;
+    parts.push(`prompt ${message.usage.prompt_tokens}${typeof seconds === 'number' ? ` in ${seconds.toFixed(2)} s` : ''}`);
   }
   if (message.model) {
     parts.push(message.model);
   }
-  return <span className="glm-Usage">{parts.join(' · ')}</span>;
+  const measured =
+    typeof message.usage?.decode_seconds === 'number'
+      ? "Speed measured by the server's engine, from the first generated token to the last."
+      : 'Speed over the whole request as the browser saw it (the server sent no decode time).';
+  return (
+    <span className="glm-Usage" title={measured}>
+      {parts.join(' · ')}
+    </span>
+  );
 }
 
 function AssistantMessageView({
@@ -179,8 +215,10 @@ function AssistantMessageView({
     >
       <ThinkingBlock message={message} collapseOnAnswer={model.preferences.collapseThinkingOnAnswer} />
       {waiting && <div className="glm-Waiting">Waiting for the model…</div>}
-      {message.content && <Markdown text={message.content} />}
+      {message.note && <div className="glm-Note glm-mod-info">{message.note}</div>}
+      {message.content && <AnswerText text={message.content} />}
       {message.status === 'stopped' && <div className="glm-Note">Stopped.</div>}
+      {isCutOff(message) && <CutOffNote message={message} isLast={isLast} busy={busy} model={model} />}
       {message.status === 'error' && (
         <div className="glm-Note glm-mod-error" role="alert">
           {message.error}
@@ -213,6 +251,64 @@ function AssistantMessageView({
         </div>
       )}
     </div>
+  );
+}
+
+/**
+ * "Cut off" under an answer that ended at its token limit, with Continue; when the conversation already fills the
+ * model's context there is nothing to continue in, and the note offers a new conversation instead.
+ */
+function CutOffNote({
+  message,
+  isLast,
+  busy,
+  model
+}: {
+  message: AssistantMessage;
+  isLast: boolean;
+  busy: boolean;
+  model: ChatModel;
+}): JSX.Element {
+  const what = message.content ? 'answer' : 'thinking';
+  const limit = model.contextLength(message.model);
+  const used = contextTokens(message);
+  const full = limit !== null && used !== null && used >= limit;
+  return (
+    <div className="glm-Note glm-mod-warning glm-CutOff" role="status">
+      <span>
+        {full
+          ? `Cut off: the conversation fills the model's ${limit}-token context${message.content ? '' : ' before any answer'}.`
+          : `Cut off: the ${what} reached its token limit${message.content ? '' : ' before any answer'}.`}
+      </span>
+      {isLast && !busy && !full && (
+        <button className="glm-Button glm-Continue" onClick={() => void model.continueAnswer()}>
+          Continue
+        </button>
+      )}
+      {isLast && !busy && full && (
+        <button className="glm-Button glm-CutOff-new" onClick={() => model.newConversation()}>
+          New conversation
+        </button>
+      )}
+    </div>
+  );
+}
+
+/** Answer text, with tool calls the server could not use shown as such, never as raw markup. */
+function AnswerText({ text }: { text: string }): JSX.Element {
+  const parts = answerParts(text);
+  return (
+    <>
+      {parts.map((part, i) =>
+        part.kind === 'text' ? (
+          <Markdown key={i} text={part.text} />
+        ) : (
+          <div key={i} className="glm-UnusableCall" title="Not an offered tool, or not in GLM's call format: not run">
+            Unusable tool call (not run): <code>{`${part.name}(${part.args})`}</code>
+          </div>
+        )
+      )}
+    </>
   );
 }
 
@@ -269,6 +365,46 @@ function ToolCallView({ message, model }: { message: ToolMessage; model: ChatMod
   );
 }
 
+function EmptyState({
+  state,
+  model,
+  actions
+}: {
+  state: ChatState;
+  model: ChatModel;
+  actions: ChatViewActions;
+}): JSX.Element {
+  const demo = state.model !== '' && model.isDemoModel(state.model);
+  return (
+    <div className="glm-Empty">
+      {demo && (
+        <div className="glm-DemoNotice" role="note" aria-label="Demo model">
+          <p>
+            <strong>{state.model}</strong> is {DEMO_MODEL_TEXT}
+          </p>
+          <p>
+            <button className="glm-Button glm-mod-accept glm-ConnectModel" onClick={() => actions.connectModel()}>
+              Connect a real model
+            </button>
+            <button
+              className="glm-Button glm-TryTools"
+              title="Asks the model to call read_cells (named in tool_choice), so you can approve or reject the call"
+              disabled={state.busy}
+              onClick={() => void model.tryTools()}
+            >
+              Try tools
+            </button>
+          </p>
+        </div>
+      )}
+      <p>
+        Ask about your notebook. Include the active cell, your selection or the whole notebook with the toggles below;
+        the model can read and edit the notebook with your approval.
+      </p>
+    </div>
+  );
+}
+
 function MessageList({
   state,
   model,
@@ -300,12 +436,7 @@ function MessageList({
         stickToBottom.current = el.scrollHeight - el.scrollTop - el.clientHeight < 40;
       }}
     >
-      {messages.length === 0 && (
-        <div className="glm-Empty">
-          Ask anything. Include the active cell, your selection or the whole notebook with the toggles below; the
-          model can read and edit the notebook with your approval.
-        </div>
-      )}
+      {messages.length === 0 && <EmptyState state={state} model={model} actions={actions} />}
       {messages.map((m: Message) =>
         m.kind === 'user' ? (
           <UserMessageView key={m.id} message={m} />
@@ -339,9 +470,30 @@ function Header({
 }): JSX.Element {
   return (
     <div className="glm-Header">
+      <div className="glm-Header-title">
+        <span className="glm-Header-name">GLM Chat</span>
+        <span className="glm-Header-spacer" />
+        <button
+          className="glm-Button glm-HistoryToggle"
+          aria-label="Past conversations"
+          aria-pressed={historyOpen}
+          onClick={toggleHistory}
+        >
+          History
+        </button>
+        <button
+          className="glm-Button glm-NewConversation"
+          aria-label="New conversation"
+          onClick={() => model.newConversation()}
+        >
+          New
+        </button>
+      </div>
+      <div className="glm-Header-controls">
       <select
         className="glm-Select glm-ModelPicker"
         aria-label="Model"
+        title={model.isDemoModel(state.model) ? `${state.model} is ${DEMO_MODEL_TEXT}` : state.model}
         value={state.model}
         onChange={e => model.setModel(e.target.value)}
       >
@@ -349,7 +501,7 @@ function Header({
         {state.models.map(m => (
           <option key={m.id} value={m.id}>
             {m.id}
-            {m.backend ? ` (${m.backend})` : ''}
+            {model.isDemoModel(m.id) ? ' · 10M demo' : m.backend ? ` (${m.backend})` : ''}
           </option>
         ))}
       </select>
@@ -364,18 +516,47 @@ function Header({
         <option value="on">Thinking: on</option>
         <option value="off">Thinking: off</option>
       </select>
-      <span className="glm-Header-spacer" />
-      <button
-        className="glm-Button glm-HistoryToggle"
-        aria-label="Past conversations"
-        aria-pressed={historyOpen}
-        onClick={toggleHistory}
-      >
-        History
-      </button>
-      <button className="glm-Button glm-NewConversation" aria-label="New conversation" onClick={() => model.newConversation()}>
-        New
-      </button>
+      </div>
+    </div>
+  );
+}
+
+/** How full the conversation is: the last answer's prompt + completion tokens (the server's counts) out of the
+ * model's context. */
+function ContextMeter({ state, model }: { state: ChatState; model: ChatModel }): JSX.Element | null {
+  const last = [...state.conversation.messages]
+    .reverse()
+    .find((m): m is AssistantMessage => m.kind === 'assistant' && contextTokens(m) !== null);
+  const used = last ? contextTokens(last)! : 0;
+  const limit = model.contextLength();
+  if (!limit && !last) {
+    return null;
+  }
+  const fraction = limit ? Math.min(1, used / limit) : 0;
+  const level = fraction >= 0.9 ? ' glm-mod-full' : fraction >= 0.7 ? ' glm-mod-high' : '';
+  const text = limit
+    ? `Context: ${used.toLocaleString()} / ${limit.toLocaleString()} tokens`
+    : `Context: ${used.toLocaleString()} tokens`;
+  return (
+    <div
+      className={`glm-ContextMeter${level}`}
+      role="meter"
+      aria-label="Context used"
+      aria-valuemin={0}
+      aria-valuemax={limit ?? undefined}
+      aria-valuenow={used}
+      title={
+        limit
+          ? `This conversation takes ${used} of the model's ${limit} tokens of context; an answer gets what is left.`
+          : 'Tokens this conversation takes (the server does not say its context length).'
+      }
+    >
+      {limit !== null && (
+        <span className="glm-ContextMeter-bar">
+          <span className="glm-ContextMeter-fill" style={{ width: `${(fraction * 100).toFixed(1)}%` }} />
+        </span>
+      )}
+      <span className="glm-ContextMeter-text">{text}</span>
     </div>
   );
 }
@@ -410,7 +591,8 @@ function Composer({ state, model }: { state: ChatState; model: ChatModel }): JSX
         <textarea
           className="glm-Input"
           aria-label="Message"
-          placeholder="Message GLM (Enter to send, Shift+Enter for a new line, Escape to stop)"
+          placeholder="Ask GLM… (Enter sends)"
+          title="Enter sends, Shift+Enter adds a line, Escape stops the answer"
           rows={3}
           value={text}
           onChange={e => setText(e.target.value)}
@@ -456,6 +638,7 @@ export function ChatView({ model, actions }: { model: ChatModel; actions: ChatVi
       <FailureBanner state={state} model={model} />
       {historyOpen && <HistoryList state={state} model={model} onClose={() => setHistoryOpen(false)} />}
       <MessageList state={state} model={model} actions={actions} />
+      <ContextMeter state={state} model={model} />
       <Composer state={state} model={model} />
     </div>
   );

@@ -10,7 +10,7 @@
 
 import React, { useEffect, useState } from 'react';
 
-import { type AssistantMessage, isThinking, reasoningTokens, thinkingSeconds } from '../chatState';
+import { type AssistantMessage, isThinking, reasoningTokens, thinkingSeconds, visibleReasoning } from '../chatState';
 
 /** While streaming, only the tail is rendered: the DOM stays small however long the trace gets. */
 const LIVE_TAIL_CHARS = 20000;
@@ -54,10 +54,8 @@ export function ThinkingBlock({
     return null;
   }
   const bodyId = `glm-thinking-${message.id}`;
-  const text =
-    thinking && message.reasoning.length > LIVE_TAIL_CHARS
-      ? `… ${message.reasoning.slice(-LIVE_TAIL_CHARS)}`
-      : message.reasoning;
+  const reasoning = visibleReasoning(message.reasoning); // no stray tool-call tags from a small model
+  const text = thinking && reasoning.length > LIVE_TAIL_CHARS ? `… ${reasoning.slice(-LIVE_TAIL_CHARS)}` : reasoning;
   return (
     <div className={`glm-Thinking${thinking ? ' glm-mod-live' : ''}${open ? ' glm-mod-open' : ''}`}>
       <button

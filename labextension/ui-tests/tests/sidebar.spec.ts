@@ -215,13 +215,92 @@ test.describe('GLM Workbench sidebar', () => {
     await expect(chat.getByLabel('Send message')).toBeVisible();
     await page.reload();
     const again = await openChat(page);
-    await again.getByLabel('Past conversations').click();
-    const item = again.locator('.glm-History-open', { hasText: title });
-    await expect(item).toBeVisible();
-    await shot(page, '09-history');
-    await item.click();
+    // the sidebar reopens the conversation the user was in
     await expect(again.locator('.glm-Message.glm-mod-user')).toContainText(title);
     await expect(again.locator('.glm-Message.glm-mod-assistant')).toContainText('Hello from the scripted model.');
+    await again.getByLabel('New conversation').click();
+    await expect(again.locator('.glm-Message')).toHaveCount(0);
+    await again.getByLabel('Past conversations').click();
+    const item = again.locator('.glm-History-item', { hasText: title });
+    await expect(item).toBeVisible();
+    // a date (today: the time) beside the title, and JupyterLab's own delete icon
+    await expect(item.locator('.glm-History-date')).toHaveText(/\d{1,2}[:.]\d{2}/);
+    await expect(item.getByRole('button', { name: `Delete conversation ${title}` }).locator('svg')).toBeVisible();
+    await shot(page, '09-history');
+    await item.locator('.glm-History-open').click();
+    await expect(again.locator('.glm-Message.glm-mod-user')).toContainText(title);
+    await expect(again.locator('.glm-Message.glm-mod-assistant')).toContainText('Hello from the scripted model.');
+  });
+
+  test('says when an answer was cut off, continues it, and shows the server\'s speed', async ({ page }) => {
+    const chat = await openChat(page);
+    await scripted(chat);
+    await send(chat, 'cut this one short');
+    const answer = await lastAnswer(chat);
+    const note = answer.locator('.glm-CutOff');
+    await expect(note).toContainText('Cut off: the answer reached its token limit');
+    // the scripted server's usage: 0.1 s of decode per token after the first
+    await expect(answer.locator('.glm-Usage')).toHaveText(/^\d+ tokens · 10\.0 tok\/s · prompt 12 in 0\.25 s/);
+    await expect(answer.locator('.glm-Usage')).toHaveAttribute('title', /measured by the server/);
+    await shot(page, '14-cut-off');
+    await note.getByRole('button', { name: 'Continue' }).click();
+    await expect(chat.locator('.glm-Message.glm-mod-user').last()).toHaveText('Continue from where you stopped.');
+    await expect(chat.locator('.glm-Message.glm-mod-assistant')).toHaveCount(2);
+    await expect(chat.getByRole('meter', { name: 'Context used' })).toContainText('Context:');
+  });
+
+  test('a wide code block scrolls inside itself and keeps its Copy button in view', async ({ page }) => {
+    const chat = await openChat(page);
+    await scripted(chat);
+    // the composer's placeholder fits, without scroll arrows
+    const input = chat.getByRole('textbox', { name: 'Message' });
+    const box = await input.evaluate(el => ({
+      overflowX: el.scrollWidth > el.clientWidth,
+      overflowY: el.scrollHeight > el.clientHeight
+    }));
+    expect(box).toEqual({ overflowX: false, overflowY: false });
+    await send(chat, 'show me something wide');
+    const answer = await lastAnswer(chat);
+    await expect(answer).toContainText('That is all.');
+    const pre = answer.locator('.glm-CodeBlock-pre');
+    expect(await pre.evaluate(el => el.scrollWidth > el.clientWidth), 'the code block scrolls').toBe(true);
+    const log = chat.getByRole('log', { name: 'Conversation' });
+    expect(await log.evaluate(el => el.scrollWidth <= el.clientWidth), 'the message list does not').toBe(true);
+    const copy = answer.getByRole('button', { name: 'Copy code' });
+    const sidebar = await page.locator('.glm-ChatSidebar').boundingBox();
+    const button = await copy.boundingBox();
+    expect(button!.x + button!.width).toBeLessThanOrEqual(sidebar!.x + sidebar!.width);
+    await shot(page, '15-wide-code-block');
+  });
+
+  test('opens with Alt+Shift+G, and no shortcut collides with JupyterLab\'s', async ({ page }) => {
+    const warnings: string[] = [];
+    page.on('console', message => {
+      if (/shortcut/i.test(message.text())) {
+        warnings.push(message.text());
+      }
+    });
+    await page.reload();
+    await page.evaluate(() => (window.jupyterapp.shell as any).collapseRight());
+    await expect(page.locator('.glm-Chat')).toBeHidden();
+    await page.keyboard.press('Alt+Shift+G');
+    await expect(page.locator('.glm-Chat')).toBeVisible();
+    expect(warnings).toEqual([]);
+    const sidebar = page.locator('.glm-ChatSidebar');
+    await expect
+      .poll(() => sidebar.evaluate(el => el.getBoundingClientRect().width), { message: 'the sidebar opens wide enough' })
+      .toBeGreaterThanOrEqual(350);
+  });
+
+  test('titles the auto-approved tools in the settings editor', async ({ page }) => {
+    await page.getByRole('menuitem', { name: 'Settings' }).click();
+    await page.locator('.lm-Menu-itemLabel', { hasText: /^Settings Editor$/ }).click();
+    await page.locator('.jp-PluginList-entry-label-text', { hasText: /^GLM Workbench$/ }).click();
+    const tools = page.getByRole('group', { name: 'Auto-approved tools' });
+    await expect(tools).toBeVisible();
+    await expect(tools.getByRole('checkbox')).toHaveCount(4);
+    await expect(tools).toContainText('read_cells');
+    await shot(page, '17-settings-auto-approved-tools');
   });
 
   test('shows failure states and recovers', async ({ page }) => {
@@ -289,5 +368,27 @@ test.describe('Routing panel (local engine) @local', () => {
     expect(await detail.locator('tbody tr').count()).toBeGreaterThan(0);
     await expect(detail.locator('.glm-ExpertChip').first()).toHaveText(/^e\d+/);
     await shot(page, '08-routing-panel');
+  });
+});
+
+test.describe('Maximum tokens per answer (local engine) @local', () => {
+  // more than any context: the sidebar asks again for what fits and says so
+  test.use({
+    mockSettings: { ...galata.DEFAULT_SETTINGS, 'glm-workbench:plugin': { maxTokens: 1000000, enableTools: false } }
+  });
+
+  test('lowers a max_tokens that does not fit to what fits, with a note', async ({ page }) => {
+    const chat = await openChat(page);
+    await local(chat);
+    await chat.getByLabel('Thinking mode').selectOption('off');
+    await send(chat, 'hello');
+    const answer = await lastAnswer(chat);
+    await expect(answer.locator('.glm-Note.glm-mod-info')).toContainText(/lowered to \d+: what fits/);
+    await expect(answer.locator('.glm-Markdown')).not.toBeEmpty({ timeout: 60 * 1000 }); // it is answering
+    await shot(page, '16-max-tokens-lowered');
+    // a random-weight model may go on to the end of the context: enough seen (it may also have ended by itself)
+    await chat.getByRole('textbox', { name: 'Message' }).press('Escape');
+    await expect(answer).toHaveClass(/glm-mod-(stopped|done)/);
+    await expect(answer.locator('.glm-Note.glm-mod-error')).toHaveCount(0);
   });
 });

@@ -344,10 +344,15 @@ class LocalBackend(Backend):
             yield chunk(Delta(), finish_reason=parser.finish_reason)
             if include_usage:
                 completion_tokens = len(result.token_ids) + (result.stop_token_id is not None)
+                # The engine's clock, so every client shows the same speed: prompt_seconds from the request's
+                # arrival to its first token (queue and prefill), decode_seconds from the first generated token
+                # to the last; tok/s = (completion_tokens - 1) / decode_seconds.
                 yield ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[],
                                           usage=Usage(prompt_tokens=result.prompt_tokens,
                                                       completion_tokens=completion_tokens,
-                                                      total_tokens=result.prompt_tokens + completion_tokens))
+                                                      total_tokens=result.prompt_tokens + completion_tokens,
+                                                      prompt_seconds=round(result.prefill_seconds, 6),
+                                                      decode_seconds=round(result.decode_seconds, 6)))
             self.requests_completed += 1
         finally:
             if not engine_request.finished:
