@@ -92,8 +92,10 @@ class KernelOfTheServer:
         self.client = BlockingKernelClient(connection_file=str(connection_file))
         self.client.load_connection_file()
         self.client.start_channels(hb=False)  # a loaded CI machine misses heartbeats; the shell reply suffices
-        self.client.kernel_info()
-        self.client.get_shell_msg(timeout=120)
+        # Until iopub's subscription is in place, what the kernel publishes is lost (ZMQ's slow joiner): an execute
+        # sent right after a kernel_info reply could lose its idle status and wait for it for ever. wait_for_ready
+        # repeats kernel_info until iopub too has answered.
+        self.client.wait_for_ready(timeout=180)
 
     def execute(self, code: str, user_expressions: dict | None = None) -> tuple[list[tuple[str, dict]], dict]:
         msg_id = self.client.execute(code, user_expressions=user_expressions or {})
