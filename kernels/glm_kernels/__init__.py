@@ -22,7 +22,8 @@ from glm_kernels.fp8 import (
     quantize_weight_blockwise,
     quantize_weight_per_channel,
 )
-from glm_kernels.fused_moe import fused_moe_reference, fused_moe_triton, moe_align_block_size
+from glm_kernels.fused_moe import fused_moe_reference, fused_moe_triton
+from glm_kernels.moe_align import moe_align_block_size
 from glm_kernels.rms_norm import rms_norm_reference, rms_norm_triton
 from glm_kernels.rotary import rotary_reference, rotary_triton
 from glm_kernels.router import route_reference, route_triton

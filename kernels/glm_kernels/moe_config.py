@@ -4,8 +4,7 @@ A tuned file is named `E={experts},N={width},device_name={device},dtype={dtype}.
 `torch.cuda.get_device_name()` gives it, spaces as underscores) and maps token counts to a config:
 `{"1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "num_warps": 4, "num_stages": 4}, ...}`;
 the entry of the nearest token count is used. `bench/tune_moe.py` writes such files on a GPU. When no file
-matches, `defaults.json` gives a config per dtype family. Files are looked up in $GLM_KERNELS_CONFIG_DIR
-first,
+matches, `defaults.json` gives a config per dtype family. Files are looked up in $GLM_KERNELS_CONFIG_DIR first,
 then in this package's `configs/` folder.
 
 dtype names: bf16, fp16, fp32, fp8_w8a16 (FP8 weights, 16-bit activations), fp8_w8a8 (FP8 activations too),

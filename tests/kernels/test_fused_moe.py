@@ -5,12 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from glm_kernels.fp8 import quantize_weight_blockwise, quantize_weight_per_channel
-from glm_kernels.fused_moe import (
-    fused_moe_reference,
-    fused_moe_triton,
-    moe_align_block_size,
-    moe_align_reference,
-)
+from glm_kernels.fused_moe import fused_moe_reference, fused_moe_triton
+from glm_kernels.moe_align import moe_align_block_size, moe_align_reference
 from kernel_testing import DTYPE_IDS, DTYPES
 
 
