@@ -2,7 +2,10 @@
 
 Owns what a request may say and what a response says (GLM45_FORMAT.md section 5). Requests are validated
 strictly: an unknown field, a bad role, a message out of order, an invalid tool schema or a sampling value out
-of range is an `APIError` naming the offending `param`, which the server sends as a 400. Responses are
+of range is an `APIError` naming the offending `param`, which the server sends as a 400. So is a body no valid
+request looks like: JSON nested deeper than `MAX_JSON_DEPTH`, an integer literal longer than `MAX_INT_DIGITS`
+digits, NaN/Infinity, a lone surrogate (`"\\ud800"`) in any string, more than 4 stop strings or one longer than
+`MAX_STOP_CHARS`. Responses are
 permissive (extra fields allowed) so that a remote endpoint's additions pass through unchanged.
 
 GLM additions: `thinking: {"type": "enabled" | "disabled"}` (absent: the model decides), assistant
@@ -14,6 +17,7 @@ GLM servers: vLLM/SGLang's `chat_template_kwargs.enable_thinking` and `ignore_eo
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -24,6 +28,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -212,10 +217,18 @@ class FunctionDefinition(_Strict):
     def _json_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
         if schema is None:
             return None
+        dialect = schema.get("$schema")
+        if dialect is not None and not isinstance(dialect, str):
+            raise ValueError(f"'$schema' must be a string, the URI of a JSON Schema dialect (e.g. "
+                             f"'https://json-schema.org/draft/2020-12/schema'), not {type(dialect).__name__}")
         try:
             jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
         except jsonschema.SchemaError as exc:
             raise ValueError(f"is not a valid JSON Schema: {exc.message}") from exc
+        except (RecursionError, TypeError, AttributeError, LookupError, ValueError) as exc:
+            # jsonschema's own failures on schemas its metaschema does not expect
+            raise ValueError(f"is not a JSON Schema that can be checked ({type(exc).__name__}: {str(exc)[:200]})"
+                             ) from exc
         if schema.get("type", "object") != "object":
             raise ValueError("must be a JSON Schema of type 'object' (the function's named arguments)")
         properties = schema.get("properties", {})
@@ -257,9 +270,18 @@ class ChatTemplateKwargs(_Strict):
 # -------------------------------------------------------------------------------------------------- request
 
 
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_STOP_CHARS = 512  # a stop string is a marker, not a document; the engine holds back up to this much text
+MAX_JSON_DEPTH = 64  # far beyond any real tool schema; deeper bodies could exhaust recursion in the layers below
+MAX_INT_DIGITS = 100  # seeds take 20; longer literals only cost time (Python refuses 4,300 on its own)
+
+
 class ChatCompletionRequest(_Strict):
     """`POST v1/chat/completions`. Scalars are strict, as the spec's JSON types: `false` is no temperature and
     `"5"` no max_tokens (pydantic would otherwise coerce them)."""
+
+    # characters of every string in the body, counted while it was checked (a cheap size of the prompt)
+    _text_chars: int | None = PrivateAttr(default=None)
 
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
@@ -296,10 +318,14 @@ class ChatCompletionRequest(_Strict):
     @classmethod
     def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
         items = [stop] if isinstance(stop, str) else stop or []
-        if len(items) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if len(items) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences (got {len(items)})")
         if any(not item for item in items):
             raise ValueError("stop sequences must be non-empty strings")
+        longest = max((len(item) for item in items), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"each stop sequence may be at most {MAX_STOP_CHARS} characters long (one is "
+                             f"{longest}): stop on a shorter string")
         return stop
 
     @model_validator(mode="after")
@@ -330,6 +356,14 @@ class ChatCompletionRequest(_Strict):
         if self.chat_template_kwargs is not None and self.chat_template_kwargs.enable_thinking is not None:
             return self.chat_template_kwargs.enable_thinking
         return True
+
+    @property
+    def text_chars(self) -> int:
+        """Characters of the request's strings: an upper bound on the prompt's message text, known without
+        rendering it (counted by `parse_request`, or here for a request built in code)."""
+        if self._text_chars is None:
+            self._text_chars = check_json_values(self.model_dump(exclude_none=True))
+        return self._text_chars
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -385,19 +419,136 @@ def _check_message_order(messages: list[Any]) -> None:
                           "the model answers with the next assistant message")
 
 
+class _LiteralError(ValueError):
+    """A JSON literal no request may hold (a huge integer, NaN, Infinity)."""
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _LiteralError(f"an integer literal of {digits} digits (at most {MAX_INT_DIGITS} are accepted)")
+    return int(text)
+
+
+def _parse_constant(name: str) -> Any:
+    raise _LiteralError(f"the literal {name}, which is not JSON (numbers must be finite)")
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_constant=_parse_constant)
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def loads_json(body: bytes | str, what: str = "The request body") -> Any:
+    """Strict JSON for request bodies: every problem, deep nesting and huge literals too, is a 400 naming the
+    top-level field where it is (`param`)."""
+    try:
+        text = body.decode(json.detect_encoding(body)) if isinstance(body, bytes) else body
+        value, end = _DECODER.raw_decode(text, _WHITESPACE.match(text, 0).end())
+        if _WHITESPACE.match(text, end).end() != len(text):
+            raise json.JSONDecodeError("Extra data", text, end)
+        return value
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"{what} is not valid JSON ({exc}); send a JSON object.", code="invalid_json") from None
+    except (RecursionError, _LiteralError) as exc:
+        problem = (f"JSON nested more than {MAX_JSON_DEPTH} levels deep" if isinstance(exc, RecursionError)
+                   else str(exc))
+        param = _top_level_field_at_fault(text)
+        where = f" in '{param}'" if param else ""
+        raise APIError(400, f"{what} holds {problem}{where}.", param=param, code="invalid_json") from None
+
+
+def _top_level_field_at_fault(text: str) -> str | None:
+    """The top-level field whose value fails to parse (the body's other values are parsed to skip them)."""
+    try:
+        index = _WHITESPACE.match(text, 0).end()
+        if text[index:index + 1] != "{":
+            return None
+        index += 1
+        while True:
+            index = _WHITESPACE.match(text, index).end()
+            if text[index:index + 1] != '"':
+                return None
+            key, index = json.decoder.scanstring(text, index + 1)
+            index = _WHITESPACE.match(text, index).end()
+            if text[index:index + 1] != ":":
+                return None
+            index = _WHITESPACE.match(text, index + 1).end()
+            try:
+                _, index = _DECODER.raw_decode(text, index)
+            except (RecursionError, _LiteralError):
+                return _safe_name(key)
+            index = _WHITESPACE.match(text, index).end()
+            if text[index:index + 1] != ",":
+                return None
+            index += 1
+    except (ValueError, RecursionError):
+        return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _safe_name(key: str) -> str:
+    """A key as it can appear in a param path: printable ASCII-safe, and short."""
+    return key if key.isidentifier() and key.isascii() else json.dumps(key[:40])
+
+
+def check_json_values(body: Any) -> int:
+    """Refuse what JSON allows but no request may hold: nesting deeper than `MAX_JSON_DEPTH`, lone surrogates
+    in any string or key. Returns the characters of all strings (the request's size in text). Iterative: any
+    depth is safe to check."""
+    chars = 0
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            chars += len(value)
+            if _SURROGATE.search(value):
+                _surrogate_error(path)
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            param = _PATH_PART.match(path).group() if path else None
+            raise APIError(400, f"{param or 'The request body'}: JSON nested more than {MAX_JSON_DEPTH} levels "
+                                f"deep; flatten it", param=param, code="invalid_value")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = _safe_name(key) if isinstance(key, str) else str(key)
+                child = f"{path}.{name}" if path else name
+                if isinstance(key, str):
+                    chars += len(key)
+                    if _SURROGATE.search(key):
+                        _surrogate_error(child)
+                stack.append((item, child, depth + 1))
+        else:
+            stack.extend((item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value))
+    return chars
+
+
+# a param path cut to its first four parts: `tools[0].function.parameters`, `messages[3].content`
+_PATH_PART = re.compile(r"[^.\[]+(?:\[\d+\]|\.[^.\[]+){0,3}")
+
+
+def _surrogate_error(path: str) -> None:
+    param = path or None
+    raise APIError(400, f"{param or 'The request body'}: the string holds a lone surrogate (a \\ud800-\\udfff "
+                        "escape without its pair), which is not text; send valid Unicode", param=param,
+                   code="invalid_value")
+
+
 def parse_request(body: bytes | str | dict[str, Any]) -> ChatCompletionRequest:
     """Validate a request body; every problem is an `APIError` (400) naming its parameter."""
     if isinstance(body, bytes | str):
-        try:
-            body = json.loads(body or b"")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"The request body is not valid JSON ({exc}); send a JSON object.",
-                           code="invalid_json") from exc
+        body = loads_json(body)
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object with 'model' and 'messages'.",
                        code="invalid_json")
+    chars = check_json_values(body)
     try:
-        return ChatCompletionRequest.model_validate(body)
+        request = ChatCompletionRequest.model_validate(body)
+        request._text_chars = chars
+        return request
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             cause = (error.get("ctx") or {}).get("error")
