@@ -67,6 +67,9 @@ class GLMWorkbench(ExtensionApp):
     max_queued_requests = Int(64, config=True,
                               help="Requests that may wait beyond max_concurrent_sequences; more get a 429.")
     context_limit = Int(0, config=True, help="Tokens of context per sequence (0: the model's own limit).")
+    max_request_bytes = Int(8 * 2**20, config=True,
+                            help="Largest request body the GLM API reads (bytes); a larger one is a 413 before it is "
+                                 "parsed. 0: no limit.")
     default_max_tokens = Int(0, config=True,
                              help="Completion length when a request gives no max_tokens: 0 (default) gives the room "
                                   "left in the context, as vLLM does; a positive value caps it.")

@@ -10,8 +10,12 @@ handlers under ``{base_url}glm/api/conversations``:
 - ``DELETE glm/api/conversations/{id}``  -> 204
 
 Knows nothing of models or the engine: a conversation is an opaque JSON document to it, checked only for
-shape and size. Register with ``self.handlers.extend(conversation_handlers(ConversationStore(...)))`` in the
-server ExtensionApp's ``initialize_handlers`` (patterns are relative to the server's base_url).
+shape and size (and, as every GLM API body, for depth, huge literals and lone surrogates; a large body is parsed
+and written off the event loop). Errors are the GLM API's OpenAI-shaped ones, ``{"error": {"message", "type",
+"param", "code"}}``, tornado's own (403, 405) included.
+
+Register with ``self.handlers.extend(conversation_handlers(ConversationStore(...)))`` in the server
+ExtensionApp's ``initialize_handlers`` (patterns are relative to the server's base_url).
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from typing import Any
 import tornado.web
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider
-from jupyter_server.base.handlers import APIHandler
 
-CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+from workbench.chat.protocol import APIError, check_json_values, loads_json
+from workbench.server.handlers import GLMHandler, check_body_size, off_loop
+
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # whole ids only: fullmatch ("abc\n" is not "abc")
 SUMMARY_FIELDS = ("id", "title", "created", "updated", "model")
 
 
@@ -44,9 +50,15 @@ def default_conversations_dir() -> Path:
 class ConversationError(ValueError):
     """A request the store refuses; ``status`` is the HTTP code to answer with."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, *, param: str | None = None,
+                 code: str = "invalid_value") -> None:
         super().__init__(message)
         self.status = status
+        self.param = param
+        self.code = code
+
+    def api_error(self) -> APIError:
+        return APIError(self.status, str(self), param=self.param, code=self.code)
 
 
 class ConversationStore:
@@ -66,10 +78,10 @@ class ConversationStore:
         return self.root / f"{safe}-{digest}"
 
     def _path(self, user: str, conversation_id: str) -> Path:
-        if not CONVERSATION_ID.match(conversation_id):
+        if not CONVERSATION_ID.fullmatch(conversation_id):
             raise ConversationError(
-                f"Invalid conversation id {conversation_id[:80]!r}: use 1-64 letters, digits, '-' or '_'."
-            )
+                f"Invalid conversation id {conversation_id[:80]!r}: use 1-64 letters, digits, '-' or '_'.",
+                param="conversation_id", code="invalid_conversation_id")
         return self._user_dir(user) / f"{conversation_id}.json"
 
     def list(self, user: str) -> list[dict[str, Any]]:
@@ -91,31 +103,32 @@ class ConversationStore:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConversationError(f"No conversation {conversation_id!r}.", status=404) from None
+            raise ConversationError(f"No conversation {conversation_id!r}.", status=404, param="conversation_id",
+                                    code="conversation_not_found") from None
 
     def put(self, user: str, conversation_id: str, data: Any) -> dict[str, Any]:
         path = self._path(user, conversation_id)
         if not isinstance(data, dict):
-            raise ConversationError("A conversation must be a JSON object.")
+            raise ConversationError("A conversation must be a JSON object.", code="invalid_json")
         if data.get("id", conversation_id) != conversation_id:
             raise ConversationError(
-                f"The body's id {data.get('id')!r} does not match the URL's {conversation_id!r}."
-            )
+                f"The body's id {str(data.get('id'))[:80]!r} does not match the URL's {conversation_id!r}.",
+                param="id")
         if not isinstance(data.get("messages"), list):
-            raise ConversationError("A conversation needs a 'messages' list.")
+            raise ConversationError("A conversation needs a 'messages' list.", param="messages")
         if not isinstance(data.get("title", ""), str):
-            raise ConversationError("'title' must be a string.")
+            raise ConversationError("'title' must be a string.", param="title")
         text = json.dumps({**data, "id": conversation_id}, ensure_ascii=False)
         if len(text.encode("utf-8")) > self.max_bytes:
             raise ConversationError(
-                f"The conversation is larger than {self.max_bytes} bytes; start a new one.", status=413
-            )
+                f"The conversation is larger than {self.max_bytes} bytes; start a new one.", status=413,
+                code="request_too_large")
         folder = path.parent
         folder.mkdir(parents=True, exist_ok=True)
         if not path.exists() and sum(1 for _ in folder.glob("*.json")) >= self.max_conversations:
             raise ConversationError(
-                f"You have {self.max_conversations} saved conversations; delete some first.", status=409
-            )
+                f"You have {self.max_conversations} saved conversations; delete some first.", status=409,
+                code="too_many_conversations")
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -132,10 +145,11 @@ class ConversationStore:
         try:
             path.unlink()
         except FileNotFoundError:
-            raise ConversationError(f"No conversation {conversation_id!r}.", status=404) from None
+            raise ConversationError(f"No conversation {conversation_id!r}.", status=404, param="conversation_id",
+                                    code="conversation_not_found") from None
 
 
-class _ConversationHandler(APIHandler):
+class _ConversationHandler(GLMHandler):
     def initialize(self, store: ConversationStore) -> None:
         self.store = store
 
@@ -151,15 +165,20 @@ class _ConversationHandler(APIHandler):
             return getpass.getuser()
         return self.current_user.username
 
-    def _fail(self, error: ConversationError) -> None:
-        self.set_status(error.status)
-        self.finish(json.dumps({"error": {"message": str(error), "type": "invalid_request_error"}}))
+    def _fail(self, error: ConversationError | APIError) -> None:
+        self.send_api_error(error.api_error() if isinstance(error, ConversationError) else error)
 
 
 class ConversationListHandler(_ConversationHandler):
     @tornado.web.authenticated
     def get(self) -> None:
         self.finish(json.dumps({"conversations": self.store.list(self.storage_user)}))
+
+
+def _parse_conversation(body: bytes) -> Any:
+    data = loads_json(body or b"null", what="The conversation")
+    check_json_values(data)
+    return data
 
 
 class ConversationItemHandler(_ConversationHandler):
@@ -171,15 +190,15 @@ class ConversationItemHandler(_ConversationHandler):
             self._fail(error)
 
     @tornado.web.authenticated
-    def put(self, conversation_id: str) -> None:
+    async def put(self, conversation_id: str) -> None:
+        body = self.request.body
         try:
-            data = json.loads(self.request.body or b"null")
-        except ValueError as error:
-            self._fail(ConversationError(f"The body is not valid JSON: {error}"))
-            return
-        try:
-            summary = self.store.put(self.storage_user, conversation_id, data)
-        except ConversationError as error:
+            self.store._path(self.storage_user, conversation_id)  # a bad id is refused before the body is read
+            # the stored document may be up to max_bytes; its JSON escapes can make the body somewhat longer
+            check_body_size(body, 2 * self.store.max_bytes, what="conversation")
+            data = await off_loop(_parse_conversation, body, size=len(body))
+            summary = await off_loop(self.store.put, self.storage_user, conversation_id, data, size=len(body))
+        except (ConversationError, APIError) as error:
             self._fail(error)
             return
         self.finish(json.dumps(summary | {"saved_at": time.time()}))

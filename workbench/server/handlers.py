@@ -4,7 +4,8 @@ status, routing traces and the OpenAPI description.
 Owns the HTTP side only: authentication (jupyter-server's token, or cookie + XSRF, via `APIHandler` and
 `@web.authenticated`), turning `APIError`s and any other failure into OpenAI-shaped error bodies, and the link
 between a client's connection and its generation: a client that disconnects cancels it. Generation itself runs
-in the backend, never on the event loop.
+in the backend, never on the event loop; so does parsing a large body (over `INLINE_PARSE_BYTES`), and a body
+over the server's `max_request_bytes` is a 413 before it is parsed at all.
 """
 
 from __future__ import annotations
@@ -24,8 +25,25 @@ from workbench.server.openapi import openapi_spec
 log = logging.getLogger(__name__)
 
 _REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-            429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
-            504: "Gateway Timeout"}
+            409: "Conflict", 413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
+            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+# Bodies up to this size are parsed on the event loop (well under a millisecond); larger ones in a worker thread.
+INLINE_PARSE_BYTES = 64 * 1024
+
+
+def check_body_size(body: bytes, limit: int, what: str = "request body") -> None:
+    """A 413 for a body over `limit` bytes, before anything reads it."""
+    if limit and len(body) > limit:
+        raise APIError(413, f"The {what} is {len(body):,} bytes; this server accepts at most {limit:,} bytes "
+                            f"({limit / 2**20:.0f} MiB, GLMWorkbench.max_request_bytes). Send less.",
+                       code="request_too_large")
+
+
+async def off_loop(function: Any, *args: Any, size: int) -> Any:
+    """`function(*args)` inline when the input is small, else in a worker thread (the event loop stays free)."""
+    if size <= INLINE_PARSE_BYTES:
+        return function(*args)
+    return await asyncio.to_thread(function, *args)
 
 
 class GLMHandler(APIHandler):
@@ -48,19 +66,21 @@ class GLMHandler(APIHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc_info = kwargs.get("exc_info")
         exc = exc_info[1] if exc_info else None
+        param = None
         if isinstance(exc, APIError):
-            message, code = exc.message, exc.code
+            message, code, param = exc.message, exc.code, exc.param
         elif isinstance(exc, web.HTTPError):
             message = exc.log_message % exc.args if exc.log_message and exc.args else exc.log_message
             message = message or exc.reason or _REASONS.get(status_code, "error")
             if status_code == 403:
                 message = ("Forbidden: authenticate with the Jupyter server's token (Authorization: token <token>, "
                            "or Bearer <token> as OpenAI clients send it), or a session cookie with its XSRF token.")
-            code = None
+            code = {403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+                status_code, "http_error")
         else:
             message, code = f"Internal server error ({type(exc).__name__}): see the server log.", "internal_error"
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(APIError(status_code, message, code=code).to_dict()))
+        self.finish(json.dumps(APIError(status_code, message, param=param, code=code).to_dict()))
 
 
 class ChatCompletionsHandler(GLMHandler):
@@ -86,7 +106,9 @@ class ChatCompletionsHandler(GLMHandler):
 
     async def _serve(self) -> None:
         try:
-            request = parse_request(self.request.body)
+            body = self.request.body
+            check_body_size(body, self.glm_app.max_request_bytes)
+            request = await off_loop(parse_request, body, size=len(body))
             backend = await self.glm_app.ready_backend()
             if request.stream:
                 await self._stream(backend, request)

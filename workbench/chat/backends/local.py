@@ -34,7 +34,7 @@ import psutil
 
 from workbench.chat.backends.base import Backend, Throughput
 from workbench.chat.parser import OutputParser, ParserDelta
-from workbench.chat.prompt import render_prompt
+from workbench.chat.prompt import prompt_ids as render_prompt_ids
 from workbench.chat.protocol import (
     APIError,
     ChatCompletionChunk,
@@ -45,6 +45,7 @@ from workbench.chat.protocol import (
     NamedToolChoice,
     ToolCallDelta,
     Usage,
+    content_text,
     new_completion_id,
 )
 
@@ -227,10 +228,10 @@ class LocalBackend(Backend):
 
         engine = self.engine
         enable_thinking = request.enable_thinking
-        prompt = render_prompt(request.messages, request.tools_for_prompt(), enable_thinking=enable_thinking,
-                               template=getattr(engine.tokenizer, "chat_template", None))
         prefill = _tool_choice_prefill(request, enable_thinking)
-        prompt_ids = engine.tokenizer.encode(prompt + prefill)
+        # text inside messages is text: only the template's own special tokens are tokens
+        _, prompt_ids = render_prompt_ids(engine.tokenizer, request.messages, request.tools_for_prompt(),
+                                          enable_thinking=enable_thinking, suffix=prefill)
         limit = self.context_limit
         room = limit - len(prompt_ids)
         if room < 1:
@@ -256,6 +257,21 @@ class LocalBackend(Backend):
             else None
         return _Prepared(prompt_ids, prefill, params, parse_tools)
 
+    def _check_size(self, request: ChatCompletionRequest) -> None:
+        """Refuse a prompt that cannot fit the context before rendering or tokenizing it: no token of the model
+        stands for more than `max_token_chars` characters, so its messages' text is at least that many tokens."""
+        per_token = getattr(self.engine.tokenizer, "max_token_chars", None)
+        if not per_token:
+            return
+        per_token = max(per_token, *(len(t) for t in getattr(self.engine.tokenizer, "added_tokens", {}) or [""]))
+        chars = sum(len(content_text(m.content)) for m in request.messages if m.role != "assistant")
+        at_least = -(-chars // per_token)
+        limit = self.context_limit
+        if at_least >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens, but the messages hold "
+                                f"{chars} characters, at least {at_least} tokens. Shorten the conversation.",
+                           param="messages", code="context_length_exceeded")
+
     def _admit(self) -> None:
         capacity = self.max_concurrent_sequences + self.max_queued_requests
         with self._cond:
@@ -276,9 +292,10 @@ class LocalBackend(Backend):
             ChatCompletionChunk]:
         self.check_model(request)
         engine = await self._wait_ready()
+        self._check_size(request)
         self._admit()
         try:
-            if _prompt_chars(request) < INLINE_PREPARE_CHARS:
+            if request.text_chars < INLINE_PREPARE_CHARS:
                 prepared = self._prepare(request)  # a short prompt renders and tokenizes in well under a ms
             else:  # a long one could hold the event loop up: a worker thread does it
                 prepared = await asyncio.to_thread(self._prepare, request)
@@ -418,11 +435,6 @@ def _safe(read: Any) -> Any:
         return read()
     except AttributeError:
         return None
-
-
-def _prompt_chars(request: ChatCompletionRequest) -> int:
-    return sum(len(m.model_dump_json()) for m in request.messages) + sum(
-        len(t.model_dump_json()) for t in request.tools or [])
 
 
 def _tool_choice_prefill(request: ChatCompletionRequest, enable_thinking: bool) -> str:
