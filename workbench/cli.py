@@ -1,19 +1,49 @@
 """Command line: `glm-workbench` opens JupyterLab with the workbench; `python -m workbench generate` streams.
 
 Owns argument parsing and terminal output only: generation goes through the engine, the split of thinking from
-answer through the chat layer's output parser.
+answer through the chat layer's output parser. What it prints never holds a secret: the command it runs is shown
+with the values of token, key, secret and password options (and `token=` in URLs) replaced by `***`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 
 # Options that give JupyterLab its own folder or notebook: then `glm-workbench` opens no workspace.
 ROOT_DIR_OPTIONS = ("--ServerApp.root_dir", "--notebook-dir", "--ServerApp.notebook_dir")
+
+# an option whose value is a secret: --ServerApp.token=..., --IdentityProvider.token, --api-key, --password, ...
+_SECRET_OPTION = re.compile(r"^(-{1,2}[\w.\-]*(?:token|key|secret|passw(?:or)?d|credential|cookie)[\w.\-]*)(=.*)?$",
+                            re.IGNORECASE)
+_SECRET_QUERY = re.compile(r"((?:token|key|secret|password)=)[^&#\s]+", re.IGNORECASE)
+
+
+def scrub_command(command: list[str]) -> list[str]:
+    """`command` fit to print: secret option values (`--x.token=v` or `--x.token v`) and `token=` query values
+    in URLs are `***`."""
+    scrubbed: list[str] = []
+    hide_next = False
+    for arg in command:
+        if hide_next and not arg.startswith("-"):
+            scrubbed.append("***")
+            hide_next = False
+            continue
+        hide_next = False
+        match = _SECRET_OPTION.match(arg)
+        if match:
+            if match.group(2) is None:
+                hide_next = True  # the value is the next argument
+                scrubbed.append(arg)
+            else:
+                scrubbed.append(f"{match.group(1)}=***")
+            continue
+        scrubbed.append(_SECRET_QUERY.sub(r"\1***", arg))
+    return scrubbed
 
 
 def _default_model() -> Path:
@@ -90,7 +120,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         raise ValueError("--workspace and a JupyterLab folder or notebook were both given: choose one")
     if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in lab_args:
         command.append("--allow-root")  # containers and CI machines run as root
-    print("[glm-workbench] " + " ".join(command), file=sys.stderr)
+    print("[glm-workbench] " + " ".join(scrub_command(command)), file=sys.stderr)
     return subprocess.call(command)
 
 

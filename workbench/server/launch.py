@@ -60,6 +60,10 @@ class GLMServer:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def scrubbed_log(self) -> str:
+        """The log with the server's token masked (the server prints it in its URLs): fit for error messages."""
+        return self.log_text().replace(self.token, "***")
+
     def wait_idle(self, timeout: float = 20.0) -> dict:
         """Wait until the engine holds no running or waiting sequence; return the last status."""
         deadline = time.monotonic() + timeout
@@ -107,7 +111,7 @@ def start_server(workdir: Path, glm_config: dict, env: dict[str, str] | None = N
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"jupyter server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
+            raise RuntimeError(f"jupyter server exited with {process.returncode}:\n{server.scrubbed_log()[-3000:]}")
         try:
             status = server.status()
             if status.get("state") in ("ready", "error", "unconfigured"):
@@ -116,7 +120,7 @@ def start_server(workdir: Path, glm_config: dict, env: dict[str, str] | None = N
             pass
         time.sleep(0.2)
     server.stop()
-    raise RuntimeError(f"jupyter server did not become ready in {ready_timeout}s:\n{server.log_text()[-3000:]}")
+    raise RuntimeError(f"jupyter server did not become ready in {ready_timeout}s:\n{server.scrubbed_log()[-3000:]}")
 
 
 def prepare_workspace(folder: Path, demos: Path = DEMO_NOTEBOOKS) -> list[Path]:
