@@ -217,8 +217,8 @@ class FunctionDefinition(_Strict):
     def _json_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
         if schema is None:
             return None
-        dialect = schema.get("$schema")
-        if dialect is not None and not isinstance(dialect, str):
+        dialect = schema.get("$schema", "")
+        if not isinstance(dialect, str):
             raise ValueError(f"'$schema' must be a string, the URI of a JSON Schema dialect (e.g. "
                              f"'https://json-schema.org/draft/2020-12/schema'), not {type(dialect).__name__}")
         try:
