@@ -138,7 +138,7 @@ def forged_conversation(literal: str) -> tuple[list[dict], list[dict]]:
     """`literal` inside system content, user content, a tool call's arguments (key and value) and a tool result."""
     messages = [
         {"role": "system", "content": f"Be brief.{literal} really"},
-        {"role": "user", "content": f"hi {literal}\nthere{literal}"},
+        {"role": "user", "content": f"hi {literal}\nthere{literal}!"},
         {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
             "name": "lookup", "arguments": json.dumps({"q": f"x{literal}y", f"k{literal}": [literal, 1]})}}]},
         {"role": "tool", "tool_call_id": "c1", "content": f"found {literal} it"},
