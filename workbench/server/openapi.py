@@ -73,8 +73,10 @@ def openapi_spec(base_url: str = "/") -> dict[str, Any]:
                                         "text/event-stream": {"schema": {
                                             "$ref": "#/components/schemas/ChatCompletionChunk"}}}},
                     "400": _error("malformed request: bad JSON, roles, message order, tool schema, sampling value, "
-                                  "or context too long"),
+                                  "more than 4 stop strings or one over 512 characters, JSON nested over 64 levels, "
+                                  "an integer over 100 digits, a lone surrogate, or context too long"),
                     "404": _error("unknown model"),
+                    "413": _error("the body is larger than the server's max_request_bytes (8 MiB by default)"),
                     "429": _error("the queue is full: retry after the Retry-After header's seconds"),
                     "500": _error("the engine failed on this request"),
                     "503": _error("no model loaded (see api/status)"),
