@@ -45,7 +45,6 @@ from workbench.chat.protocol import (
     NamedToolChoice,
     ToolCallDelta,
     Usage,
-    content_text,
     new_completion_id,
 )
 
@@ -264,7 +263,8 @@ class LocalBackend(Backend):
         if not per_token:
             return
         per_token = max(per_token, *(len(t) for t in getattr(self.engine.tokenizer, "added_tokens", {}) or [""]))
-        chars = sum(len(content_text(m.content)) for m in request.messages if m.role != "assistant")
+        chars = sum(len(m.content) if isinstance(m.content, str) else sum(len(part.text) for part in m.content)
+                    for m in request.messages if m.role != "assistant")  # text the template always shows
         at_least = -(-chars // per_token)
         limit = self.context_limit
         if at_least >= limit:
