@@ -133,15 +133,6 @@ def _check_content(value: Any) -> Any:
 Content = Annotated[str | list[TextPart], BeforeValidator(_check_content)]
 
 
-def content_text(content: Content | None) -> str:
-    """The visible text of a message's content (text parts joined)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(part.text for part in content)
-
-
 class SystemMessage(_Strict):
     role: Literal["system"]
     content: Content
@@ -386,9 +377,6 @@ class ChatCompletionRequest(_Strict):
         if not self.tools or self.tool_choice == "none":
             return None
         return [tool.model_dump(exclude_none=True) for tool in self.tools]
-
-    def messages_for_prompt(self) -> list[dict[str, Any]]:
-        return [message.model_dump(exclude_none=True) for message in self.messages]
 
 
 class _FieldError(ValueError):
@@ -651,6 +639,17 @@ class ModelCard(_Open):
 class ModelList(_Open):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+SSE_DONE = "[DONE]"  # the last event of an OpenAI-style stream
+
+
+def sse_data(line: str) -> str | None:
+    """The payload of one line of a server-sent-events stream: what follows `data:`, or None for the lines that
+    carry none (comments, event names, keep-alives, the blank line between events)."""
+    if not line.startswith("data:"):
+        return None
+    return line[len("data:"):].strip()
 
 
 def to_json(model: BaseModel) -> str:

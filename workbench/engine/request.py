@@ -45,11 +45,13 @@ class GenerationResult:
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens the model generated: the text's, and the stop token that ended it (as OpenAI's usage counts)."""
+        return len(self.token_ids) + (self.stop_token_id is not None)
 
     @property
     def decode_tokens_per_second(self) -> float:
-        steps = max(len(self.token_ids) - 1, 0)
+        """From the first generated token to the last: decode_seconds spans completion_tokens - 1 steps."""
+        steps = max(self.completion_tokens - 1, 0)
         return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 

@@ -182,6 +182,8 @@ class ServerConnection(Connection):
     def chat(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         import httpx
 
+        from workbench.chat.protocol import SSE_DONE, sse_data  # here: the chat layer imports torch (seconds)
+
         path = "glm/v1/chat/completions"
         try:
             with self.client.stream("POST", path, json=body) as response:
@@ -193,10 +195,10 @@ class ServerConnection(Connection):
                     yield response.json()
                     return
                 for line in response.iter_lines():
-                    if not line.startswith("data:"):
+                    data = sse_data(line)
+                    if data is None:
                         continue
-                    data = line[len("data:"):].strip()
-                    if data == "[DONE]":
+                    if data == SSE_DONE:
                         return
                     chunk = json.loads(data)
                     if isinstance(chunk, dict) and "error" in chunk:

@@ -58,7 +58,7 @@ INLINE_PREPARE_CHARS = 8192
 @dataclass
 class _Prepared:
     prompt_ids: list[int]
-    prefill: str  # text forced after the generation prompt (tool_choice required / named), fed to the parser
+    forced_text: str  # text forced after the generation prompt (tool_choice required / named), fed to the parser
     params: Any  # SamplingParams
     parse_tools: list[Any] | None
 
@@ -227,10 +227,10 @@ class LocalBackend(Backend):
 
         engine = self.engine
         enable_thinking = request.enable_thinking
-        prefill = _tool_choice_prefill(request, enable_thinking)
+        forced_text = _tool_choice_forced_text(request, enable_thinking)
         # text inside messages is text: only the template's own special tokens are tokens
         _, prompt_ids = render_prompt_ids(engine.tokenizer, request.messages, request.tools_for_prompt(),
-                                          enable_thinking=enable_thinking, suffix=prefill)
+                                          enable_thinking=enable_thinking, suffix=forced_text)
         limit = self.context_limit
         room = limit - len(prompt_ids)
         if room < 1:
@@ -254,7 +254,7 @@ class LocalBackend(Backend):
             raise APIError(400, str(exc), code="invalid_value") from exc
         parse_tools = [t.model_dump() for t in request.tools] if request.tools and request.tool_choice != "none" \
             else None
-        return _Prepared(prompt_ids, prefill, params, parse_tools)
+        return _Prepared(prompt_ids, forced_text, params, parse_tools)
 
     def _check_size(self, request: ChatCompletionRequest) -> None:
         """Refuse a prompt that cannot fit the context before rendering or tokenizing it: no token of the model
@@ -272,7 +272,7 @@ class LocalBackend(Backend):
                                 f"{chars} characters, at least {at_least} tokens. Shorten the conversation.",
                            param="messages", code="context_length_exceeded")
 
-    def _admit(self) -> None:
+    def _take_a_place(self) -> None:
         capacity = self.max_concurrent_sequences + self.max_queued_requests
         with self._cond:
             if len(self._tracked) + self._preparing >= capacity:
@@ -293,7 +293,7 @@ class LocalBackend(Backend):
         self.check_model(request)
         engine = await self._wait_ready()
         self._check_size(request)
-        self._admit()
+        self._take_a_place()
         try:
             if request.text_chars < INLINE_PREPARE_CHARS:
                 prepared = self._prepare(request)  # a short prompt renders and tokenizes in well under a ms
@@ -337,7 +337,7 @@ class LocalBackend(Backend):
 
         try:
             yield chunk(Delta(role="assistant", content=""))
-            pending = to_chunks(parser.feed(prepared.prefill))
+            pending = to_chunks(parser.feed(prepared.forced_text))
             for item in pending:
                 yield item
             finished = False
@@ -360,7 +360,7 @@ class LocalBackend(Backend):
                 self._keep_routing(completion_id, result.routing)
             yield chunk(Delta(), finish_reason=parser.finish_reason)
             if include_usage:
-                completion_tokens = len(result.token_ids) + (result.stop_token_id is not None)
+                completion_tokens = result.completion_tokens
                 # The engine's clock, so every client shows the same speed: prompt_seconds from the request's
                 # arrival to its first token (queue and prefill), decode_seconds from the first generated token
                 # to the last; tok/s = (completion_tokens - 1) / decode_seconds.
@@ -437,10 +437,10 @@ def _safe(read: Any) -> Any:
         return None
 
 
-def _tool_choice_prefill(request: ChatCompletionRequest, enable_thinking: bool) -> str:
+def _tool_choice_forced_text(request: ChatCompletionRequest, enable_thinking: bool) -> str:
     """Text forced after the generation prompt so that the model calls a tool now (`required`) or a named one.
 
-    The model writes `<tool_call>NAME` itself under `auto`; prefilling the tag (and the name) is how a plain
+    The model writes `<tool_call>NAME` itself under `auto`; forcing the tag (and the name) is how a plain
     decoder honours `required` and a named choice. Thinking is skipped: the call comes first.
     """
     if request.tool_choice != "required" and not isinstance(request.tool_choice, NamedToolChoice):

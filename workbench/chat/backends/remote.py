@@ -29,7 +29,14 @@ from urllib.parse import quote, quote_plus, urlparse
 import httpx
 
 from workbench.chat.backends.base import Backend, Throughput
-from workbench.chat.protocol import APIError, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from workbench.chat.protocol import (
+    SSE_DONE,
+    APIError,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    sse_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +179,10 @@ class RemoteBackend(Backend):
                 if response.status_code >= 400:
                     raise await self._error_from(response)
                 async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue  # comments, event names, keep-alives
-                    data = line[len("data:"):].strip()
-                    if data == "[DONE]":
+                    data = sse_data(line)
+                    if data is None:
+                        continue
+                    if data == SSE_DONE:
                         break
                     chunk = self._chunk(data, relay)
                     if chunk.usage is not None:
