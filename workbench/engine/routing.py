@@ -26,6 +26,7 @@ class RoutingTrace:
     prompt_len: int  # columns [0, prompt_len) are the prompt, the rest were generated
     scores: torch.Tensor | None = None  # [L, T, E] float16 sigmoid scores, when requested
     meta: dict = field(default_factory=dict)  # free-form: model name, dtype, ...
+    token_texts: list[str] | None = None  # [T] each column's text, where whoever made the trace had a tokenizer
 
     @property
     def num_layers(self) -> int:
@@ -51,11 +52,12 @@ class RoutingTrace:
             token_ids=self.token_ids[start:stop], layer_ids=list(self.layer_ids), num_experts=self.num_experts,
             prompt_len=max(0, min(self.prompt_len, stop) - start),
             scores=None if self.scores is None else self.scores[:, start:stop], meta=dict(self.meta),
+            token_texts=None if self.token_texts is None else self.token_texts[start:stop],
         )
 
     def to_dict(self) -> dict:
-        """JSON-ready form (lists), as the server's `api/routing/{id}` returns it."""
-        return {
+        """JSON-ready form (lists), as the server's `api/routing/{id}` returns it (the token texts as `tokens`)."""
+        data = {
             "expert_ids": self.expert_ids.tolist(),
             "weights": [[[round(float(w), 4) for w in row] for row in layer] for layer in self.weights.float()],
             "token_ids": self.token_ids.tolist(),
@@ -65,6 +67,9 @@ class RoutingTrace:
             "prompt_len": self.prompt_len,
             "meta": dict(self.meta),
         }
+        if self.token_texts is not None:
+            data["tokens"] = list(self.token_texts)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> RoutingTrace:
@@ -76,6 +81,7 @@ class RoutingTrace:
             num_experts=int(data["num_experts"]),
             prompt_len=int(data["prompt_len"]),
             meta=dict(data.get("meta", {})),
+            token_texts=[str(t) for t in data["tokens"]] if isinstance(data.get("tokens"), list) else None,
         )
 
     def save(self, path_or_buffer: str | io.BytesIO) -> None:

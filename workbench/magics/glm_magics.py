@@ -327,10 +327,7 @@ class GLMMagics(Magics):
         from workbench.engine.routing import RoutingTrace
         from workbench.widgets import show_routing
 
-        trace = RoutingTrace.from_dict(data)
-        if isinstance(data.get("tokens"), list):
-            trace.meta["token_texts"] = data["tokens"]
-        show_routing(trace)
+        show_routing(RoutingTrace.from_dict(data))
 
 
 def _shorten(text: str, limit: int = 200) -> str:

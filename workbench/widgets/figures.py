@@ -12,7 +12,7 @@ no colour here may assume a light background.
 
 Axes follow one convention: y = the model's layer index (`trace.layer_ids`), x = token position or expert id.
 A "tokenizer" is anything with `decode(list[int]) -> str`; without one, tokens show as `#id` (or the texts in
-`trace.meta["token_texts"]`, which the server may send).
+`trace.token_texts`, which the server sends).
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def token_texts(trace: RoutingTrace, tokenizer=None) -> list[str]:
             raise TypeError("tokenizer must have a decode(list[int]) -> str method; got "
                             f"{type(tokenizer).__name__}")
         return [_printable(tokenizer.decode([i])) for i in ids]
-    given = trace.meta.get("token_texts")
-    if isinstance(given, list) and len(given) == len(ids):
+    given = trace.token_texts
+    if given is not None and len(given) == len(ids):
         return [_printable(str(t)) for t in given]
     return [f"#{i}" for i in ids]
 

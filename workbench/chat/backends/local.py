@@ -386,10 +386,10 @@ class LocalBackend(Backend):
         trace = self._routing.get(completion_id)
         if trace is None:
             return None
-        data = trace.to_dict()
         tokenizer = getattr(self.engine, "tokenizer", None)
-        if tokenizer is not None:
-            data["tokens"] = [tokenizer.decode([token]) for token in data["token_ids"]]
+        if tokenizer is not None and trace.token_texts is None:
+            trace.token_texts = [tokenizer.decode([token]) for token in trace.token_ids.tolist()]
+        data = trace.to_dict()
         data["completion_id"] = completion_id
         return data
 
