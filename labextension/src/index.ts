@@ -26,7 +26,7 @@ import { Widget } from '@lumino/widgets';
 
 import { WorkbenchClient } from './api';
 import { ChatModel, type ChatPreferences, DEFAULT_PREFERENCES } from './chatModel';
-import { errorOutput, explainErrorPrompt, NotebookTools } from './notebookBridge';
+import { errorOutput, explainErrorPrompt, NotebookTools } from './notebookTools';
 import { ToolChecklist } from './components/SettingsFields';
 import { ChatSidebar, RoutingPanel } from './widgets';
 import { routingTitle } from './routingData';

@@ -4,7 +4,7 @@
  * Owns the OpenAI tool definitions (names, descriptions, JSON schemas) and the life of one call:
  * pending (waits for the user) or approved (auto-approve for that tool), running, then done / rejected /
  * error. Transitions are pure and refuse impossible moves, so a double click cannot run a call twice.
- * Running a tool against a notebook lives in notebookTools.ts.
+ * Running a tool against a notebook lives in notebookTools.ts (`NotebookTools`).
  */
 
 import type { ToolMessage, ToolStatus } from './chatState';

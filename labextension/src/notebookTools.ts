@@ -3,7 +3,8 @@
  * the notebook tools the model may call, code-block actions (insert below, replace the active cell) and
  * the "Explain / fix this error" prompt.
  *
- * Owns everything that touches INotebookTracker and kernels; the chat logic sees only `NotebookBridge`.
+ * Owns everything that touches INotebookTracker and kernels (`NotebookTools`); the chat logic sees it only
+ * through the `NotebookBridge` interface (chatModel.ts).
  */
 
 import type { Cell, ICellModel } from '@jupyterlab/cells';
