@@ -1,12 +1,14 @@
 """Protocol types of the chat API: OpenAI chat completions with GLM's additions, and OpenAI-shaped errors.
 
+(Over 600 lines: the whole wire contract in one file, to be read against the OpenAI and GLM specs side by side.)
+
 Owns what a request may say and what a response says (GLM45_FORMAT.md section 5). Requests are validated
 strictly: an unknown field, a bad role, a message out of order, an invalid tool schema or a sampling value out
 of range is an `APIError` naming the offending `param`, which the server sends as a 400. So is a body no valid
 request looks like: JSON nested deeper than `MAX_JSON_DEPTH`, an integer literal longer than `MAX_INT_DIGITS`
 digits, NaN/Infinity, a lone surrogate (`"\\ud800"`) in any string, more than 4 stop strings or one longer than
-`MAX_STOP_CHARS`. Responses are
-permissive (extra fields allowed) so that a remote endpoint's additions pass through unchanged.
+`MAX_STOP_CHARS`. Responses are permissive (extra fields allowed) so that a remote endpoint's additions pass
+through unchanged.
 
 GLM additions: `thinking: {"type": "enabled" | "disabled"}` (absent: the model decides), assistant
 `reasoning_content`, and the workbench's own `"routing": true`. Accepted for compatibility with clients of other
