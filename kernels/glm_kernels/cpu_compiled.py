@@ -1,4 +1,5 @@
-"""The compiled CPU kernels (csrc/cpu_compiled.cpp): building them once per machine, and finding them built.
+"""The compiled CPU kernels (csrc/: decode_model.cpp, prefill_kernels.cpp and their shared simd.h, one Python
+module by module.cpp): building them once per machine, and finding them built.
 
 Each the compiled twin of a torch path that stays the reference:
 - `DecodeModel`: one decode step of a whole GLM-4.5 MoE model in one call, for one or many sequences (the
@@ -39,7 +40,9 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 NAME = "glm_cpu_compiled"
-SOURCE = Path(__file__).parent / "csrc" / "cpu_compiled.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "module.cpp"]  # one translation unit: it includes the two below (torch's headers parsed once)
+HEADERS = [CSRC / "decode_model.cpp", CSRC / "prefill_kernels.cpp", CSRC / "simd.h"]  # in the build key too
 # -march=native: compiled on the machine that runs it. -ffp-contract=off: no fused multiply-adds where the torch
 # path has none, so results stay within an ulp or so of it.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
@@ -60,7 +63,7 @@ def load() -> ModuleType | None:
     with _lock:
         if _module is None and _error is None:
             try:
-                _module = load_extension(NAME, [SOURCE], CFLAGS, on_build=_announce_build)
+                _module = load_extension(NAME, SOURCES, CFLAGS, on_build=_announce_build, headers=HEADERS)
             except Exception as exc:  # no compiler, no headers, a failed compile: the torch paths serve instead
                 lines = str(exc).strip().splitlines()
                 # A failed compile's message is the whole compiler output: its first error says the most.
@@ -96,7 +99,7 @@ def extensions_root() -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
 
 
-def build_key(sources: Sequence[Path], cflags: Sequence[str]) -> str:
+def build_key(sources: Sequence[Path], cflags: Sequence[str], headers: Sequence[Path] = ()) -> str:
     """A hash of everything a build depends on: the sources' bytes, the flags, torch's version, the interpreter
     (each venv its own build), the compiler and, as -march=native compiles for this CPU, the CPU."""
     import torch
@@ -105,22 +108,22 @@ def build_key(sources: Sequence[Path], cflags: Sequence[str]) -> str:
     for part in [torch.__version__, sys.executable, sys.version, os.environ.get("CXX", "c++"), _cpu_id(),
                  *cflags]:
         digest.update(part.encode() + b"\0")
-    for source in sources:
+    for source in [*sources, *headers]:
         digest.update(Path(source).read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
-def build_dir(name: str, sources: Sequence[Path], cflags: Sequence[str]) -> Path:
-    """The folder that holds (or will hold) the build of `name` from these sources and flags."""
-    return extensions_root() / f"{name}-{build_key(sources, cflags)}"
+def build_dir(name: str, sources: Sequence[Path], cflags: Sequence[str], headers: Sequence[Path] = ()) -> Path:
+    """The folder that holds (or will hold) the build of `name` from these sources, headers and flags."""
+    return extensions_root() / f"{name}-{build_key(sources, cflags, headers)}"
 
 
 def load_extension(name: str, sources: Sequence[Path], cflags: Sequence[str],
-                   on_build: Callable[[Path], None] | None = None) -> ModuleType:
+                   on_build: Callable[[Path], None] | None = None, headers: Sequence[Path] = ()) -> ModuleType:
     """The extension `name` (its sources' module named TORCH_EXTENSION_NAME), imported from its build folder
     (`build_dir`); if the folder does not exist yet, `on_build(folder)` is called and the extension is compiled
     into a temporary folder beside it, which is renamed into place once complete."""
-    folder = build_dir(name, sources, cflags)
+    folder = build_dir(name, sources, cflags, headers)
     library = folder / f"{name}{_library_suffix()}"
     if library.exists():
         spec = importlib.util.spec_from_file_location(name, library)

@@ -1,4 +1,4 @@
-"""The compiled CPU decode step (glm_kernels/csrc/cpu_compiled.cpp) against the engine's torch path, its slow
+"""The compiled CPU decode step (glm_kernels/csrc/decode_model.cpp) against the engine's torch path, its slow
 twin.
 
 Each case switches on a part of the architecture the step has its own code for; the two engines load the same

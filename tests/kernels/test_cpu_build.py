@@ -101,7 +101,7 @@ def test_the_build_key_follows_sources_flags_torch_and_the_interpreter(tmp_path,
 
 def test_the_kernels_are_built_in_their_keyed_folder_under_torch_extensions_dir(compiled_cpu_kernels):
     assert compiled_cpu_kernels is not None, cpu_compiled.build_error()
-    folder = cpu_compiled.build_dir(cpu_compiled.NAME, [cpu_compiled.SOURCE], cpu_compiled.CFLAGS)
+    folder = cpu_compiled.build_dir(cpu_compiled.NAME, cpu_compiled.SOURCES, cpu_compiled.CFLAGS, cpu_compiled.HEADERS)
     assert folder.parent == Path(os.environ["TORCH_EXTENSIONS_DIR"])  # tests/conftest.py's folder
     assert (folder / f"{cpu_compiled.NAME}.so").is_file()
     assert cpu_compiled.building() is None  # built: nothing to wait for

@@ -1,4 +1,4 @@
-"""The compiled CPU prefill kernels (glm_kernels/csrc/cpu_compiled.cpp) against their torch references:
+"""The compiled CPU prefill kernels (glm_kernels/csrc/prefill_kernels.cpp) against their torch references:
 `prefill_attention`, `fused_moe` and `rotary` against `prefill_attention_reference`, `fused_moe_reference` and
 `rotary_reference`.
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 
 import numpy as np
 import plotly.graph_objects as go
@@ -288,6 +290,8 @@ def test_titles_fit_a_narrow_notebook(trace):
                 widgets.coactivation_heatmap(trace, 1), widgets.locality_chart(trace),
                 widgets.expert_card(trace, 1, 0), widgets.comparison_chart(trace, trace)):
         title = fig.layout.title
-        first_line = title.text.split("<br>")[0]
+        first_line, *details = title.text.split("<br>")
         assert len(first_line) <= 60 and title.xanchor == "left" and title.x == 0, title.text
+        # the details line too: 90 characters ran past a notebook narrowed by the chat sidebar (~600 px)
+        assert all(len(html.unescape(re.sub("<[^>]+>", "", line))) <= 72 for line in details), title.text
         assert fig.layout.margin.t >= 90

@@ -188,16 +188,16 @@ def token_grid(trace: RoutingTrace, tokenizer=None, *, layers: Sequence[int] | N
             colour.update(texttemplate="%{z:d}", textfont=dict(size=9))
         title = "First-choice expert per token and layer"
         colorbar_px = 14 * experts if ticks else 0  # a legible tick per expert on the colour bar
-        subtitle = f"top-{trace.top_k} of {trace.num_experts} routed experts; the cell shows the first choice"
+        subtitle = f"top-{trace.top_k} of {trace.num_experts} routed experts"  # the title says the cell's is the first
     else:
         hit = ids == expert
         z = np.where(hit.any(-1), (weights * hit).sum(-1), np.nan)
         colour = dict(colorscale="Viridis", zmin=0, zmax=1, colorbar=dict(title="weight"))
         title = f"Tokens routed to expert {expert}"
         colorbar_px = 0
-        subtitle = "colour = its weight; blank = not among the token's top-K"
+        subtitle = "colour = its weight; blank = not in the token's top-K"
     if shared:
-        subtitle += f"; + {shared} shared expert{'s' if shared > 1 else ''} on every token"
+        subtitle += f"; + {shared} shared expert{'s' if shared > 1 else ''}"
     fig = RoutingFigure(go.Heatmap(z=z, x=positions, y=[f"L{x}" for x in layer_ids],
                                    text=hover, hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1, **colour))
     if start < trace.prompt_len < stop:
