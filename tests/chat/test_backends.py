@@ -34,9 +34,14 @@ def backend(tiny_engine):
 
 def test_concurrent_requests_share_decode_steps(backend, tiny_engine):
     async def run():
-        return await asyncio.gather(*[backend.complete(request(max_tokens=12, seed=i,
-                                                               messages=[{"role": "user", "content": f"hi {i}"}]))
-                                      for i in range(4)])
+        # No step until all four are queued (on a loaded machine the first could otherwise finish its 12 tokens
+        # before the last arrives): then one step admits them all, and every later step decodes the four.
+        with tiny_engine.scheduler._step_lock:
+            tasks = [asyncio.create_task(backend.complete(request(max_tokens=12, seed=i, messages=[
+                {"role": "user", "content": f"hi {i}"}]))) for i in range(4)]
+            while tiny_engine.num_waiting < 4:
+                await asyncio.sleep(0.001)
+        return await asyncio.gather(*tasks)
 
     results = asyncio.run(run())
     assert [r.usage.completion_tokens for r in results] == [12] * 4
