@@ -4,6 +4,7 @@ Notebook 5 (the real GLM-4.5-Air) runs its skip path: no key and no server in th
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def test_magic_and_routing():
 
 def test_committed_notebooks_are_stripped_of_outputs():
     for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        # every cell has its id in the file (nbformat 4.5; nbformat warns, and will refuse, cells without one)
+        raw = json.loads(path.read_text())
+        assert all("id" in cell for cell in raw["cells"]), f"{path.name}: a cell has no id"
         notebook = nbformat.read(path, as_version=4)
         for index, code in enumerate(c for c in notebook.cells if c.cell_type == "code"):
             assert not code.outputs and code.execution_count is None, f"{path.name}: code cell {index} has outputs"
