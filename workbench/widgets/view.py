@@ -51,14 +51,15 @@ class RoutingView(widgets.VBox):
         # --- controls ---------------------------------------------------------------------------------
         self.layer_range = widgets.SelectionRangeSlider(
             options=[(f"L{x}", x) for x in layer_ids], index=(0, len(layer_ids) - 1), description="layers",
-            continuous_update=False, layout=widgets.Layout(width="420px"))
+            continuous_update=False, layout=widgets.Layout(width="420px", min_width="300px"))
         self.expert_filter = widgets.Dropdown(
             options=[("all (colour = first choice)", -1)]
             + [(f"expert {e}", e) for e in range(trace.num_experts)],
             value=-1, description="experts")
         self.window_start = widgets.IntSlider(
             value=0, min=0, max=max(0, trace.num_tokens - 1), step=max_tokens, description="from token",
-            continuous_update=False, disabled=trace.num_tokens <= max_tokens)
+            continuous_update=False, disabled=trace.num_tokens <= max_tokens,
+            layout=widgets.Layout(min_width="300px"))
         self.max_tokens = max_tokens
         self.co_layer = widgets.Dropdown(options=[(f"L{x}", x) for x in layer_ids], value=first_layer,
                                          description="layer")
@@ -71,7 +72,9 @@ class RoutingView(widgets.VBox):
         self.tab_names = [name for name in TABS if name != "compare" or compare is not None]
         self.outputs = {name: widgets.Output() for name in self.tab_names}
         controls = {
-            "tokens": widgets.HBox([self.layer_range, self.expert_filter, self.window_start]),
+            # wrapped onto a second row in a narrow notebook, instead of squeezing the sliders to nothing
+            "tokens": widgets.HBox([self.layer_range, self.expert_filter, self.window_start],
+                                   layout=widgets.Layout(flex_flow="row wrap")),
             "coactivation": widgets.HBox([self.co_layer]),
             "expert": widgets.HBox([self.card_layer, self.card_expert]),
         }
