@@ -30,6 +30,12 @@ async function openLab(page: Page): Promise<Locator> {
   // no click: on first launch the sidebar opens by itself
   await expect(chat).toBeVisible({ timeout: 60 * 1000 });
   await expect(chat.locator('.glm-ModelPicker option').first()).toHaveText(/glm45-air-mini/, { timeout: 120 * 1000 });
+  // The quickstart notebook is on screen and the notebook the tools act on (after a reload JupyterLab restores it a
+  // moment after the sidebar, and a tool that runs before then finds no notebook open): a click into it, as a user
+  // who reads it does.
+  const firstCell = page.locator('.jp-NotebookPanel .jp-Cell').first();
+  await expect(firstCell).toBeVisible({ timeout: 120 * 1000 });
+  await firstCell.locator('.jp-InputPrompt').click();
   return chat;
 }
 
