@@ -37,7 +37,8 @@ class ScriptedUpstream:
 
     - a prompt with NOCODE: a plain answer without a fenced block;
     - a prompt with SLOW: 100 words (to interrupt): 5, then nothing until the client goes, `release` is set or
-      a minute has passed, then the other 95; `dropped` counts streams the client left;
+      a minute has passed, then the other 95 (`holding` is set while it waits); `dropped` counts streams the
+      client left;
     - FORGET-ME anywhere but the last message: 400 context_length_exceeded (memory too long);
     - otherwise: reasoning in four deltas, then a fenced python block printing the prompt's last line.
     """
@@ -46,6 +47,7 @@ class ScriptedUpstream:
         self.requests: list[dict] = []
         self.dropped = 0
         self.release = threading.Event()
+        self.holding = threading.Event()  # set while a SLOW stream holds its last 95 words
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -105,6 +107,7 @@ class ScriptedUpstream:
 
             def _hold(self) -> bool:
                 """Wait for the client to go (True), or for `release` or a minute (False)."""
+                upstream.holding.set()
                 deadline = time.monotonic() + 60
                 while not upstream.release.is_set() and time.monotonic() < deadline:
                     # The client sends nothing more on this connection: readable means closed.
