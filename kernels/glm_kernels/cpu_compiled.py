@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 
 NAME = "glm_cpu_compiled"
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "module.cpp"]  # one translation unit: it includes the two below (torch's headers parsed once)
-HEADERS = [CSRC / "decode_model.cpp", CSRC / "prefill_kernels.cpp", CSRC / "simd.h"]  # in the build key too
+SOURCES = [CSRC / "module.cpp"]  # one translation unit: it includes the three below (torch's headers parsed once)
+# in the build key too
+HEADERS = [CSRC / "decode_model.cpp", CSRC / "prefill_kernels.cpp", CSRC / "quant_kernels.cpp", CSRC / "simd.h"]
 # -march=native: compiled on the machine that runs it. -ffp-contract=off: no fused multiply-adds where the torch
 # path has none, so results stay within an ulp or so of it.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
