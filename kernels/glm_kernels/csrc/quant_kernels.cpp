@@ -177,9 +177,14 @@ struct QAct {  // activations quantized per block of 32: rows of K int8, K / 32 
   const float* scales;
   const int32_t* sums;
   int64_t k;
+  const int8_t* pairs = nullptr;  // q in pair order (see `pair_order`), where an int4 kernel needs it
   const int8_t* qrow(int64_t m) const { return q + m * k; }
   const float* srow(int64_t m) const { return scales + m * (k / 32); }
   const int32_t* sumrow(int64_t m) const { return sums + m * (k / 32); }
+  const int8_t* prow(int64_t m) const { return pairs + m * k; }
+  QAct from(int64_t m) const {  // the rows from m on
+    return {qrow(m), srow(m), sumrow(m), k, pairs ? prow(m) : nullptr};
+  }
 };
 
 // ---- Activation quantization ----------------------------------------------------------------------------------
@@ -237,19 +242,40 @@ inline void quantize_row(const float* x, int64_t k, int8_t* q, float* scales, in
 
 // Buffers of quantized activations for up to `rows` rows of K.
 struct QActBuffer {
-  std::vector<int8_t> q;
+  std::vector<int8_t> q, pairs;
   std::vector<float> scales;
   std::vector<int32_t> sums;
   int64_t k = 0;
+  bool paired = false;
   void resize(int64_t rows, int64_t width) {
     k = width;
+    paired = false;
     if (static_cast<int64_t>(q.size()) < rows * k) q.resize(rows * k);
     if (static_cast<int64_t>(scales.size()) < rows * (k / 32)) {
       scales.resize(rows * (k / 32));
       sums.resize(rows * (k / 32));
     }
   }
-  QAct view() const { return {q.data(), scales.data(), sums.data(), k}; }
+  // The int4 kernels' order of each row: per pair of groups (64 values), the first halves of both groups, then
+  // their second halves ([0, 16), [32, 48), [16, 32), [48, 64)): the order in which 32 packed bytes, masked and
+  // shifted, hold their nibbles. An odd last group stays as it is.
+  void pair_order(int64_t rows) {
+    if (static_cast<int64_t>(pairs.size()) < rows * k) pairs.resize(rows * k);
+    for (int64_t m = 0; m < rows; ++m) {
+      const int8_t* src = q.data() + m * k;
+      int8_t* dst = pairs.data() + m * k;
+      int64_t i = 0;
+      for (; i + 64 <= k; i += 64) {
+        std::memcpy(dst + i, src + i, 16);
+        std::memcpy(dst + i + 16, src + i + 32, 16);
+        std::memcpy(dst + i + 32, src + i + 16, 16);
+        std::memcpy(dst + i + 48, src + i + 48, 16);
+      }
+      std::memcpy(dst + i, src + i, k - i);
+    }
+    paired = true;
+  }
+  QAct view() const { return {q.data(), scales.data(), sums.data(), k, paired ? pairs.data() : nullptr}; }
 };
 
 // rows of x (fp32 or bf16 or fp16, row stride `stride` elements) -> buf, split over threads when large
@@ -402,6 +428,25 @@ inline __m256i unpack_i4(const uint8_t* bytes) {
   return _mm256_and_si256(_mm256_setr_m128i(v, _mm_srli_epi16(v, 4)), _mm256_set1_epi8(0x0F));
 }
 
+// Two groups of int4 weights against their activations in pair order: lanes 0-3 the first group's sum, 4-7 the
+// second's. AVX2: each vpmaddubsw pair sum is at most 2 * 15 * 127, so the two halves add in int16 exactly.
+template <bool Vnni>
+inline __m256i dot_i4_pair(__m256i lo, __m256i a_lo, __m256i hi, __m256i a_hi) {
+#ifdef GLM_VNNI
+  if constexpr (Vnni) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, a_lo), hi, a_hi);
+#else
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, a_lo), hi, a_hi);
+#endif
+  }
+#endif
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo), _mm256_maddubs_epi16(hi, a_hi)),
+                           _mm256_set1_epi16(1));
+}
+
+// Needs x.pairs (QActBuffer::pair_order): 32 packed bytes (two groups) are split by one mask and one shift into
+// the first and the second halves of both groups, which meet the activations in that order.
 template <bool Vnni>
 float dot_i4(const QMat& w, int64_t n, const QAct& x, int64_t m) {
   const uint8_t* p = w.packed + n * (w.k / 2);
@@ -409,38 +454,52 @@ float dot_i4(const QMat& w, int64_t n, const QAct& x, int64_t m) {
   const float* dmin = w.dmin + n * w.supers();
   const uint8_t* sc = w.sc + n * (w.k / 32);
   const uint8_t* mn = w.mn + n * (w.k / 32);
-  const int8_t* a = x.qrow(m);
+  const int8_t* a = x.prow(m);
   const float* as = x.srow(m);
   const int32_t* sums = x.sumrow(m);
   const int64_t groups = w.k / 32;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  auto pair = [&](int64_t g) {  // groups g and g + 1 (g even) -> 8 int32 lanes
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * g));
+    return dot_i4_pair<Vnni>(_mm256_and_si256(v, nibble),
+                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32 * g)),
+                             _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
+                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32 * g + 32)));
+  };
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), mins = _mm256_setzero_ps();
   int64_t g = 0;
   for (; g + 8 <= groups; g += 8) {  // one whole super-block: its eight scales and minimums in one go
     const int64_t s = g / 8;
     const __m256 as8 = _mm256_loadu_ps(as + g);
-    const __m256 sc8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + g))));
-    const __m256 mn8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn + g))));
+    const __m256 sc8 =
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + g))));
+    const __m256 mn8 =
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn + g))));
     const __m256 ds8 = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(d[s]), sc8), as8);
     const __m256 dm8 = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(dmin[s]), mn8), as8);
     mins = _mm256_fmadd_ps(dm8, _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + g))),
                            mins);
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; j += 2) {
-      const __m256i p0 = dot_u8s8<Vnni>(unpack_i4(p + 16 * (g + j)),
-                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32 * (g + j))));
-      const __m256i p1 = dot_u8s8<Vnni>(unpack_i4(p + 16 * (g + j + 1)),
-                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32 * (g + j + 1))));
-      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), lane(ds8, j), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), lane(ds8, j + 1), acc1);
-    }
+    const __m256i first = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const __m256i two = _mm256_set1_epi32(2);
+    const __m256i second = _mm256_add_epi32(first, two), third = _mm256_add_epi32(second, two);
+    const __m256i fourth = _mm256_add_epi32(third, two);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair(g)), _mm256_permutevar8x32_ps(ds8, first), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair(g + 2)), _mm256_permutevar8x32_ps(ds8, second), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair(g + 4)), _mm256_permutevar8x32_ps(ds8, third), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair(g + 6)), _mm256_permutevar8x32_ps(ds8, fourth), acc1);
   }
+  // The groups of a partial last super-block (K not a multiple of 256): pairs, then an odd last group.
   float tail_mins = 0.0f;
-  for (; g < groups; ++g) {  // the groups of a partial last super-block (K not a multiple of 256)
-    const int64_t s = g / 8;
+  auto scale = [&](int64_t i) { return (d[i / 8] * static_cast<float>(sc[i])) * as[i]; };
+  for (; g < groups; ++g)
+    tail_mins += ((dmin[g / 8] * static_cast<float>(mn[g])) * as[g]) * static_cast<float>(sums[g]);
+  for (g = groups / 8 * 8; g + 2 <= groups; g += 2)
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair(g)),
+                           _mm256_setr_m128(_mm_set1_ps(scale(g)), _mm_set1_ps(scale(g + 1))), acc0);
+  if (g < groups) {
     const __m256i pr = dot_u8s8<Vnni>(unpack_i4(p + 16 * g),
                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32 * g)));
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_set1_ps((d[s] * static_cast<float>(sc[g])) * as[g]), acc0);
-    tail_mins += ((dmin[s] * static_cast<float>(mn[g])) * as[g]) * static_cast<float>(sums[g]);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_set1_ps(scale(g)), acc0);
   }
   return sum8(_mm256_add_ps(acc0, acc1)) - (sum8(mins) + tail_mins);
 }
@@ -448,7 +507,9 @@ float dot_i4(const QMat& w, int64_t n, const QAct& x, int64_t m) {
 
 using DotFn = float (*)(const QMat&, int64_t, const QAct&, int64_t);
 
-inline DotFn dot_fn(const QMat& w, int isa) {
+// The kernel for w on `isa`; int4 ones above scalar read x.pairs, so without them the scalar kernel serves.
+inline DotFn dot_fn(const QMat& w, int isa, const QAct& x) {
+  if (w.bits == 4 && x.pairs == nullptr) isa = kScalar;
 #ifdef GLM_VNNI
   if (isa >= kVnni) return w.bits == 4 ? dot_i4<true> : w.group == 32 ? dot_i8g32<true> : dot_i8g16<true>;
 #endif
@@ -457,6 +518,8 @@ inline DotFn dot_fn(const QMat& w, int isa) {
 #endif
   return w.bits == 4 ? dot_i4_scalar : dot_i8_scalar;
 }
+
+inline bool needs_pairs(const QMat& w, int isa) { return w.bits == 4 && isa >= kAvx2; }
 
 // ---- Matrix products ------------------------------------------------------------------------------------------
 
@@ -484,8 +547,8 @@ inline int64_t row_grain(int64_t k, int64_t rows) {
 }
 
 // All output rows, split over torch's threads.
-inline void qgemm(const QMat& w, const QAct& x, int64_t rows, float* y, int64_t ldy) {
-  const DotFn dot = dot_fn(w, isa_setting().load());
+inline void qgemm(const QMat& w, const QAct& x, int64_t rows, float* y, int64_t ldy, int isa) {
+  const DotFn dot = dot_fn(w, isa, x);
   at::parallel_for(0, w.n, row_grain(w.k, rows), [&](int64_t begin, int64_t end) {
     qgemm_range(dot, w, x, rows, y, ldy, begin, end);
   });
@@ -497,8 +560,10 @@ inline void qgemm(const QMat& w, const QAct& x, int64_t rows, float* y, int64_t 
 template <typename T>
 void qlinear_rows(const QMat& w, const T* in, int64_t stride, int64_t rows, float* out, int64_t ldo,
                   QActBuffer& buf) {
+  const int isa = isa_setting().load();
   quantize_rows<T>(in, stride, rows, w.k, buf);
-  qgemm(w, buf.view(), rows, out, ldo);
+  if (needs_pairs(w, isa)) buf.pair_order(rows);
+  qgemm(w, buf.view(), rows, out, ldo, isa);
 }
 
 inline void check_input(const Tensor& x, int64_t k, const char* what) {
@@ -600,17 +665,18 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
     for (int64_t e = 0; e < experts; ++e)
       if (s.starts[e + 1] > s.starts[e])
         for (int64_t n = 0; n < w.n; n += block) tasks.push_back({e, n});
-    const DotFn dot = dot_fn(w, isa_now);
+    const DotFn dot = dot_fn(w, isa_now, in);
     at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const auto [e, n] = tasks[t];
         const int64_t first = s.starts[e], rows = s.starts[e + 1] - first;
-        const QAct rows_in{in.qrow(first), in.srow(first), in.sumrow(first), in.k};
+        const QAct rows_in = in.from(first);
         qgemm_range(dot, w.expert(e), rows_in, rows, out + first * ldo, ldo, n, std::min(n + block, w.n));
       }
     });
   };
   s.gate_up.resize(pairs * 2 * width);
+  if (needs_pairs(gate_up, isa_now)) s.sorted_q.pair_order(pairs);
   run(gate_up, s.sorted_q.view(), s.gate_up.data(), 2 * width);
   s.hidden.resize(pairs * width);
   for (int64_t i = 0; i < pairs; ++i) {
@@ -620,6 +686,7 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
   }
   quantize_rows<float>(s.hidden.data(), width, pairs, width, s.hidden_q);
   s.down.resize(pairs * dim);
+  if (needs_pairs(down, isa_now)) s.hidden_q.pair_order(pairs);
   run(down, s.hidden_q.view(), s.down.data(), dim);
   for (int64_t i = 0; i < pairs; ++i) {
     const int64_t p = s.order[i], t = p / top_k;
