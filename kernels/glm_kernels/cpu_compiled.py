@@ -1,7 +1,8 @@
-"""The compiled CPU kernels (csrc/: decode_model.cpp, prefill_kernels.cpp and their shared simd.h, one Python
-module by module.cpp): building them once per machine, and finding them built. Only that: each op's Python entry
-lives with its op (`attention.prefill_attention_compiled`, `fused_moe.fused_moe_compiled`,
-`rotary.rotary_compiled`), and the decode step (`DecodeModel`) is driven by the engine's compiled CPU runner.
+"""The compiled CPU kernels (csrc/: decode_model.cpp, prefill_kernels.cpp, quant_kernels.cpp and their shared
+simd.h, one Python module by module.cpp): building them once per machine, and finding them built. Only that: each
+op's Python entry lives with its op (`attention.prefill_attention_compiled`, `fused_moe.fused_moe_compiled`,
+`rotary.rotary_compiled`, `quant_linear.quantized_linear` and `quantized_fused_moe`), and the decode step
+(`DecodeModel`) is driven by the engine's compiled CPU runner.
 
 The extension holds the compiled twins of torch paths that stay the reference:
 - `DecodeModel`: one decode step of a whole GLM-4.5 MoE model in one call, for one or many sequences (the
