@@ -68,8 +68,8 @@ log = logging.getLogger(__name__)
 QUANTIZE_FORMATS: tuple[str, ...] = tuple(blockquant.QUANTIZE_FORMATS)  # ("int8", "int4")
 # The lm_head's format under each quantize option (see the module docstring for why int4 models keep int8 here).
 LM_HEAD_FORMAT = {"int8": "int8", "int4": "int8"}
-# Rows are quantized in chunks of about this many elements (16 MiB of fp32): bounds the transient copy.
-CHUNK_ELEMENTS = 1 << 22
+# Rows are quantized in chunks of about this many elements (4 MiB of fp32): bounds the transient copies.
+CHUNK_ELEMENTS = 1 << 20
 # The matrices that hold quantized weights, as parameter names of `GLMForCausalLM` (no `model.` prefix).
 QUANTIZED_PARAMS = re.compile(r"(lm_head\.weight|layers\.\d+\.(self_attn\.[qkvo]_proj\.weight|"
                               r"mlp\.(shared_experts\.)?(gate|up|down)_proj\.weight|mlp\.experts\.(gate_up|down)_proj))$")
