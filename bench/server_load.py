@@ -9,14 +9,18 @@ Measured side by side in one run, against a live `jupyter server` with the exten
    extra): rendering, tokenizing, the scheduler hand-off and server-sent events should cost little;
 3. N concurrent clients that send no max_tokens (each may run to the end of the context, and stops where the
    model stops): aggregate tokens/s and the most requests seen decoding at once in api/status (KV blocks are
-   taken as sequences grow, so these run together instead of one whole-context reservation at a time).
+   taken as sequences grow, so these run together instead of one whole-context reservation at a time);
+4. what a routing trace costs: --routing-answers answers one after another as the sidebar sends them (streamed,
+   --max-tokens each), alternately with `routing: true` and without; the sidebar asks for routing only while a
+   routing view is open (or its keepRouting setting says always), and this says what the others save.
 
 The model is --model (default: the bundled model when it is installed, else a random-weight checkpoint of
 --preset written to a temporary folder). Requests 1 and 2 use ignore_eos so every client generates exactly --max-tokens.
 
     python bench/server_load.py [--model PATH] [--preset bench-10m] [--clients 8] [--max-tokens 64] [--device cpu]
+                                [--routing-answers 12]
 
-The last line reads `concurrent_vs_sequential=X.XX ttft_overhead_ms=Y.Y`.
+The last line reads `concurrent_vs_sequential=X.XX ttft_overhead_ms=Y.Y routing_vs_plain=Z.ZZ`.
 """
 
 from __future__ import annotations
@@ -40,11 +44,14 @@ def messages_for(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Client {i}: summarise the benefits of mixture-of-experts models."}]
 
 
-async def stream_one(client: httpx.AsyncClient, server: GLMServer, model: str, i: int, max_tokens: int | None) -> int:
+async def stream_one(client: httpx.AsyncClient, server: GLMServer, model: str, i: int, max_tokens: int | None,
+                     routing: bool = False) -> int:
     """One streaming request to its end; returns the completion tokens the server counted. Without max_tokens the
     request runs until the model stops (or the context is full), as a chat client's default does."""
     body = {"model": model, "messages": messages_for(i), "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    if routing:
+        body["routing"] = True
     if max_tokens is not None:
         body.update(max_tokens=max_tokens, ignore_eos=True)
     tokens = 0
@@ -102,6 +109,22 @@ async def open_ended(server: GLMServer, model: str, clients: int) -> tuple[float
     return sum(counts) / elapsed, sum(counts), most_running
 
 
+async def routing_cost(server: GLMServer, model: str, answers: int, max_tokens: int) -> tuple[float, float]:
+    """Median seconds of one sidebar answer (streamed, `max_tokens` tokens) with `routing: true` and without,
+    alternated answer by answer so that both see the same machine."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    async with httpx.AsyncClient(timeout=600) as client:
+        await stream_one(client, server, model, 0, 4, routing=True)  # warm-up
+        for i in range(2 * answers):
+            routing = i % 2 == 0
+            start = time.perf_counter()
+            tokens = await stream_one(client, server, model, i // 2, max_tokens, routing=routing)
+            times[routing].append(time.perf_counter() - start)
+            if tokens != max_tokens:
+                raise RuntimeError(f"answer {i} has {tokens} tokens, not {max_tokens}")
+    return statistics.median(times[True]), statistics.median(times[False])
+
+
 def first_token_ms(server: GLMServer, model: str, model_path: Path, device: str, runs: int) -> tuple[float, float]:
     """Median ms to the first token via HTTP (a one-token streaming request, until its finish event) and via a
     direct `Engine.generate(max_new_tokens=1)` in this process on the same prompt, alternated run by run so that
@@ -153,6 +176,8 @@ def main() -> None:
     parser.add_argument("--ttft-runs", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (server and direct engine)")
+    parser.add_argument("--routing-answers", type=int, default=12,
+                        help="answers timed with routing and as many without (section 4)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -172,6 +197,7 @@ def main() -> None:
             sequential, concurrent = asyncio.run(throughput(server, model, args.clients, args.max_tokens))
             open_rate, open_tokens, open_running = asyncio.run(open_ended(server, model, args.clients))
             http_ms, direct_ms = first_token_ms(server, model, model_path, args.device, args.ttft_runs)
+            with_routing, plain = asyncio.run(routing_cost(server, model, args.routing_answers, args.max_tokens))
         finally:
             server.stop()
 
@@ -183,7 +209,10 @@ def main() -> None:
           f"{open_running} decoding together)")
     print(f"first token  {http_ms:9.1f} ms via HTTP, {direct_ms:.1f} ms direct (median of {args.ttft_runs})   "
           "target < 20 ms extra")
-    print(f"concurrent_vs_sequential={ratio:.2f} ttft_overhead_ms={overhead:.1f}")
+    print(f"routing      {with_routing * 1000:9.1f} ms an answer with routing: true, {plain * 1000:.1f} ms without "
+          f"({args.max_tokens} tokens, median of {args.routing_answers} each)")
+    print(f"concurrent_vs_sequential={ratio:.2f} ttft_overhead_ms={overhead:.1f} "
+          f"routing_vs_plain={with_routing / plain:.2f}")
 
 
 if __name__ == "__main__":

@@ -238,7 +238,9 @@ function AssistantMessageView({
                 Regenerate
               </button>
             )}
-            {message.routingRequested && message.completionId && message.status === 'done' && (
+            {(message.routingRequested || message.routingPossible) &&
+              message.completionId &&
+              message.status === 'done' && (
               <button
                 className="glm-Button glm-ShowRouting"
                 aria-label="Show expert routing of this answer"
