@@ -24,7 +24,7 @@ import secrets
 from typing import Any
 
 from workbench.chat.protocol import APIError
-from workbench.chat.template import ChatTemplateError, render_chat
+from workbench.chat.template import ChatTemplateError, normalize_messages, render_chat
 from workbench.engine.tokenizer import Tokenizer
 
 
@@ -75,6 +75,7 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: lis
                            add_generation_prompt=add_generation_prompt, template=template or tokenizer.chat_template,
                            **extra) + suffix
 
+    messages = normalize_messages(messages)  # tool-call arguments decoded from JSON once, for every render below
     text = render(messages, tools)
     literals = sorted(tokenizer.added_tokens, key=len, reverse=True)
     if not literals:

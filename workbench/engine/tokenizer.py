@@ -92,6 +92,12 @@ class Tokenizer:
         return max((len(token) for token in self._tok.get_vocab(with_added_tokens=False)), default=1) or 1
 
     @cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters any one token stands for, added tokens included: a text of n characters is at
+        least n / longest_token_chars tokens however it is tokenized."""
+        return max(self.max_token_chars, *(len(token) for token in self.added_tokens or [""]))
+
+    @cached_property
     def _text_tokenizer(self) -> HFTokenizer:
         # The same tokenizer with every added token marked special and special tokens encoded as text: added
         # tokens are then never matched, only the model's vocabulary is.
