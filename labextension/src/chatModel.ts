@@ -333,14 +333,10 @@ export class ChatModel {
    */
   routingViewOpen = false;
 
-  /** Whether answers from this model come from the local engine, which can record routing. */
-  supportsRouting(modelId: string = this._state.model): boolean {
-    const info = this._state.models.find(m => m.id === modelId);
-    if (info?.routing !== undefined) {
-      return info.routing;
-    }
-    // One backend per server: its status names it when the model card does not.
-    return (info?.backend ?? this._state.status?.backend) === 'local';
+  /** Whether answers come from the local engine, which can record routing (one backend per server: its status
+   * names it). */
+  supportsRouting(): boolean {
+    return this._state.status?.backend === 'local';
   }
 
   /**

@@ -503,7 +503,7 @@ function Header({
         {state.models.map(m => (
           <option key={m.id} value={m.id}>
             {m.id}
-            {model.isDemoModel(m.id) ? ' · 10M demo' : m.backend ? ` (${m.backend})` : ''}
+            {model.isDemoModel(m.id) ? ' · 10M demo' : ''}
           </option>
         ))}
       </select>
