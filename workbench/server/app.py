@@ -25,7 +25,7 @@ from traitlets import Enum, Float, Int, Unicode, default
 
 from workbench.chat.backends import Backend, LocalBackend, RemoteBackend
 from workbench.models import bundled_model
-from workbench.server import handlers
+from workbench.server import anthropic_api, handlers
 from workbench.server.conversations import ConversationStore, conversation_handlers
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ class GLMWorkbench(ExtensionApp):
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers.ROUTES)
+        self.handlers.extend(anthropic_api.ROUTES)
         self.handlers.extend(conversation_handlers(ConversationStore(self.conversations_dir)))
         self.handlers.append(handlers.CATCH_ALL)
 

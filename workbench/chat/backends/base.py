@@ -63,6 +63,12 @@ class Backend(ABC):
     def status(self) -> dict[str, Any]:
         """What `api/status` shows: backend, model, state, load, recent throughput."""
 
+    async def count_prompt_tokens(self, request: ChatCompletionRequest) -> int:
+        """The tokens of the prompt this request renders to (Anthropic's count_tokens)."""
+        raise APIError(400, f"Counting tokens needs the model's tokenizer, and this server's {self.kind} backend "
+                            "has none here: count with the endpoint that serves the model.",
+                       code="count_tokens_unsupported")
+
     def routing_trace(self, completion_id: str) -> dict[str, Any] | None:
         """The routing trace of a recent completion made with `"routing": true`, when this backend keeps them."""
         return None
@@ -76,7 +82,7 @@ class Backend(ABC):
 async def fold_chunks(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletion:
     """Fold a chunk stream into the completion a non-streaming request returns (what a client does)."""
     completion_id, model, created = "", "", int(time.time())
-    usage = None
+    usage = stop_reason = None
     fold = MessageFold()
     try:
         async for chunk in chunks:
@@ -88,6 +94,7 @@ async def fold_chunks(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatComplet
                                               call.function and call.function.arguments)
                              for call in delta.tool_calls or []]
                 fold.add(delta.reasoning_content, delta.content, fragments, choice.finish_reason)
+                stop_reason = getattr(choice, "stop_reason", None) or stop_reason
     finally:
         await chunks.aclose()
     tool_calls = [ToolCallOut(id=c["id"] or f"call_{c['index']}",
@@ -96,7 +103,7 @@ async def fold_chunks(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatComplet
     message = ResponseMessage(content=fold.content, reasoning_content=fold.reasoning_content,
                               tool_calls=tool_calls or None)
     return ChatCompletion(id=completion_id, model=model, created=created, usage=usage,
-                          choices=[Choice(message=message, finish_reason=fold.finish_reason)])
+                          choices=[Choice(message=message, finish_reason=fold.finish_reason, stop_reason=stop_reason)])
 
 
 class Throughput:

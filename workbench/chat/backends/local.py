@@ -277,6 +277,14 @@ class LocalBackend(Backend):
                                     "Retry shortly.", code="queue_full", headers={"Retry-After": "1"})
             self._preparing += 1
 
+    async def count_prompt_tokens(self, request: ChatCompletionRequest) -> int:
+        self.check_model(request)
+        await self._wait_ready()
+        self._check_size(request)
+        if request.text_chars < INLINE_PREPARE_CHARS:
+            return len(self._prepare(request).prompt_ids)
+        return len((await asyncio.to_thread(self._prepare, request)).prompt_ids)
+
     def stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         return self._generate(request, include_usage=request.include_usage)
 
@@ -311,9 +319,10 @@ class LocalBackend(Backend):
 
         completion_id, created, model = new_completion_id(), int(time.time()), self.model_id
 
-        def chunk(delta: Delta, finish_reason: str | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=completion_id, created=created, model=model,
-                                       choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
+        def chunk(delta: Delta, finish_reason: str | None = None, stop_reason: str | None = None) -> \
+                ChatCompletionChunk:
+            return ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[
+                ChunkChoice(delta=delta, finish_reason=finish_reason, stop_reason=stop_reason)])
 
         parser = OutputParser(prepared.parse_tools)
         call_count = 0
@@ -355,7 +364,7 @@ class LocalBackend(Backend):
                 yield item
             if request.routing and result.routing is not None:  # kept before the client can see the end
                 self._keep_routing(completion_id, result.routing)
-            yield chunk(Delta(), finish_reason=parser.finish_reason)
+            yield chunk(Delta(), finish_reason=parser.finish_reason, stop_reason=result.stop_string)
             if include_usage:
                 completion_tokens = result.completion_tokens
                 # The engine's clock, so every client shows the same speed: prompt_seconds from the request's
