@@ -1,7 +1,8 @@
 """Command line: `glm-workbench` opens JupyterLab with the workbench; `python -m workbench generate` streams.
 
-Owns argument parsing and terminal output only: generation goes through the engine, the split of thinking from
-answer through the chat layer's output parser. What it prints never holds a secret: the command it runs is shown
+Owns argument parsing and terminal output only: the prompt is built as the server builds it (the chat layer's
+`prompt_ids`), generation goes through the engine, the split of thinking from answer through the chat layer's
+output parser. What it prints never holds a secret: the command it runs is shown
 with the values of token, key, secret and password options (and `token=` in URLs) replaced by `***`.
 """
 
@@ -53,7 +54,7 @@ def _default_model() -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from workbench.chat import OutputParser
+    from workbench.chat import OutputParser, prompt_ids
     from workbench.engine import Engine
 
     model = Path(args.model) if args.model else _default_model()
@@ -63,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # What runs, in api/status's words (the server's log has the same line).
     print(f"[loaded {engine.name} in {time.perf_counter() - started:.1f} s: {engine.describe()}]", file=sys.stderr)
     messages = [{"role": "user", "content": args.prompt}]
-    ids = engine.tokenizer.apply_chat_template(messages, enable_thinking=not args.no_think)
+    _, ids = prompt_ids(engine.tokenizer, messages, enable_thinking=not args.no_think)  # the server's route
     stream = engine.stream(ids, max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed)
     parser = OutputParser()

@@ -139,6 +139,9 @@ class Engine:
     # --- requests -------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, routing: bool = False,
                     routing_scores: bool = False) -> Request:
+        """Queue a generation. `routing`: record the experts each token chose (`GenerationResult.routing`);
+        `routing_scores`: also every router score (`RoutingTrace.scores`, [layers, tokens, experts] float32), for
+        analysis in Python; the HTTP API keeps traces small and never asks for them."""
         params = params or SamplingParams()
         prompt_ids = self._check_prompt(prompt_ids, params)
         stop_ids = params.stop_token_ids
