@@ -23,10 +23,7 @@ from glm_kernels.blockquant import (
     Int4Weight,
     Int8Weight,
     QuantizedWeight,
-    dequantize,
-    dequantize_activations,
     linear_q8a_reference,
-    quantize_activations,
 )
 
 ISAS = ("scalar", "avx2", "avx512vnni")
@@ -40,6 +37,17 @@ def weight_parts(qw: QuantizedWeight) -> list[torch.Tensor]:
     if isinstance(qw, Int4Weight):
         return [qw.packed, qw.d, qw.dmin, qw.sc, qw.mn]
     raise TypeError(f"not a quantized weight: {type(qw).__name__} (use glm_kernels.blockquant.quantize)")
+
+
+SUFFIXES = {"int8": ("q", "scales"), "int4": ("packed", "d", "dmin", "sc", "mn")}
+
+
+def decode_step_weight(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """A quantized weight as the compiled decode step (csrc/decode_model.cpp) takes it in place of the float
+    tensor `name`: {f"{name}.q": ..., f"{name}.scales": ...} for Int8Weight, {f"{name}.packed", ".d", ".dmin",
+    ".sc", ".mn"} for Int4Weight (contiguous; the lm_head goes into DecodeModel's `quantized` map as "lm_head")."""
+    parts = weight_parts(qw)
+    return {f"{name}.{suffix}": t.contiguous() for suffix, t in zip(SUFFIXES[qw.format], parts, strict=True)}
 
 
 def _compiled_can_take(x: torch.Tensor, *weights: QuantizedWeight):
@@ -134,5 +142,5 @@ def set_isa(name: str | None) -> None:
         raise ValueError(str(exc).splitlines()[0]) from None
 
 
-__all__ = ["ISAS", "best_isa", "dequantize", "dequantize_activations", "isa", "quantize_activations",
-           "quantized_fused_moe", "quantized_fused_moe_reference", "quantized_linear", "set_isa", "weight_parts"]
+__all__ = ["ISAS", "SUFFIXES", "best_isa", "decode_step_weight", "isa", "quantized_fused_moe",
+           "quantized_fused_moe_reference", "quantized_linear", "set_isa", "weight_parts"]
