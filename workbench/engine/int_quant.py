@@ -66,6 +66,9 @@ from workbench.engine.config import GLMConfig
 log = logging.getLogger(__name__)
 
 QUANTIZE_FORMATS: tuple[str, ...] = tuple(blockquant.QUANTIZE_FORMATS)  # ("int8", "int4")
+# Every value `Engine.from_pretrained(quantize=...)` takes: the integer formats (CPU) and the FP8 schemes (GPUs).
+QUANTIZE_CHOICES: tuple[str, ...] = (*QUANTIZE_FORMATS, "fp8", "fp8-channel", "fp8-channel-w8a8", "fp8-block",
+                                     "fp8-block-w8a8")
 # The lm_head's format under each quantize option (see the module docstring for why int4 models keep int8 here).
 LM_HEAD_FORMAT = {"int8": "int8", "int4": "int8"}
 # Rows are quantized in chunks of about this many elements (4 MiB of fp32): bounds the transient copies.

@@ -70,12 +70,13 @@ class LocalBackend(Backend):
                  device: str = "cpu", dtype: str = "auto", kernels: str = "auto", cpu_kernels: str = "auto",
                  max_concurrent_sequences: int = 8,
                  max_queued_requests: int = 64, context_limit: int = 0, default_max_tokens: int = 0,
-                 kv_cache_tokens: int = 0, routing_history: int = 32,
+                 kv_cache_tokens: int = 0, routing_history: int = 32, quantize: str | None = None,
                  unconfigured_message: str | None = None) -> None:
         self.engine = engine
         self.model_path = Path(model_path).expanduser() if model_path else None
         self._model_id = model_id
         self.device, self.dtype, self.kernels, self.cpu_kernels = device, dtype, kernels, cpu_kernels
+        self.quantize = quantize or None  # int8 | int4 (CPU) or an FP8 scheme, applied as the model loads
         self.max_concurrent_sequences = max_concurrent_sequences
         self.max_queued_requests = max_queued_requests
         self.context_limit_setting = context_limit
@@ -128,16 +129,16 @@ class LocalBackend(Backend):
     def _load(self) -> Any:
         from workbench.engine import Engine
 
-        log.info("loading %s (%s, dtype %s, kernels=%s)", self.model_path, self.device, self.dtype, self.kernels)
+        quantized = f", quantize {self.quantize}" if self.quantize else ""
+        log.info("loading %s (%s, dtype %s, kernels=%s%s)", self.model_path, self.device, self.dtype, self.kernels,
+                 quantized)
         started = time.perf_counter()
         engine = Engine.from_pretrained(self.model_path, dtype=self.dtype, device=self.device, kernels=self.kernels,
                                         cpu_kernels=self.cpu_kernels, max_batch_size=self.max_concurrent_sequences,
                                         max_context=self.context_limit_setting or None,
-                                        cache_tokens=self.kv_cache_tokens or None)
+                                        cache_tokens=self.kv_cache_tokens or None, quantize=self.quantize)
         # What runs, in api/status's words (the CLI prints the same line).
-        log.info("loaded %s in %.1f s: %s on %s, kernels=%s, cpu_kernels=%s", engine.name,
-                 time.perf_counter() - started, str(engine.dtype).removeprefix("torch."), engine.device,
-                 engine.kernels, engine.cpu_kernels)
+        log.info("loaded %s in %.1f s: %s", engine.name, time.perf_counter() - started, describe_engine(engine))
         return engine
 
     def _start_scheduler(self) -> None:
@@ -399,7 +400,7 @@ class LocalBackend(Backend):
         info: dict[str, Any] = {
             "backend": self.kind, "model": self.model_id, "state": self.state, "message": self.message or None,
             "model_path": str(self.model_path) if self.model_path else None, "device": self.device,
-            "dtype": self.dtype, "kernels": self.kernels, "cpu_kernels": self.cpu_kernels,
+            "dtype": self.dtype, "kernels": self.kernels, "cpu_kernels": self.cpu_kernels, "quantize": self.quantize,
             "max_concurrent_sequences": self.max_concurrent_sequences,
             "max_queued_requests": self.max_queued_requests, "active_requests": 0,
             "queued_requests": self._preparing, "recent_tokens_per_second": self.throughput.rate(),
@@ -415,7 +416,9 @@ class LocalBackend(Backend):
                         kernels=engine.kernels, cpu_kernels=engine.cpu_kernels, context_limit=self.context_limit,
                         active_requests=engine.num_running,
                         queued_requests=engine.num_waiting + self._preparing)
-            memory["model_bytes"] = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+            weights = _safe(lambda: engine.weights) or {}
+            memory["model_bytes"] = weights.get("weight_bytes")
+            info["weights"] = {key: weights.get(key) for key in ("format", "bits_per_weight", "bytes_per_token")}
             memory["kv_cache_blocks_free"] = _safe(lambda: engine.cache.num_free_blocks)
             memory["kv_cache_blocks_total"] = _safe(lambda: engine.cache.num_blocks)
             memory["kv_cache_blocks_used"] = _safe(lambda: engine.cache.num_blocks - engine.cache.num_free_blocks)
@@ -428,6 +431,26 @@ class LocalBackend(Backend):
                 memory["cuda_allocated_bytes"] = torch.cuda.memory_allocated(engine.device)
                 memory["cuda_reserved_bytes"] = torch.cuda.memory_reserved(engine.device)
         return info
+
+
+def describe_engine(engine: Any) -> str:
+    """What runs, in api/status's words: dtype, device, kernels and, when quantized, the weights' format, bits per
+    weight and bytes of weights read per token (the server log and the CLI print this line)."""
+    line = (f"{str(engine.dtype).removeprefix('torch.')} on {engine.device}, kernels={engine.kernels}, "
+            f"cpu_kernels={engine.cpu_kernels}")
+    weights = engine.weights
+    if weights["format"] != str(engine.dtype).removeprefix("torch."):
+        line += (f", weights {weights['format']} ({weights['bits_per_weight']:.2f} bits per weight, "
+                 f"{_binary_size(weights['bytes_per_token'])} read per token)")
+    return line
+
+
+def _binary_size(nbytes: float) -> str:
+    for unit in ("KiB", "MiB", "GiB"):
+        nbytes /= 1024
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.1f} {unit}"
+    return ""  # pragma: no cover
 
 
 def _safe(read: Any) -> Any:
