@@ -24,17 +24,18 @@ from workbench.engine import int_quant, quant
 from workbench.engine.config import ConfigError, GLMConfig
 from workbench.engine.kv_cache import PagedKVCache
 from workbench.engine.model import GLMForCausalLM
-from workbench.engine.ops import resolve_kernel_choice, select_kernels
+from workbench.engine.ops import CPU_KERNEL_CHOICES, KERNEL_CHOICES, KernelRequest
 from workbench.engine.request import GenerationResult, Request, StreamToken, TokenStream
 from workbench.engine.routing import RoutingTrace
-from workbench.engine.runner import CPU_KERNEL_CHOICES, select_runner
+from workbench.engine.runner import start_runner
 from workbench.engine.sampling import SamplingParams, make_generator
 from workbench.engine.scheduler import Scheduler
 from workbench.engine.stop_strings import StopMatcher
 from workbench.engine.tokenizer import Tokenizer
 from workbench.engine.weights import CheckpointError, load_weights
 
-__all__ = ["CPU_KERNEL_CHOICES", "DTYPES", "Engine", "GenerationResult", "Request", "StreamToken", "TokenStream"]
+__all__ = ["CPU_KERNEL_CHOICES", "DTYPES", "KERNEL_CHOICES", "Engine", "GenerationResult", "Request", "StreamToken",
+           "TokenStream"]
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,11 @@ class Engine:
     def __init__(self, model: GLMForCausalLM, tokenizer: Tokenizer | None, *, device: torch.device,
                  dtype: torch.dtype, max_batch_size: int = 32, cache_tokens: int | None = None,
                  max_context: int | None = None, block_size: int = 16, name: str = "glm",
-                 cpu_kernels: str = "auto") -> None:
+                 kernels: str | None = None, cpu_kernels: str | None = None) -> None:
+        """`kernels` and `cpu_kernels` (see runner.start_runner; None: their environment variable, else "auto")
+        are decided once, here, into `kernel_choice`; `kernels` and `cpu_kernels` then say what was decided."""
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
         self.device, self.dtype, self.name = device, dtype, name
-        self.kernels = model.ops.name
         self.max_batch_size = max_batch_size
         limit = self.config.max_position_embeddings
         self.max_context = min(max_context or limit, limit)
@@ -62,20 +64,24 @@ class Engine:
         self.cache = PagedKVCache(config.num_hidden_layers, -(-cache_tokens // block_size), block_size,
                                   config.num_key_value_heads, config.head_dim, dtype, device)
         self.moe_layer_ids = config.moe_layer_ids
-        self.runner = select_runner(self.model, self.cache, device, cpu_kernels)
-        self.cpu_kernels = self.runner.cpu_kernels
+        self.runner = start_runner(self.model, self.cache, device, kernels, cpu_kernels)
+        self.kernel_choice = self.runner.choice
+        self.kernels, self.cpu_kernels = self.kernel_choice.kernels, self.kernel_choice.cpu_kernels
         self.scheduler = Scheduler(self.cache, self.runner, max_batch_size, self._build_trace)
 
     # --- construction ---------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
-                        kernels: str = "auto", quantize: str | None = None, **engine_kwargs) -> Engine:
+                        kernels: str | None = None, cpu_kernels: str | None = None, quantize: str | None = None,
+                        **engine_kwargs) -> Engine:
         """Load a checkpoint folder. FP8 checkpoints (a `quantization_config` in config.json) load as FP8.
 
         `quantize` quantizes a dense checkpoint as it loads, layer by layer: "int8" | "int4" (integer weights for
         CPUs, see int_quant.py; `dtype` is then the activations' and the unquantized tensors' dtype, "auto" =
-        float32), or "fp8-channel" | "fp8-block" (add "-w8a8" for FP8 activations; for GPUs)."""
-        int_quant.check_quantize_option(quantize, device, _resolved_kernels(kernels, device))
+        float32), or "fp8-channel" | "fp8-block" (add "-w8a8" for FP8 activations; for GPUs).
+        `kernels` and `cpu_kernels`: see `Engine` (checked here, before the slow weights)."""
+        request = KernelRequest.from_arguments(kernels, cpu_kernels)
+        int_quant.check_quantize_option(quantize, device, _resolved_kernels(request, device))
         folder = Path(path).expanduser()
         if not folder.exists():
             raise FileNotFoundError(f"model path {folder} does not exist")
@@ -85,7 +91,7 @@ class Engine:
         torch_dtype = _parse_dtype(dtype, torch_device)
         config = GLMConfig.from_json(folder)
         tokenizer = Tokenizer.from_pretrained(folder)  # checked before the (slow) weights
-        ops = select_kernels(kernels, torch_device)
+        request.kernel_table(torch_device)  # a request this device cannot meet fails before the weights load
         scheme = quant.parse_quantization_config(config.extra.get("quantization_config"))
         if quantize is not None and scheme is not None:
             raise ValueError(f"{folder.name} is already quantised ({scheme.name}); drop quantize={quantize!r}")
@@ -98,13 +104,13 @@ class Engine:
             try:
                 model = int_quant.build_quantized_model(config, int_quant.checkpoint_tensors(folder), quantize,
                                                         dtype=torch_dtype)
-                model.ops = ops
                 model.fuse_projections()
             except BaseException:
                 model = None
                 gc.collect()  # nothing partially loaded stays in memory
                 raise
-            return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=folder.name, **engine_kwargs)
+            return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=folder.name,
+                       kernels=request.kernels, cpu_kernels=request.cpu_kernels, **engine_kwargs)
         if quantize is not None:
             scheme = quant.scheme_from_name(quantize)
         try:
@@ -114,14 +120,13 @@ class Engine:
                     quant.quantize_model(model, scheme)  # FP8 shells, filled (or quantised into) by the loader
             load_weights(model, config, folder, torch_dtype, torch_device)
             model.materialize_buffers(torch_device)
-            model.ops = ops
-            quant.use_kernels(model, ops.name)
             model.fuse_projections()
         except BaseException:
             model = None
             gc.collect()  # nothing partially loaded stays in memory
             raise
-        return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=folder.name, **engine_kwargs)
+        return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=folder.name,
+                   kernels=request.kernels, cpu_kernels=request.cpu_kernels, **engine_kwargs)
 
     @property
     def weights(self) -> dict:
@@ -243,6 +248,17 @@ class Engine:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         return self.model(input_ids[None, :])[0]
 
+    def describe(self) -> str:
+        """What runs, in `glm/api/status`'s words: "float32 on cpu, kernels=torch, cpu_kernels=compiled", and for
+        quantized weights ", weights int4 (5.29 bits per weight, 2.8 MiB read per token)". The CLI and the server
+        log print this line."""
+        line = f"{str(self.dtype).removeprefix('torch.')} on {self.device}, {self.kernel_choice.describe()}"
+        weights = self.weights
+        if weights["format"] != str(self.dtype).removeprefix("torch."):  # quantized: say how, and what a token reads
+            line += (f", weights {weights['format']} ({weights['bits_per_weight']:.2f} bits per weight, "
+                     f"{_binary_size(weights['bytes_per_token'])} read per token)")
+        return line
+
     def __repr__(self) -> str:
         c = self.config
         return (f"Engine({self.name}: {c.num_hidden_layers} layers, {c.n_routed_experts} experts top-"
@@ -250,12 +266,20 @@ class Engine:
                 f"context {self.max_context})")
 
 
-def _resolved_kernels(kernels: str, device: str | torch.device) -> str:
-    """"torch" | "triton", as select_kernels will choose (bad values are left for it to refuse)."""
+def _binary_size(nbytes: float) -> str:
+    for unit in ("KiB", "MiB", "GiB"):
+        nbytes /= 1024
+        if nbytes < 1024 or unit == "GiB":
+            break
+    return f"{nbytes:.1f} {unit}"
+
+
+def _resolved_kernels(request: KernelRequest, device: str | torch.device) -> str:
+    """"torch" | "triton", as the engine will choose (a request the device cannot meet is refused later)."""
     try:
-        return resolve_kernel_choice(kernels, torch.device(device))
+        return request.kernel_table(torch.device(device))
     except (ValueError, RuntimeError):
-        return kernels
+        return request.kernels
 
 
 def _parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

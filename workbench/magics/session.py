@@ -128,8 +128,10 @@ class Session:
                            "tokenizer.json): `%glm config model_path=/path/to/checkpoint`")
         from workbench.chat import LocalBackend
 
+        # The setting's "auto" pins nothing: the engine's default (WORKBENCH_KERNELS, else auto) decides.
         backend = LocalBackend(model_path=path, device=settings.device, dtype=settings.dtype,
-                               kernels=settings.kernels, quantize=settings.quantize or None)
+                               kernels=None if settings.kernels == "auto" else settings.kernels,
+                               quantize=settings.quantize or None)
         quantized = f", {settings.quantize} weights" if settings.quantize else ""
         return InProcessConnection(backend, f"the local engine in this kernel ({path}, {settings.device}{quantized})",
                                    settings.timeout)
