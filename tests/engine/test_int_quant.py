@@ -287,12 +287,12 @@ def test_a_missing_expert_or_mixed_formats_is_a_checkpoint_error():
         build_quantized_model(config, mixed, None)
 
 
-def test_a_cpu_without_avx2_runs_the_torch_path_with_one_log_line(tiny_checkpoint, monkeypatch, caplog):
+def test_a_cpu_without_avx2_runs_the_slow_path_with_one_log_line(tiny_checkpoint, monkeypatch, caplog):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     with caplog.at_level(logging.INFO, logger="workbench"):
         engine = Engine.from_pretrained(tiny_checkpoint, dtype="auto", quantize="int8")
     lines = [r.getMessage() for r in caplog.records if "AVX2" in r.getMessage()]
-    assert len(lines) == 1 and "torch path" in lines[0]
+    assert len(lines) == 1 and "scalar path" in lines[0]
     assert engine.generate([1, 2, 3], max_new_tokens=2, temperature=0.0).finish_reason in ("length", "stop")
 
 

@@ -264,13 +264,13 @@ def check_config(config: GLMConfig, quantize: str) -> None:
 
 
 def cpu_note() -> str | None:
-    """One line for the log where this CPU lacks AVX2, which the integer kernels need (they then run the torch
-    reference: dequantize, then matmul)."""
+    """One line for the log where this CPU lacks AVX2, which the integer kernels' fast paths need: they then run
+    their portable scalar path (and the torch reference where they are not compiled), several times slower."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "AVX512") or not capability.startswith(("AVX", "DEFAULT")):
         return None  # AVX2 and wider, or not an x86 CPU (the kernels' own dispatch decides there)
-    return (f"this CPU has no AVX2 ({capability}): the int8/int4 weights run on the torch path (dequantize, then "
-            "matmul), slower than the compiled integer kernels")
+    return (f"this CPU has no AVX2 ({capability}): the int8/int4 weights run the kernels' portable scalar path "
+            "(or the torch reference), several times slower than with AVX2")
 
 
 # --- the builder ----------------------------------------------------------------------------------------------------

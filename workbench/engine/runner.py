@@ -155,6 +155,8 @@ def start_runner(model: GLMForCausalLM, cache: PagedKVCache, device: torch.devic
             if request.cpu_kernels == "compiled":
                 raise ValueError(f"cpu_kernels='compiled' is not possible: {exc}") from exc
             log.info("running the torch CPU paths: the compiled CPU kernels are not used because %s", exc)
+    if step is None and request.cpu_kernels != "torch" and getattr(model, "weight_format", None) in ("int8", "int4"):
+        cpu_compiled.load()  # int8/int4 linears run the compiled integer kernels even where the decode step cannot
     choice = KernelChoice(kernels=table, cpu_kernels="torch" if step is None else "compiled",
                           ops=kernel_ops(table, compiled_cpu=step is not None))
     model.ops = choice.ops
