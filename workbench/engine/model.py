@@ -365,6 +365,9 @@ class GLMForCausalLM(nn.Module):
                              f"on {embed.device}")
         if any(p.requires_grad for p in self.parameters()):
             raise ValueError("the compiled decode step is for inference: some weights require grad")
+        if getattr(self, "quant_scheme", None) is not None:
+            raise ValueError(f"the compiled decode step runs float or int8/int4 weights, not FP8-quantised ones "
+                             f"({self.quant_scheme.name})")
         head_q = getattr(self.lm_head, "qweight", None)
         if head_q is None and type(self.lm_head) is not nn.Linear:
             raise ValueError("the compiled decode step needs a plain or int8/int4 lm_head (not FP8)")
