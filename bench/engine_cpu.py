@@ -1,6 +1,7 @@
 """CPU benchmark: our engine against transformers' generate, side by side in one run, on one ~10M checkpoint.
 
-Prints batch-1 decode tok/s and 512-token prefill tok/s for both, two ablations of our prefill (every prompt
+Prints batch-1 decode tok/s and 512-token prefill tok/s for both, ours with int8 and int4 weights (quantized as
+they load), two ablations of our prefill (every prompt
 row through the last layer; the torch CPU path instead of the compiled kernels), the aggregate decode tok/s of 8
 sequences batched, our decode with the routing trace on, and the ratios.
 Last line: `decode_vs_transformers=X.XX prefill_vs_transformers=Y.YY`.
@@ -45,6 +46,9 @@ def main() -> None:
     ours_all_rows = Engine.from_pretrained(folder, dtype=args.dtype, kernels="torch")
     ours_all_rows.prefill_last_rows_only = False
     ours_torch_path = Engine.from_pretrained(folder, dtype=args.dtype, kernels="torch", cpu_kernels="torch")
+    # Our integer weights, quantized as they load (int8: 9 bits per weight, int4: 4.75 and an int8 lm_head).
+    quantized = {fmt: Engine.from_pretrained(folder, dtype=args.dtype, kernels="torch", quantize=fmt)
+                 for fmt in ("int8", "int4")}
     theirs = Glm4MoeForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
     print(f"model: {config.num_parameters() / 1e6:.1f}M parameters ({config.num_hidden_layers} layers, "
           f"{config.n_routed_experts} experts top-{config.num_experts_per_tok}, hidden {config.hidden_size}), "
@@ -69,8 +73,8 @@ def main() -> None:
 
     # Decode tok/s on both sides: generated tokens after the first, over the time from the first to the last,
     # so prefill never enters the figure (the same clock our engine keeps in GenerationResult.decode_seconds).
-    def ours_decode_rate(routing: bool = False) -> float:
-        result = ours.generate(short, max_new_tokens=n, temperature=0.0, stop_token_ids=[], routing=routing)
+    def ours_decode_rate(routing: bool = False, engine=ours) -> float:
+        result = engine.generate(short, max_new_tokens=n, temperature=0.0, stop_token_ids=[], routing=routing)
         assert len(result.token_ids) == n
         return result.decode_tokens_per_second
 
@@ -107,12 +111,15 @@ def main() -> None:
                             pad_token_id=0)
 
     decode = interleaved({"ours": ours_decode_rate, "theirs": theirs_decode_rate,
-                          "routed": lambda: ours_decode_rate(routing=True)})
+                          "routed": lambda: ours_decode_rate(routing=True),
+                          **{fmt: (lambda e=e: ours_decode_rate(engine=e)) for fmt, e in quantized.items()}})
     decode_ours, decode_theirs, decode_routed = decode["ours"], decode["theirs"], decode["routed"]
     prefill = interleaved({"ours": lambda: rate(len(long), ours_prefill),
                            "theirs": lambda: rate(len(long), theirs_prefill),
                            "all_rows": lambda: rate(len(long), lambda: ours_prefill(ours_all_rows)),
-                           "torch_path": lambda: rate(len(long), lambda: ours_prefill(ours_torch_path))})
+                           "torch_path": lambda: rate(len(long), lambda: ours_prefill(ours_torch_path)),
+                           **{fmt: (lambda e=e: rate(len(long), lambda: ours_prefill(e)))
+                              for fmt, e in quantized.items()}})
     prefill_ours, prefill_theirs = prefill["ours"], prefill["theirs"]
 
     batch_prompts = [torch.randint(100, config.vocab_size, (16,), generator=generator).tolist() for _ in range(8)]
@@ -125,6 +132,11 @@ def main() -> None:
           f"{prefill_ours / prefill_theirs:8.2f}")
     for name, label in (("all_rows", "  every row, last layer"), ("torch_path", "  torch CPU path")):
         print(f"{label:24}{prefill[name]:12.1f}{'':14}{prefill[name] / prefill_theirs:8.2f}  (ablation of ours)")
+    for fmt, engine in quantized.items():
+        weights = engine.weights
+        print(f"{'  ' + fmt + ' weights':24}{decode[fmt]:12.1f}{'':14}{decode[fmt] / decode_theirs:8.2f}  decode; "
+              f"prefill {prefill[fmt]:.1f} tok/s ({prefill[fmt] / prefill_theirs:.2f}); "
+              f"{weights['bits_per_weight']:.2f} bits, {weights['bytes_per_token'] / 2**20:.1f} MiB per token")
     print(f"{'decode tok/s, 8 batched':24}{batched_tps:12.1f}")
     print(f"{'decode tok/s, routing on':24}{decode_routed:12.1f}{'':14}{decode_routed / decode_ours:8.2f}"
           "  (routing trace recorded: slowdown = 1 - ratio)")

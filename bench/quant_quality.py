@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from glm_kernels import cpu_compiled
+
+    cpu_compiled.load()  # the compiled integer kernels (their q8a reference gives the same numbers, slower)
     folder = args.model or default_model_path()
     started = time.perf_counter()
     base = Engine.from_pretrained(folder, dtype="float32", device="cpu", kernels="torch", cpu_kernels="torch")

@@ -60,7 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else _default_model()
     started = time.perf_counter()
     engine = Engine.from_pretrained(model, dtype=args.dtype, device=args.device, kernels=args.kernels,
-                                    cpu_kernels=args.cpu_kernels)
+                                    cpu_kernels=args.cpu_kernels, quantize=args.quantize)
     # What runs, in api/status's words (the server's log has the same line).
     print(f"[loaded {engine.name} in {time.perf_counter() - started:.1f} s: {engine.describe()}]", file=sys.stderr)
     messages = [{"role": "user", "content": args.prompt}]
@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--cpu-kernels", choices=["auto", "compiled", "torch"],
                           help="on the CPU: the compiled kernels (built once per machine, about a minute) or torch; "
                                "default: WORKBENCH_CPU_KERNELS, else auto")
+    generate.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                          help="CPU: quantize the weights as the model loads, to 8 or ~4.75 bits per weight (less "
+                               "memory, fewer bytes read per token); routers, norms and embeddings stay dense")
     generate.set_defaults(run=cmd_generate)
     lab = commands.add_parser("lab", help="open JupyterLab with the workbench (the default command) in your "
                                           "workspace (--workspace DIR, default ~/glm-workbench), which gets a copy "

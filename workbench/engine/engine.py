@@ -252,15 +252,29 @@ class Engine:
         return self.model(input_ids[None, :])[0]
 
     def describe(self) -> str:
-        """What runs, in `glm/api/status`'s words: "float32 on cpu, kernels=torch, cpu_kernels=compiled". The CLI
-        and the server log print this line."""
-        return f"{str(self.dtype).removeprefix('torch.')} on {self.device}, {self.kernel_choice.describe()}"
+        """What runs, in `glm/api/status`'s words: "float32 on cpu, kernels=torch, cpu_kernels=compiled", and for
+        quantized weights ", weights int4 (5.29 bits per weight, 2.8 MiB read per token)". The CLI and the server
+        log print this line."""
+        line = f"{str(self.dtype).removeprefix('torch.')} on {self.device}, {self.kernel_choice.describe()}"
+        weights = self.weights
+        if weights["format"] != str(self.dtype).removeprefix("torch."):  # quantized: say how, and what a token reads
+            line += (f", weights {weights['format']} ({weights['bits_per_weight']:.2f} bits per weight, "
+                     f"{_binary_size(weights['bytes_per_token'])} read per token)")
+        return line
 
     def __repr__(self) -> str:
         c = self.config
         return (f"Engine({self.name}: {c.num_hidden_layers} layers, {c.n_routed_experts} experts top-"
                 f"{c.num_experts_per_tok}, {self.dtype}, {self.device}, kernels={self.kernels}, "
                 f"context {self.max_context})")
+
+
+def _binary_size(nbytes: float) -> str:
+    for unit in ("KiB", "MiB", "GiB"):
+        nbytes /= 1024
+        if nbytes < 1024 or unit == "GiB":
+            break
+    return f"{nbytes:.1f} {unit}"
 
 
 def _resolved_kernels(request: KernelRequest, device: str | torch.device) -> str:

@@ -9,8 +9,8 @@ in-process (`workbench.chat` backends) when there is no such server or when aske
           [--replace] [--run] [--cells N] [--trace] [--no-stream]
     prompt lines, with {variables}, {In[3]} and {Out[3]} from the kernel; {{ and }} for literal braces
 
-    %glm status | models | history | reset | use local | use remote URL MODEL | use server URL [TOKEN]
-         | config [key=value ...] | help
+    %glm status | models | history | reset | use local [PATH [--quantize int8|int4]] | use remote URL MODEL
+         | use server URL [TOKEN] | config [key=value ...] | help
 
 `%glm --help`, `%glm help` and `%%glm --help` (with or without a body) print the usage and every option.
 
@@ -55,6 +55,8 @@ prompt lines; {name}, {In[3]}, {Out[3]} come from the kernel, {{ and }} are lite
 %glm models                   the models the backend serves
 %glm history | reset          the conversation memory of this kernel
 %glm use local                the local engine (the Jupyter server's, else loaded in this kernel)
+%glm use local PATH [--quantize int8|int4]
+                              the checkpoint at PATH, loaded in this kernel (int8/int4: quantized as it loads)
 %glm use remote URL MODEL     an OpenAI-compatible GLM endpoint, called from this kernel
 %glm use server URL [TOKEN]   the GLM API of a given Jupyter server
 %glm config [key=value ...]   show or change settings (%glm config lists them)
@@ -139,6 +141,12 @@ class GLMMagics(Magics):
         if words == ["local"]:
             session.retarget(("local",))
             print("using the local engine: " + session.connection().describe())
+        elif words and words[0] == "local":
+            path, quantize = _local_model_words(words[1:])
+            session.settings.model_path = path
+            session.settings.quantize = quantize
+            session.retarget(("local", "kernel"))  # this model in this kernel, not the server's engine
+            print("using the local engine: " + session.connection().describe())
         elif len(words) == 3 and words[0] == "remote":
             session.retarget(("remote", words[1], words[2]))
             print("using " + session.connection().describe())
@@ -148,7 +156,8 @@ class GLMMagics(Magics):
                                                    source="%glm use server")))
             print("using " + session.connection().describe())
         else:
-            raise GLMError("usage: %glm use local | use remote URL MODEL | use server URL [TOKEN]")
+            raise GLMError("usage: %glm use local [PATH [--quantize int8|int4]] | use remote URL MODEL | "
+                           "use server URL [TOKEN]")
 
     def _handle_config(self, words: list[str]) -> None:
         settings = self.session.settings
@@ -161,8 +170,8 @@ class GLMMagics(Magics):
             if not sep:
                 raise GLMError(f"config takes key=value pairs, got {word!r}; `%glm config` lists the settings")
             settings.set(key.strip(), value.strip())
-            changed_target |= key.strip() in ("server", "model_path", "device", "dtype", "kernels", "api_key_env",
-                                              "timeout")
+            changed_target |= key.strip() in ("server", "model_path", "device", "dtype", "kernels", "quantize",
+                                              "api_key_env", "timeout")
             print(f"{key.strip()} = {getattr(settings, key.strip())!r}")
         if changed_target:
             self.session.disconnect()  # the next request connects with the new settings
@@ -174,6 +183,10 @@ class GLMMagics(Magics):
         info = connection.status()
         facts = [f"{key} {info[key]}" for key in ("backend", "model", "state", "device", "dtype", "kernels")
                  if info.get(key)]
+        weights = info.get("weights") or {}
+        if weights.get("format") and weights["format"] != info.get("dtype"):
+            facts.append(f"weights {weights['format']} ({weights['bits_per_weight']:.2f} bits, "
+                         f"{weights['bytes_per_token'] / 2**20:.2f} MiB read per token)")
         if info.get("context_limit"):
             facts.append(f"context {info['context_limit']} tokens")
         facts.append(f"{info.get('active_requests', 0)} active, {info.get('queued_requests', 0)} queued")
@@ -330,6 +343,27 @@ class GLMMagics(Magics):
         from workbench.widgets import show_routing
 
         show_routing(RoutingTrace.from_dict(data))
+
+
+def _local_model_words(words: list[str]) -> tuple[str, str]:
+    """PATH [--quantize FORMAT] (or --quantize=FORMAT) of `%glm use local`."""
+    from workbench.magics.session import Settings
+
+    usage = "usage: %glm use local PATH [--quantize int8|int4]"
+    path, quantize = None, ""
+    rest = iter(words)
+    for word in rest:
+        if word == "--quantize" or word.startswith("--quantize="):
+            quantize = word.partition("=")[2] if "=" in word else next(rest, "")
+            if quantize not in Settings.CHOICES["quantize"] or not quantize:
+                raise GLMError(f"--quantize {quantize!r}: choose int8 or int4 ({usage})")
+        elif word.startswith("-") or path is not None:
+            raise GLMError(f"unexpected {word!r}: {usage}")
+        else:
+            path = word
+    if path is None:
+        raise GLMError(f"no checkpoint folder given: {usage}")
+    return path, quantize
 
 
 def _shorten(text: str, limit: int = 200) -> str:

@@ -73,11 +73,13 @@ class LocalBackend(Backend):
                  model_id: str | None = None, device: str = "cpu", dtype: str = "auto", kernels: str | None = None,
                  cpu_kernels: str | None = None, max_concurrent_sequences: int = 8, max_queued_requests: int = 64,
                  context_limit: int = 0, default_max_tokens: int = 0, kv_cache_tokens: int = 0,
-                 routing_history: int = 32, unconfigured_message: str | None = None) -> None:
+                 routing_history: int = 32, quantize: str | None = None,
+                 unconfigured_message: str | None = None) -> None:
         self.engine = engine
         self.model_path = Path(model_path).expanduser() if model_path else None
         self._model_id = model_id
         self.device, self.dtype, self.kernels, self.cpu_kernels = device, dtype, kernels, cpu_kernels
+        self.quantize = quantize or None  # int8 | int4 (CPU) or an FP8 scheme, applied as the model loads
         self.max_concurrent_sequences = max_concurrent_sequences
         self.max_queued_requests = max_queued_requests
         self.context_limit_setting = context_limit
@@ -130,12 +132,13 @@ class LocalBackend(Backend):
     def _load(self) -> Engine:
         from workbench.engine import Engine
 
-        log.info("loading %s (%s, dtype %s)", self.model_path, self.device, self.dtype)
+        quantized = f", quantize {self.quantize}" if self.quantize else ""
+        log.info("loading %s (%s, dtype %s%s)", self.model_path, self.device, self.dtype, quantized)
         started = time.perf_counter()
         engine = Engine.from_pretrained(self.model_path, dtype=self.dtype, device=self.device, kernels=self.kernels,
                                         cpu_kernels=self.cpu_kernels, max_batch_size=self.max_concurrent_sequences,
                                         max_context=self.context_limit_setting or None,
-                                        cache_tokens=self.kv_cache_tokens or None)
+                                        cache_tokens=self.kv_cache_tokens or None, quantize=self.quantize)
         # What runs, in api/status's words (the CLI prints the same line).
         log.info("loaded %s in %.1f s: %s", engine.name, time.perf_counter() - started, engine.describe())
         return engine
@@ -408,6 +411,7 @@ class LocalBackend(Backend):
             # Until the engine has started: what was asked ("auto": not pinned; the engine's start decides, with
             # WORKBENCH_KERNELS and WORKBENCH_CPU_KERNELS as defaults); then the engine's kernel choice.
             "dtype": self.dtype, "kernels": self.kernels or "auto", "cpu_kernels": self.cpu_kernels or "auto",
+            "quantize": self.quantize,
             "max_concurrent_sequences": self.max_concurrent_sequences,
             "max_queued_requests": self.max_queued_requests, "active_requests": 0,
             "queued_requests": self._preparing, "recent_tokens_per_second": self.throughput.rate(),
@@ -424,7 +428,9 @@ class LocalBackend(Backend):
                         context_limit=self.context_limit,
                         active_requests=engine.num_running,
                         queued_requests=engine.num_waiting + self._preparing)
-            memory["model_bytes"] = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+            weights = _safe(lambda: engine.weights) or {}
+            memory["model_bytes"] = weights.get("weight_bytes")
+            info["weights"] = {key: weights.get(key) for key in ("format", "bits_per_weight", "bytes_per_token")}
             memory["kv_cache_blocks_free"] = _safe(lambda: engine.cache.num_free_blocks)
             memory["kv_cache_blocks_total"] = _safe(lambda: engine.cache.num_blocks)
             memory["kv_cache_blocks_used"] = _safe(lambda: engine.cache.num_blocks - engine.cache.num_free_blocks)
