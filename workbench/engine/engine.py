@@ -22,6 +22,7 @@ import torch
 
 from workbench.engine import quant
 from workbench.engine.config import ConfigError, GLMConfig
+from workbench.engine.gguf_file import is_gguf_path, load_gguf
 from workbench.engine.kv_cache import PagedKVCache
 from workbench.engine.model import GLMForCausalLM
 from workbench.engine.ops import select_kernels
@@ -70,11 +71,20 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                         kernels: str = "auto", quantize: str | None = None, **engine_kwargs) -> Engine:
-        """Load a checkpoint folder. FP8 checkpoints (a `quantization_config` in config.json) load as FP8;
+        """Load a checkpoint folder, or a GGUF file (a split set, a folder holding one: gguf_file.py). FP8
+        checkpoints (a `quantization_config` in config.json) load as FP8;
         `quantize="fp8-channel" | "fp8-block"` (add "-w8a8" for FP8 activations) quantises a dense one."""
         folder = Path(path).expanduser()
         if not folder.exists():
             raise FileNotFoundError(f"model path {folder} does not exist")
+        if is_gguf_path(folder):  # a GGUF file, its splits, or a folder holding one
+            if quantize is not None:
+                raise ValueError(f"{folder.name} is a GGUF file: its weights keep the file's own formats (Q8_0, "
+                                 f"Q4_K, ...); drop quantize={quantize!r}")
+            torch_device = torch.device(device)
+            torch_dtype = _parse_dtype(dtype, torch_device)
+            model, tokenizer, name = load_gguf(folder, torch_dtype, torch_device, kernels)
+            return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=name, **engine_kwargs)
         if not folder.is_dir():
             raise CheckpointError(f"model path {folder} is a file: point at the checkpoint folder holding config.json")
         torch_device = torch.device(device)
