@@ -278,6 +278,10 @@ def export_gguf(checkpoint: str | Path, out: str | Path, gguf_type: str = "f16",
     tensors, nextn = _gguf_tensors(folder, config)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(out, ARCH, split_max_size=split_max_bytes)
+    # 64-byte aligned tensor data (general.alignment; GGUF's default is 32): the engine then uses F32/F16 tensors
+    # in place, as views of the mapped file (the loader copies tensors its CPU GEMMs would read misaligned)
+    writer.data_alignment = 64
+    writer.add_custom_alignment(64)
     add_hparams(writer, config, nextn, gguf_type, name or folder.name)
     add_tokenizer(writer, folder, config.vocab_size)
     for gguf_name, (parts, shape) in tensors.items():
