@@ -105,6 +105,22 @@ class _LazyTensor:
         raise GGUFError("exporting GGUF on a big-endian machine is not supported")
 
 
+# 64-byte aligned tensor data (general.alignment; GGUF's default is 32): the engine then uses F32/F16 tensors in
+# place, as views of the mapped file (its loader copies tensors its CPU GEMMs would read misaligned)
+ALIGNMENT = 64
+
+
+class _Writer(gguf.GGUFWriter):
+    """gguf's writer, with general.alignment in every split file: each file's data is aligned so, and readers
+    (llama.cpp's and gguf's) take each file's alignment from its own metadata (the plain writer puts the key in
+    the first file only)."""
+
+    def add_shard_kv_data(self) -> None:
+        super().add_shard_kv_data()
+        for kv_data in self.kv_data[1:]:
+            kv_data[gguf.Keys.General.ALIGNMENT] = gguf.GGUFValue(ALIGNMENT, gguf.GGUFValueType.UINT32)
+
+
 # --- tensors ------------------------------------------------------------------------------------------------
 def _gguf_tensors(folder: Path, config: GLMConfig) -> tuple[dict[str, tuple[list[Callable], tuple[int, ...]]], int]:
     """GGUF name -> (parts, full shape), and the number of nextn layers the checkpoint holds."""
@@ -277,11 +293,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, gguf_type: str = "f16",
         raise GGUFError(f"no tokenizer.json in {folder}: a GGUF carries the tokenizer, so the export needs it")
     tensors, nextn = _gguf_tensors(folder, config)
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(out, ARCH, split_max_size=split_max_bytes)
-    # 64-byte aligned tensor data (general.alignment; GGUF's default is 32): the engine then uses F32/F16 tensors
-    # in place, as views of the mapped file (the loader copies tensors its CPU GEMMs would read misaligned)
-    writer.data_alignment = 64
-    writer.add_custom_alignment(64)
+    writer = _Writer(out, ARCH, split_max_size=split_max_bytes)
+    writer.add_custom_alignment(ALIGNMENT)
     add_hparams(writer, config, nextn, gguf_type, name or folder.name)
     add_tokenizer(writer, folder, config.vocab_size)
     for gguf_name, (parts, shape) in tensors.items():
