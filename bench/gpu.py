@@ -340,8 +340,7 @@ def build_fp8_model(config: GLMConfig, scheme, device: torch.device, dtype: torc
     """The engine's model class, FP8 modules swapped in on `meta`, every tensor then made on `device` with random
     values: nothing is read from disk and no dense copy of the weights ever exists."""
     from workbench.engine.model import GLMForCausalLM
-    from workbench.engine.ops import select_kernels
-    from workbench.engine.quant import quantize_model, use_kernels
+    from workbench.engine.quant import quantize_model
 
     with torch.device("meta"):
         model = GLMForCausalLM(config)
@@ -372,9 +371,7 @@ def build_fp8_model(config: GLMConfig, scheme, device: torch.device, dtype: torc
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.materialize_buffers(device)
-    model.ops = select_kernels("triton", device)
-    use_kernels(model, model.ops.name)
-    return model.eval()
+    return model.eval()  # the engine sets its kernels (Triton) when it starts
 
 
 def decode_step_graph(engine, batch: int, context: int):
@@ -429,7 +426,7 @@ def bench_model(shapes: Shapes, device: torch.device, report: Report) -> None:
     context_needed = max(max(shapes.model_prefill) + shapes.model_decode_tokens + 64,
                          shapes.model_batch * (graph_context + 64),
                          shapes.model_batch * (shapes.model_prompt + shapes.model_decode_tokens + 16))
-    engine = Engine(model, None, device=device, dtype=dtype, max_batch_size=shapes.model_batch,
+    engine = Engine(model, None, device=device, dtype=dtype, kernels="triton", max_batch_size=shapes.model_batch,
                     cache_tokens=context_needed, block_size=16, name=f"{shapes.model_preset}-fp8-random")
     report.add("model", "build", preset=shapes.model_preset, layers=config.num_hidden_layers, scheme=scheme.name,
                weight_gb=weight_gb, active_params=active, build_s=built_s)

@@ -62,9 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(model, dtype=args.dtype, device=args.device, kernels=args.kernels,
                                     cpu_kernels=args.cpu_kernels)
     # What runs, in api/status's words (the server's log has the same line).
-    print(f"[loaded {engine.name} in {time.perf_counter() - started:.1f} s: "
-          f"{str(engine.dtype).removeprefix('torch.')} on {engine.device}, kernels={engine.kernels}, "
-          f"cpu_kernels={engine.cpu_kernels}]", file=sys.stderr)
+    print(f"[loaded {engine.name} in {time.perf_counter() - started:.1f} s: {engine.describe()}]", file=sys.stderr)
     messages = [{"role": "user", "content": args.prompt}]
     ids = engine.tokenizer.apply_chat_template(messages, enable_thinking=not args.no_think)
     stream = engine.stream(ids, max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -210,9 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                           help="auto (as the server and %%%%glm): float32 on the CPU, bfloat16 on GPUs")
     generate.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
-    generate.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
-    generate.add_argument("--cpu-kernels", default="auto", choices=["auto", "compiled", "torch"],
-                          help="on the CPU: the compiled kernels (built once per machine, about a minute) or torch")
+    generate.add_argument("--kernels", choices=["auto", "torch", "triton"],
+                          help="triton on GPUs, torch elsewhere (auto); default: WORKBENCH_KERNELS, else auto")
+    generate.add_argument("--cpu-kernels", choices=["auto", "compiled", "torch"],
+                          help="on the CPU: the compiled kernels (built once per machine, about a minute) or torch; "
+                               "default: WORKBENCH_CPU_KERNELS, else auto")
     generate.set_defaults(run=cmd_generate)
     export = commands.add_parser("export-gguf", help="write a checkpoint folder as a GGUF file for llama.cpp / Ollama")
     export.add_argument("checkpoint", help="HF-layout checkpoint folder (config.json, safetensors, tokenizer.json)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from glm_kernels import cpu_compiled
 from glm_kernels.triton_support import (
     INTERPRETER,
     check,
@@ -97,6 +98,34 @@ def decode_attention_reference(
     probs = scores.softmax(dim=-1)
     out = probs @ vt.float()
     return out.view(batch, num_heads, head_dim).to(q.dtype)
+
+
+# --- CPU: the engine's torch path and the compiled kernel --------------------------------------------------
+def decode_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale: float) -> torch.Tensor:
+    """`decode_attention_reference` (same arguments, same result), the engine's torch path: a single sequence
+    needs no padding mask, so it takes one SDPA call over its gathered blocks with grouped-query heads (at decode
+    sizes on a CPU the number of ops, not the arithmetic, costs); batches go to the reference."""
+    if q.shape[0] != 1:
+        return decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    _, num_heads, head_dim = q.shape
+    length = int(seq_lens[0])
+    # [L, Hk, Dh] -> [Hk, L, Dh]: only this sequence's slots, so nothing past its length enters the softmax.
+    keys = gather_kv(k_cache, block_tables[0], length).transpose(0, 1).float()
+    values = gather_kv(v_cache, block_tables[0], length).transpose(0, 1).float()
+    kv_heads = keys.shape[0]
+    query = q[0].float().view(num_heads, 1, head_dim)
+    out = F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=num_heads != kv_heads)
+    return out.view(1, num_heads, head_dim).to(q.dtype)
+
+
+def prefill_attention_compiled(q, k, v, scale: float) -> torch.Tensor:
+    """`prefill_attention_reference` (same arguments, same result) through the compiled CPU kernel
+    (csrc/prefill_kernels.cpp) for fp32 CPU tensors without gradient, once the process has loaded it
+    (`cpu_compiled.load()`); everything else through the reference."""
+    module = cpu_compiled.module_for(q, k, v)
+    if module is None:
+        return prefill_attention_reference(q, k, v, scale)
+    return module.prefill_attention(q, k, v, scale)
 
 
 # --- Triton: decode -----------------------------------------------------------------------------------------

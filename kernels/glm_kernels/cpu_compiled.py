@@ -1,7 +1,9 @@
 """The compiled CPU kernels (csrc/: decode_model.cpp, prefill_kernels.cpp and their shared simd.h, one Python
-module by module.cpp): building them once per machine, and finding them built.
+module by module.cpp): building them once per machine, and finding them built. Only that: each op's Python entry
+lives with its op (`attention.prefill_attention_compiled`, `fused_moe.fused_moe_compiled`,
+`rotary.rotary_compiled`), and the decode step (`DecodeModel`) is driven by the engine's compiled CPU runner.
 
-Each the compiled twin of a torch path that stays the reference:
+The extension holds the compiled twins of torch paths that stay the reference:
 - `DecodeModel`: one decode step of a whole GLM-4.5 MoE model in one call, for one or many sequences (the
   engine's torch decode path; the engine hands over its weights and cache pools);
 - `prefill_attention(q, k, v, scale)`: causal attention of one sequence, fp32, grouped-query heads taken
@@ -17,7 +19,7 @@ sources, the flags, torch's version, the interpreter, the compiler and the CPU),
 machine never rebuild each other's. It is built in a temporary folder and renamed into place: two processes that
 build at once, or a build that is killed, never leave a half-written one. `load()` builds if needed and answers
 None where it cannot (see `build_error()`); while it compiles, `building()` says so (the server's status shows it).
-The prefill wrappers below never build: they use the kernels once someone (the engine, at start) has loaded them.
+`module_for()` never builds: the op entries use the kernels once someone (the engine, at start) has loaded them.
 A machine without a compiler logs one line and keeps the torch paths.
 """
 
@@ -192,46 +194,16 @@ def _cpu_id() -> str:
     return platform.machine() + " " + platform.processor()
 
 
-def _compiled_can_take(*tensors) -> bool:
-    """The compiled kernels compute fp32 CPU tensors without autograd: a model that trains (inputs that require
-    grad, with grad on) takes the torch path, which autograd sees through."""
+def module_for(*tensors) -> ModuleType | None:
+    """The loaded extension if it can compute on these tensors, else None (and it is never built here: the
+    engine loads it at start). It computes fp32 CPU tensors without autograd: a model that trains (inputs that
+    require grad, with grad on) takes the torch path, which autograd sees through. The op modules' `*_compiled`
+    entries ask this before each call."""
     import torch
 
-    if _module is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-
-
-def prefill_attention(q, k, v, scale: float):
-    """`prefill_attention_reference` (same arguments, same result): fp32 CPU tensors through the compiled kernel
-    once this process has loaded it (and no gradient is wanted), everything else through the reference."""
-    from glm_kernels.attention import prefill_attention_reference
-
     module = _module
-    if not _compiled_can_take(q, k, v):
-        return prefill_attention_reference(q, k, v, scale)
-    return module.prefill_attention(q, k, v, scale)
-
-
-def fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights, **fp8_args):
-    """`fused_moe_reference` (same arguments, same result): many fp32 tokens through the compiled kernel once
-    this process has loaded it (and no gradient is wanted); one token, FP8 experts, other dtypes and training
-    through `fused_moe_cpu`."""
-    from glm_kernels.cpu import fused_moe_cpu
-
-    module = _module
-    if fp8_args or x.shape[0] == 1 or not _compiled_can_take(x, w_gate_up, w_down, topk_weights):
-        return fused_moe_cpu(x, w_gate_up, w_down, topk_ids, topk_weights, **fp8_args)
-    return module.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights.float())
-
-
-def rotary(q, k, cos, sin):
-    """`rotary_reference` (same arguments, same result): many fp32 tokens through the compiled kernel once this
-    process has loaded it (and no gradient is wanted); one token, other dtypes and training through `rotary_cpu`."""
-    from glm_kernels.cpu import rotary_cpu
-
-    module = _module
-    if q.shape[0] == 1 or not _compiled_can_take(q, k, cos, sin):
-        return rotary_cpu(q, k, cos, sin)
-    q_out, k_out = module.rotary(q, k, cos, sin)
-    return q_out, k_out
+    if module is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    return module

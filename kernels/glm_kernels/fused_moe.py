@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from glm_kernels import cpu_compiled
 from glm_kernels.fp8 import (
     FP8_DTYPE,
     WEIGHT_BLOCK,
@@ -168,6 +169,32 @@ def _check_moe_args(
         f"fused_moe: w_down_scale must be {list(want_dn)}; got {list(w_down_scale.shape)}",
     )
     return True
+
+
+# --- CPU: the engine's torch path and the compiled kernel ----------------------------------------------------
+def fused_moe_cpu(x, w_gate_up, w_down, topk_ids, topk_weights, **fp8_args) -> torch.Tensor:
+    """`fused_moe_reference` (same arguments, same result), the engine's torch path: one unquantised token runs
+    expert by expert (no sort, no bincount, no scatter: at decode sizes on a CPU the number of ops, not the
+    arithmetic, costs); anything else goes to the reference."""
+    if x.shape[0] != 1 or fp8_args or w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
+        return fused_moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights, **fp8_args)
+    width = w_down.shape[-1]
+    out = torch.zeros(1, x.shape[1], dtype=torch.float32, device=x.device)
+    for expert, weight in zip(topk_ids[0].tolist(), topk_weights[0].tolist()):
+        gate_up = F.linear(x, w_gate_up[expert])
+        hidden = F.silu(gate_up[:, :width]) * gate_up[:, width:]
+        out.add_(F.linear(hidden, w_down[expert]).float(), alpha=weight)
+    return out.to(x.dtype)
+
+
+def fused_moe_compiled(x, w_gate_up, w_down, topk_ids, topk_weights, **fp8_args) -> torch.Tensor:
+    """`fused_moe_reference` (same arguments, same result): many fp32 tokens through the compiled CPU kernel
+    (csrc/prefill_kernels.cpp) once the process has loaded it (`cpu_compiled.load()`) and no gradient is wanted;
+    one token, FP8 experts, other dtypes and training through `fused_moe_cpu`."""
+    module = None if fp8_args or x.shape[0] == 1 else cpu_compiled.module_for(x, w_gate_up, w_down, topk_weights)
+    if module is None:
+        return fused_moe_cpu(x, w_gate_up, w_down, topk_ids, topk_weights, **fp8_args)
+    return module.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights.float())
 
 
 # --- Triton: grouped GEMMs ----------------------------------------------------------------------------------

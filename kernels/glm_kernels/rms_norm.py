@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from glm_kernels.triton_support import check, new_output, next_power_of_2, require_triton, tl, triton
 
@@ -19,6 +20,14 @@ def rms_norm_reference(
     hidden = x if residual is None else x + residual
     h32 = hidden.float()
     normed = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype), hidden
+
+
+def rms_norm_cpu(x, weight, eps: float, residual=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm_reference` (same arguments, same result), the engine's torch path: torch's fused `rms_norm`
+    instead of five elementwise ops (statistics in fp32, cast back, then the weight)."""
+    hidden = x if residual is None else x + residual
+    normed = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=eps)
     return weight * normed.to(x.dtype), hidden
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from glm_kernels import cpu_compiled
 from glm_kernels.triton_support import check, new_output, next_power_of_2, require_triton, tl, triton
 
 
@@ -39,6 +40,35 @@ def rotary_reference(
         return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
     return apply(q), apply(k)
+
+
+def rotary_cpu(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_reference` (same arguments, same result), the engine's torch path: one token's q and k heads are
+    rotated as one tensor, in one pass; more tokens go to the reference.
+
+    Rotate-half written out: with x = (x1, x2) the two halves of the rotated dims, the result is
+    (x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2). The returned q and k are views of one new tensor."""
+    if q.shape[0] != 1:
+        return rotary_reference(q, k, cos, sin)
+    rotary_dim, num_q_heads = cos.shape[-1], q.shape[1]
+    half = rotary_dim // 2
+    heads = torch.cat((q, k), dim=1)
+    x1, x2 = heads[..., :half], heads[..., half:rotary_dim]
+    cos1, cos2 = cos[:, None, :half], cos[:, None, half:]
+    sin1, sin2 = sin[:, None, :half], sin[:, None, half:]
+    rotated = torch.cat((x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2, heads[..., rotary_dim:]), dim=-1)
+    return rotated[:, :num_q_heads], rotated[:, num_q_heads:]
+
+
+def rotary_compiled(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_reference` (same arguments, same result): many fp32 tokens through the compiled CPU kernel
+    (csrc/prefill_kernels.cpp) once the process has loaded it (`cpu_compiled.load()`) and no gradient is wanted;
+    one token, other dtypes and training through `rotary_cpu`."""
+    module = None if q.shape[0] == 1 else cpu_compiled.module_for(q, k, cos, sin)
+    if module is None:
+        return rotary_cpu(q, k, cos, sin)
+    q_out, k_out = module.rotary(q, k, cos, sin)
+    return q_out, k_out
 
 
 @triton.jit

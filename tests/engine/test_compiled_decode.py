@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from glm_kernels import cpu_compiled
+from glm_kernels import fused_moe_compiled, prefill_attention_compiled, rotary_compiled
 
 from workbench.engine import Engine, GLMConfig
 from workbench.engine.ops import TORCH_OPS
@@ -119,8 +119,8 @@ def test_batched_requests_agree_with_the_torch_batch(checkpoint):
 
 def test_the_compiled_engine_also_takes_the_compiled_prefill_kernels(checkpoint):
     compiled, reference = _engines(checkpoint, "float32")
-    assert compiled.model.ops.prefill_attention is cpu_compiled.prefill_attention
-    assert compiled.model.ops.fused_moe is cpu_compiled.fused_moe and compiled.model.ops.rotary is cpu_compiled.rotary
+    assert compiled.model.ops.prefill_attention is prefill_attention_compiled
+    assert compiled.model.ops.fused_moe is fused_moe_compiled and compiled.model.ops.rotary is rotary_compiled
     assert reference.model.ops is TORCH_OPS and (compiled.cpu_kernels, reference.cpu_kernels) == ("compiled", "torch")
 
 
@@ -134,8 +134,9 @@ def test_choice_is_checked_and_impossible_requests_say_why(tmp_path, monkeypatch
     engine = Engine.from_pretrained(folder, cpu_kernels="auto", quantize="fp8-channel")
     assert engine.compiled_decode is None
     assert len(engine.generate([5, 6, 7], max_new_tokens=3, temperature=0.0, stop_token_ids=[]).token_ids) == 3
-    monkeypatch.setenv("WORKBENCH_CPU_KERNELS", "torch")  # the override tests and benchmarks use
+    monkeypatch.setenv("WORKBENCH_CPU_KERNELS", "torch")  # a default only: an explicit argument wins
     assert Engine.from_pretrained(folder).compiled_decode is None
+    assert Engine.from_pretrained(folder, cpu_kernels="compiled").compiled_decode is not None
 
 
 def test_the_step_rejects_a_position_outside_its_blocks(tmp_path):

@@ -174,11 +174,11 @@ def test_a_forward_failure_ends_its_step_and_the_engine_serves_the_next_request(
 def _reference_cut(text: str, stops: list[str]) -> tuple[str, bool]:
     """Generation ends as soon as a stop string has appeared (the earliest to end; of those ending together, the
     longest), and the text is cut where it begins."""
-    ends = [(text.find(s) + len(s), -len(s)) for s in stops if s in text]
+    ends = [(text.find(s) + len(s), -len(s), s) for s in stops if s in text]
     if not ends:
-        return text, False
-    end, negative_length = min(ends)
-    return text[: end + negative_length], True
+        return text, False, None
+    end, negative_length, stop = min(ends)
+    return text[: end + negative_length], True, stop
 
 
 @settings(max_examples=300, deadline=None)
@@ -197,7 +197,7 @@ def test_stop_matcher_agrees_with_a_plain_search(stops, text, cuts):
             break
     if not hit:
         emitted += matcher.flush()
-    assert (emitted, hit) == _reference_cut(text, stops)
+    assert (emitted, hit, matcher.matched) == _reference_cut(text, stops)
 
 
 def test_a_megabyte_stop_string_costs_per_token_what_the_new_text_costs():
@@ -219,3 +219,4 @@ def test_engine_stop_strings_still_cut_the_text(tiny_engine):
     needle = text[8:12]
     result = tiny_engine.generate(ids, max_new_tokens=30, stop_strings=["x" * 100_000, needle], **GREEDY)
     assert result.finish_reason == "stop" and result.text == text[: text.index(needle)]
+    assert result.stop_string == needle  # named, for the API's stop_reason (and Anthropic's stop_sequence)

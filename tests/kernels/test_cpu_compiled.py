@@ -1,6 +1,6 @@
 """The compiled CPU prefill kernels (glm_kernels/csrc/prefill_kernels.cpp) against their torch references:
-`prefill_attention`, `fused_moe` and `rotary` against `prefill_attention_reference`, `fused_moe_reference` and
-`rotary_reference`.
+`prefill_attention_compiled`, `fused_moe_compiled` and `rotary_compiled` against `prefill_attention_reference`,
+`fused_moe_reference` and `rotary_reference`.
 
 (The compiled decode step is tested against the engine's torch path in tests/engine/test_compiled_decode.py.)
 """
@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from glm_kernels import cpu_compiled, fused_moe_reference, prefill_attention_reference, rotary_reference
+from glm_kernels import (
+    cpu_compiled,
+    fused_moe_compiled,
+    fused_moe_reference,
+    prefill_attention_compiled,
+    prefill_attention_reference,
+    rotary_compiled,
+    rotary_reference,
+)
 from glm_kernels.rotary import rotary_cos_sin
 from kernel_testing import assert_close
 
@@ -63,7 +71,7 @@ def test_large_scores_do_not_overflow(compiled, gen):
 def test_the_wrapper_sends_what_the_kernel_does_not_take_to_the_reference(compiled, gen):
     q = torch.randn(9, 4, 16, generator=gen).bfloat16()
     k, v = torch.randn(9, 2, 16, generator=gen).bfloat16(), torch.randn(9, 2, 16, generator=gen).bfloat16()
-    assert torch.equal(cpu_compiled.prefill_attention(q, k, v, 0.25), prefill_attention_reference(q, k, v, 0.25))
+    assert torch.equal(prefill_attention_compiled(q, k, v, 0.25), prefill_attention_reference(q, k, v, 0.25))
 
 
 def test_bad_inputs_say_what_is_wrong(compiled):
@@ -101,7 +109,7 @@ def test_fused_moe_wrapper_routes_what_the_kernel_does_not_take(compiled, gen):
     w_gate_up = torch.randn(4, 32, 32, generator=gen).bfloat16()
     w_down = torch.randn(4, 32, 16, generator=gen).bfloat16()
     ids, weights = torch.tensor([[0, 1]] * 6), torch.rand(6, 2, generator=gen)
-    assert torch.equal(cpu_compiled.fused_moe(x, w_gate_up, w_down, ids, weights),
+    assert torch.equal(fused_moe_compiled(x, w_gate_up, w_down, ids, weights),
                        fused_moe_reference(x, w_gate_up, w_down, ids, weights))
 
 
@@ -131,7 +139,7 @@ def test_rotary_matches_reference_exactly(compiled, tokens, q_heads, kv_heads, h
     qk = torch.cat((q.flatten(1), k.flatten(1)), dim=1)
     q_view = qk[:, : q_heads * head_dim].view(tokens, q_heads, head_dim)
     k_view = qk[:, q_heads * head_dim:].view(tokens, kv_heads, head_dim)
-    q_out, k_out = cpu_compiled.rotary(q_view, k_view, cos, sin)
+    q_out, k_out = rotary_compiled(q_view, k_view, cos, sin)
     assert torch.equal(q_out, q_want) and torch.equal(k_out, k_want)
     with pytest.raises(RuntimeError, match="cos/sin must be"):
         compiled.rotary(q, k, cos[:, :-1], sin[:, :-1])
@@ -152,7 +160,7 @@ def test_training_takes_the_torch_path_and_gets_the_same_gradients(compiled, gen
         rotated, _ = rope(q, k, cos, sin)
         return moe(x, w_gate_up, w_down, ids, weights).square().sum() + attention(rotated, k, k, 0.25).sum()
 
-    loss(cpu_compiled.fused_moe, cpu_compiled.rotary, cpu_compiled.prefill_attention).backward()
+    loss(fused_moe_compiled, rotary_compiled, prefill_attention_compiled).backward()
     got = [t.grad.clone() for t in (x, w_gate_up, w_down, q)]
     for t in (x, w_gate_up, w_down, q):
         t.grad = None

@@ -1,4 +1,4 @@
-"""The engine's CPU paths (glm_kernels.cpu) against the torch references they stand in for."""
+"""The engine's CPU paths (each op's `*_cpu`) against the torch references they stand in for."""
 
 from __future__ import annotations
 

@@ -24,7 +24,9 @@ def test_triton_path_generates_like_torch(tiny_checkpoint, device, quantize):
     assert torch.equal(triton_run.routing.expert_ids, torch_run.routing.expert_ids)
 
 
-def test_kernel_choice_from_environment(tiny_checkpoint, monkeypatch):
+def test_the_environment_is_the_default_and_an_explicit_choice_wins(tiny_checkpoint, monkeypatch):
+    # WORKBENCH_KERNELS once overrode the argument; it is a default only (issue 13: kernel choice in one place).
     monkeypatch.setenv("WORKBENCH_KERNELS", "torch")
+    assert Engine.from_pretrained(tiny_checkpoint, dtype="float32", device="cpu").kernels == "torch"
     engine = Engine.from_pretrained(tiny_checkpoint, dtype="float32", device="cpu", kernels="triton")
-    assert engine.kernels == "torch"
+    assert engine.kernels == "triton" and engine.kernel_choice.describe() == "kernels=triton, cpu_kernels=torch"

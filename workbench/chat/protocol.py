@@ -620,6 +620,7 @@ class ChunkChoice(_Open):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
+    stop_reason: str | None = None  # vLLM's field: the stop string that ended the answer (finish_reason "stop")
 
 
 class ChatCompletionChunk(_Open):

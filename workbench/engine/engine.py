@@ -25,17 +25,18 @@ from workbench.engine.config import ConfigError, GLMConfig
 from workbench.engine.gguf_file import is_gguf_path, load_gguf
 from workbench.engine.kv_cache import PagedKVCache
 from workbench.engine.model import GLMForCausalLM
-from workbench.engine.ops import select_kernels
+from workbench.engine.ops import CPU_KERNEL_CHOICES, KERNEL_CHOICES, KernelRequest
 from workbench.engine.request import GenerationResult, Request, StreamToken, TokenStream
 from workbench.engine.routing import RoutingTrace
-from workbench.engine.runner import CPU_KERNEL_CHOICES, select_runner
+from workbench.engine.runner import start_runner
 from workbench.engine.sampling import SamplingParams, make_generator
 from workbench.engine.scheduler import Scheduler
 from workbench.engine.stop_strings import StopMatcher
 from workbench.engine.tokenizer import Tokenizer
 from workbench.engine.weights import CheckpointError, load_weights
 
-__all__ = ["CPU_KERNEL_CHOICES", "DTYPES", "Engine", "GenerationResult", "Request", "StreamToken", "TokenStream"]
+__all__ = ["CPU_KERNEL_CHOICES", "DTYPES", "KERNEL_CHOICES", "Engine", "GenerationResult", "Request", "StreamToken",
+           "TokenStream"]
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,11 @@ class Engine:
     def __init__(self, model: GLMForCausalLM, tokenizer: Tokenizer | None, *, device: torch.device,
                  dtype: torch.dtype, max_batch_size: int = 32, cache_tokens: int | None = None,
                  max_context: int | None = None, block_size: int = 16, name: str = "glm",
-                 cpu_kernels: str = "auto") -> None:
+                 kernels: str | None = None, cpu_kernels: str | None = None) -> None:
+        """`kernels` and `cpu_kernels` (see runner.start_runner; None: their environment variable, else "auto")
+        are decided once, here, into `kernel_choice`; `kernels` and `cpu_kernels` then say what was decided."""
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
         self.device, self.dtype, self.name = device, dtype, name
-        self.kernels = model.ops.name
         self.max_batch_size = max_batch_size
         limit = self.config.max_position_embeddings
         self.max_context = min(max_context or limit, limit)
@@ -63,17 +65,20 @@ class Engine:
         self.cache = PagedKVCache(config.num_hidden_layers, -(-cache_tokens // block_size), block_size,
                                   config.num_key_value_heads, config.head_dim, dtype, device)
         self.moe_layer_ids = config.moe_layer_ids
-        self.runner = select_runner(self.model, self.cache, device, cpu_kernels)
-        self.cpu_kernels = self.runner.cpu_kernels
+        self.runner = start_runner(self.model, self.cache, device, kernels, cpu_kernels)
+        self.kernel_choice = self.runner.choice
+        self.kernels, self.cpu_kernels = self.kernel_choice.kernels, self.kernel_choice.cpu_kernels
         self.scheduler = Scheduler(self.cache, self.runner, max_batch_size, self._build_trace)
 
     # --- construction ---------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
-                        kernels: str = "auto", quantize: str | None = None, **engine_kwargs) -> Engine:
-        """Load a checkpoint folder, or a GGUF file (a split set, a folder holding one: gguf_file.py). FP8
+                        kernels: str | None = None, cpu_kernels: str | None = None, quantize: str | None = None,
+                        **engine_kwargs) -> Engine:
+        """Load a checkpoint folder, or a GGUF file (its split set, a folder holding one: gguf_file.py). FP8
         checkpoints (a `quantization_config` in config.json) load as FP8;
-        `quantize="fp8-channel" | "fp8-block"` (add "-w8a8" for FP8 activations) quantises a dense one."""
+        `quantize="fp8-channel" | "fp8-block"` (add "-w8a8" for FP8 activations) quantises a dense one.
+        `kernels` and `cpu_kernels`: see `Engine` (checked here, before the slow weights)."""
         folder = Path(path).expanduser()
         if not folder.exists():
             raise FileNotFoundError(f"model path {folder} does not exist")
@@ -83,15 +88,19 @@ class Engine:
                                  f"Q4_K, ...); drop quantize={quantize!r}")
             torch_device = torch.device(device)
             torch_dtype = _parse_dtype(dtype, torch_device)
-            model, tokenizer, name = load_gguf(folder, torch_dtype, torch_device, kernels)
-            return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=name, **engine_kwargs)
+            request = KernelRequest.from_arguments(kernels, cpu_kernels)
+            request.kernel_table(torch_device)
+            model, tokenizer, name = load_gguf(folder, torch_dtype, torch_device)
+            return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=name,
+                       kernels=request.kernels, cpu_kernels=request.cpu_kernels, **engine_kwargs)
         if not folder.is_dir():
             raise CheckpointError(f"model path {folder} is a file: point at the checkpoint folder holding config.json")
         torch_device = torch.device(device)
         torch_dtype = _parse_dtype(dtype, torch_device)
         config = GLMConfig.from_json(folder)
         tokenizer = Tokenizer.from_pretrained(folder)  # checked before the (slow) weights
-        ops = select_kernels(kernels, torch_device)
+        request = KernelRequest.from_arguments(kernels, cpu_kernels)
+        request.kernel_table(torch_device)  # a request this device cannot meet fails before the weights load
         scheme = quant.parse_quantization_config(config.extra.get("quantization_config"))
         if quantize is not None:
             if scheme is not None:
@@ -104,14 +113,13 @@ class Engine:
                     quant.quantize_model(model, scheme)  # FP8 shells, filled (or quantised into) by the loader
             load_weights(model, config, folder, torch_dtype, torch_device)
             model.materialize_buffers(torch_device)
-            model.ops = ops
-            quant.use_kernels(model, ops.name)
             model.fuse_projections()
         except BaseException:
             model = None
             gc.collect()  # nothing partially loaded stays in memory
             raise
-        return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=folder.name, **engine_kwargs)
+        return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=folder.name,
+                   kernels=request.kernels, cpu_kernels=request.cpu_kernels, **engine_kwargs)
 
     # --- requests -------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, routing: bool = False,
@@ -224,6 +232,11 @@ class Engine:
         ids = self._check_prompt(prompt_ids, SamplingParams(max_new_tokens=1))
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         return self.model(input_ids[None, :])[0]
+
+    def describe(self) -> str:
+        """What runs, in `glm/api/status`'s words: "float32 on cpu, kernels=torch, cpu_kernels=compiled". The CLI
+        and the server log print this line."""
+        return f"{str(self.dtype).removeprefix('torch.')} on {self.device}, {self.kernel_choice.describe()}"
 
     def __repr__(self) -> str:
         c = self.config

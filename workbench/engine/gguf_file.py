@@ -438,17 +438,14 @@ class _Stream:
 
 
 def build_model(config: GLMConfig, tensors: Iterator[tuple[str, Weight]], dtype: torch.dtype,
-                device: torch.device, kernels: str, source: Path):
+                device: torch.device, source: Path):
     """The engine's model from (HF name, weight) pairs: the one place a GGUF's weights enter the engine.
 
     Until the quantized model builder lands, quantized weights are dequantized to `dtype` here and placed by the
     checkpoint loader (weights.load_weights), one tensor at a time."""
-    from workbench.engine import quant
     from workbench.engine.model import GLMForCausalLM
-    from workbench.engine.ops import select_kernels
     from workbench.engine.weights import load_weights
 
-    ops = select_kernels(kernels, device)
     stream = _Stream(source, dtype)
 
     def pairs() -> Iterator[tuple[str, _Stream]]:
@@ -460,13 +457,11 @@ def build_model(config: GLMConfig, tensors: Iterator[tuple[str, Weight]], dtype:
         model = GLMForCausalLM(config)
     load_weights(model, config, None, dtype, device, tensors=pairs())
     model.materialize_buffers(device)
-    model.ops = ops
-    quant.use_kernels(model, ops.name)
     model.fuse_projections()
     return model
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device, kernels: str = "auto"):
+def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device):
     """(model, tokenizer, name) of a GGUF model. Everything is checked before the weights are read, and a
     failure while reading them leaves nothing behind."""
     gguf_model = open_gguf(path)
@@ -478,7 +473,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device, kernel
         log.warning(note)
     model = None
     try:
-        model = build_model(config, hf_tensors(gguf_model, config), dtype, device, kernels, gguf_model.files[0])
+        model = build_model(config, hf_tensors(gguf_model, config), dtype, device, gguf_model.files[0])
     except BaseException:
         model = None
         gc.collect()  # nothing partially loaded stays in memory

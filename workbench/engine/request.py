@@ -40,6 +40,7 @@ class GenerationResult:
     prompt_tokens: int
     routing: RoutingTrace | None = None
     stop_token_id: int | None = None
+    stop_string: str | None = None  # the stop string that ended the text (not part of it)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -72,6 +73,7 @@ class Request:
     text: str = ""
     finish_reason: str | None = None
     stop_token_id: int | None = None
+    stop_string: str | None = None
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     # the scheduler's and the runner's state
     blocks: list[int] = field(default_factory=list)  # cache blocks holding its tokens; grows as it generates
@@ -114,7 +116,8 @@ class Request:
         return GenerationResult(
             token_ids=list(self.output_ids), text=self.text, finish_reason=self.finish_reason,
             prompt_tokens=len(self.prompt_ids), routing=self._trace, stop_token_id=self.stop_token_id,
-            prefill_seconds=first - self.created, decode_seconds=self.finished_time - first,
+            stop_string=self.stop_string, prefill_seconds=first - self.created,
+            decode_seconds=self.finished_time - first,
         )
 
 

@@ -6,34 +6,32 @@ each running sequence. Both return the logits of the rows the scheduler samples 
 sequence's expert choices to its `routing_chunks`. Runners never sample, admit or finish anything (scheduler.py
 does) and do not advance `num_cached` (the scheduler does, once the step has succeeded).
 
-Two runners, chosen once when the engine starts (`select_runner`):
+Two runners, chosen once when the engine starts, with the kernel table, by `start_runner` (the one place where
+kernels are chosen):
 - `TorchRunner`: the model's own torch modules with the engine's kernel table (torch references or Triton);
-- `CompiledCPURunner`: on the CPU, the compiled decode step (glm_kernels.cpu_compiled.DecodeModel: a whole decode
-  step of the model in one call) and the compiled prefill kernels (attention, MoE, rotary) in the kernel table.
+- `CompiledCPURunner`: on the CPU, the compiled decode step (glm_kernels.cpu_compiled's DecodeModel: a whole
+  decode step of the model in one call) and the compiled prefill kernels (attention, MoE, rotary) in the table.
   It computes what the torch runner computes (tests/engine/test_compiled_decode.py holds it to that).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 
 import torch
 from glm_kernels import cpu_compiled
 
+from workbench.engine import quant
 from workbench.engine.kv_cache import PagedKVCache
 from workbench.engine.model import AttentionBatch, GLMForCausalLM, Segment
+from workbench.engine.ops import KernelChoice, KernelRequest, kernel_ops
 from workbench.engine.request import Request
 from workbench.engine.routing import RoutingRecorder
 
 log = logging.getLogger(__name__)
 
-CPU_KERNEL_CHOICES = ("auto", "compiled", "torch")
-
-
 class TorchRunner:
-    cpu_kernels = "torch"
+    choice: KernelChoice  # what start_runner decided
 
     def __init__(self, model: GLMForCausalLM, cache: PagedKVCache, device: torch.device) -> None:
         self.model, self.cache, self.device = model, cache, device
@@ -94,8 +92,6 @@ class TorchRunner:
 class CompiledCPURunner(TorchRunner):
     """The torch runner's prefill with the compiled prefill kernels, and the compiled decode step."""
 
-    cpu_kernels = "compiled"
-
     def __init__(self, model: GLMForCausalLM, cache: PagedKVCache, device: torch.device, decode_step) -> None:
         super().__init__(model, cache, device)
         self.decode_step = decode_step
@@ -125,34 +121,40 @@ def start_message() -> str | None:
     return cpu_compiled.building()
 
 
-def select_runner(model: GLMForCausalLM, cache: PagedKVCache, device: torch.device, choice: str) -> TorchRunner:
-    """The runner for this engine, chosen once. The compiled CPU kernels (glm_kernels.cpu_compiled) go to work
-    where they can: their decode step for this model, and their prefill attention, MoE and rotary in the model's
-    kernel table.
+def start_runner(model: GLMForCausalLM, cache: PagedKVCache, device: torch.device, kernels: str | None = None,
+                 cpu_kernels: str | None = None) -> TorchRunner:
+    """The one place where the engine's kernels are chosen, once, at start: the kernel table the model calls
+    (set here and nowhere else: `model.ops`, and the FP8 linears' GEMM) and the runner, which carries the decision
+    as `runner.choice` (a `KernelChoice`).
 
-    `choice` (or the environment variable WORKBENCH_CPU_KERNELS): "auto" takes them where they can run (CPU,
-    float weights, the torch kernels; the first use on a machine compiles them, about a minute) and says in the
-    log why not otherwise; "compiled" insists (an error says why it cannot); "torch" never takes them."""
-    choice = os.environ.get("WORKBENCH_CPU_KERNELS") or choice
-    if choice not in CPU_KERNEL_CHOICES:
-        raise ValueError(f"cpu_kernels={choice!r}: choose one of {', '.join(CPU_KERNEL_CHOICES)} "
-                         "(argument `cpu_kernels` or environment variable WORKBENCH_CPU_KERNELS)")
-    kernels = model.ops.name
-    if choice == "torch" or (choice == "auto" and (device.type != "cpu" or kernels != "torch")):
-        return TorchRunner(model, cache, device)
-    try:
-        if kernels != "torch":
-            raise ValueError(f"they replace the torch kernels, and this engine runs kernels={kernels!r}")
-        tensors = model.decode_step_tensors(cache.layers, cache.block_size)
-        module = cpu_compiled.load()
-        if module is None:
-            raise RuntimeError(f"they could not be compiled here ({cpu_compiled.build_error()})")
-        step = module.DecodeModel(**tensors)
-    except (ValueError, RuntimeError) as exc:
-        if choice == "compiled":
-            raise ValueError(f"cpu_kernels='compiled' is not possible: {exc}") from exc
-        log.info("running the torch CPU paths: the compiled CPU kernels are not used because %s", exc)
-        return TorchRunner(model, cache, device)
-    model.ops = dataclasses.replace(model.ops, prefill_attention=cpu_compiled.prefill_attention,
-                                    fused_moe=cpu_compiled.fused_moe, rotary=cpu_compiled.rotary)
-    return CompiledCPURunner(model, cache, device, step)
+    `kernels` ("auto" | "torch" | "triton"; None: WORKBENCH_KERNELS, else "auto"): "auto" is Triton on CUDA.
+    `cpu_kernels` ("auto" | "compiled" | "torch"; None: WORKBENCH_CPU_KERNELS, else "auto"): the compiled CPU
+    kernels (glm_kernels.cpu_compiled: their decode step for this model, and their prefill attention, MoE and
+    rotary in the kernel table). "auto" takes them where they can run (CPU, float weights, the torch kernels; the
+    first use on a machine compiles them, about a minute) and says in the log why not otherwise; "compiled"
+    insists (an error says why it cannot); "torch" never takes them."""
+    request = KernelRequest.from_arguments(kernels, cpu_kernels)
+    table = request.kernel_table(device)
+    step = None
+    wanted = request.cpu_kernels == "compiled" or (request.cpu_kernels == "auto" and device.type == "cpu"
+                                                   and table == "torch")
+    if wanted:
+        try:
+            if table != "torch":
+                raise ValueError(f"they replace the torch kernels, and this engine runs kernels={table!r}")
+            tensors = model.decode_step_tensors(cache.layers, cache.block_size)
+            module = cpu_compiled.load()
+            if module is None:
+                raise RuntimeError(f"they could not be compiled here ({cpu_compiled.build_error()})")
+            step = module.DecodeModel(**tensors)
+        except (ValueError, RuntimeError) as exc:
+            if request.cpu_kernels == "compiled":
+                raise ValueError(f"cpu_kernels='compiled' is not possible: {exc}") from exc
+            log.info("running the torch CPU paths: the compiled CPU kernels are not used because %s", exc)
+    choice = KernelChoice(kernels=table, cpu_kernels="torch" if step is None else "compiled",
+                          ops=kernel_ops(table, compiled_cpu=step is not None))
+    model.ops = choice.ops
+    quant.use_kernels(model, choice.kernels)
+    runner = TorchRunner(model, cache, device) if step is None else CompiledCPURunner(model, cache, device, step)
+    runner.choice = choice
+    return runner

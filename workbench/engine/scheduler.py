@@ -218,6 +218,7 @@ class Scheduler:
         if request.stop_matcher is not None:
             text, hit = request.stop_matcher.push(text)
             reason = "stop" if hit else None
+            request.stop_string = request.stop_matcher.matched
         request.text += text
         request.events.put(StreamToken(token, text, len(request.output_ids) - 1))
         if reason is None and len(request.output_ids) >= request.params.max_new_tokens:

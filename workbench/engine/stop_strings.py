@@ -34,6 +34,7 @@ class StopMatcher:
         self._failure = [_prefix_function(s) for s in self.stops]
         self._matched = [0] * len(self.stops)  # per stop string: its longest prefix that ends the text so far
         self.held = ""
+        self.matched: str | None = None  # the stop string that ended the text, once one has
 
     def push(self, text: str) -> tuple[str, bool]:
         """Feed the next piece of text. Returns (text to emit now, whether a stop string completed).
@@ -50,7 +51,8 @@ class StopMatcher:
                 if stop[k] == char:
                     k += 1
                 if k == len(stop):
-                    completed = max(completed, k)  # several end here: the longest begins first
+                    if k > completed:  # several end here: the longest begins first
+                        completed, self.matched = k, stop
                     k = failure[k - 1]
                 self._matched[j] = k
             if completed:

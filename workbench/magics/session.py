@@ -125,8 +125,9 @@ class Session:
                            "tokenizer.json): `%glm config model_path=/path/to/checkpoint`")
         from workbench.chat import LocalBackend
 
+        # The setting's "auto" pins nothing: the engine's default (WORKBENCH_KERNELS, else auto) decides.
         backend = LocalBackend(model_path=path, device=settings.device, dtype=settings.dtype,
-                               kernels=settings.kernels)
+                               kernels=None if settings.kernels == "auto" else settings.kernels)
         return InProcessConnection(backend, f"the local engine in this kernel ({path}, {settings.device})",
                                    settings.timeout)
 

@@ -25,7 +25,7 @@ from traitlets import Enum, Float, Int, Unicode, default
 
 from workbench.chat.backends import Backend, LocalBackend, RemoteBackend
 from workbench.models import bundled_model
-from workbench.server import handlers
+from workbench.server import anthropic_api, handlers
 from workbench.server.conversations import ConversationStore, conversation_handlers
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,13 @@ class GLMWorkbench(ExtensionApp):
     device = Unicode("cpu", config=True, help="Torch device of the local engine: cpu, cuda, cuda:1, ...")
     dtype = Enum(["auto", "float32", "bfloat16", "float16"], default_value="auto", config=True,
                  help="Weight and activation dtype of the local engine; auto = float32 on CPU, bfloat16 on GPUs.")
-    kernels = Enum(["auto", "triton", "torch"], default_value="auto", config=True,
-                   help="Kernel backend of the local engine: triton on GPUs, torch references elsewhere (auto).")
-    cpu_kernels = Enum(["auto", "compiled", "torch"], default_value="auto", config=True,
+    kernels = Enum(["auto", "triton", "torch"], default_value=None, allow_none=True, config=True,
+                   help="Kernel backend of the local engine: triton on GPUs, torch references elsewhere (auto). "
+                        "Unset: the environment variable WORKBENCH_KERNELS, else auto.")
+    cpu_kernels = Enum(["auto", "compiled", "torch"], default_value=None, allow_none=True, config=True,
                        help="On the CPU: the engine's compiled kernels (decode step, prefill attention and MoE; "
-                            "compiled once per machine) where they can run (auto), insisted on, or the torch path.")
+                            "compiled once per machine) where they can run (auto), insisted on, or the torch path. "
+                            "Unset: the environment variable WORKBENCH_CPU_KERNELS, else auto.")
     max_concurrent_sequences = Int(8, config=True,
                                    help="Sequences the local engine decodes together in one batched step.")
     max_queued_requests = Int(64, config=True,
@@ -136,6 +138,7 @@ class GLMWorkbench(ExtensionApp):
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers.ROUTES)
+        self.handlers.extend(anthropic_api.ROUTES)
         self.handlers.extend(conversation_handlers(ConversationStore(self.conversations_dir)))
         self.handlers.append(handlers.CATCH_ALL)
 

@@ -61,6 +61,12 @@ class Backend(ABC):
     def status(self) -> dict[str, Any]:
         """What `api/status` shows: backend, model, state, load, recent throughput."""
 
+    async def count_prompt_tokens(self, request: ChatCompletionRequest) -> int:
+        """The tokens of the prompt this request renders to (Anthropic's count_tokens)."""
+        raise APIError(400, f"Counting tokens needs the model's tokenizer, and this server's {self.kind} backend "
+                            "has none here: count with the endpoint that serves the model.",
+                       code="count_tokens_unsupported")
+
     def routing_trace(self, completion_id: str) -> dict[str, Any] | None:
         """The routing trace of a recent completion made with `"routing": true`, when this backend keeps them."""
         return None
@@ -74,7 +80,7 @@ class Backend(ABC):
 async def fold_chunks(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletion:
     """Fold a chunk stream into the completion a non-streaming request returns (what a client does)."""
     completion_id, model, created = "", "", int(time.time())
-    reasoning, content, finish_reason, usage = [], [], None, None
+    reasoning, content, finish_reason, stop_reason, usage = [], [], None, None, None
     calls: dict[int, dict[str, Any]] = {}
     try:
         async for chunk in chunks:
@@ -91,6 +97,7 @@ async def fold_chunks(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatComplet
                         slot["name"] += call.function.name or ""
                         slot["arguments"] += call.function.arguments or ""
                 finish_reason = choice.finish_reason or finish_reason
+                stop_reason = getattr(choice, "stop_reason", None) or stop_reason
     finally:
         await chunks.aclose()
     tool_calls = [ToolCallOut(id=c["id"] or f"call_{i}", function=FunctionCallOut(name=c["name"],
@@ -99,7 +106,7 @@ async def fold_chunks(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatComplet
     message = ResponseMessage(content="".join(content) or None, reasoning_content="".join(reasoning) or None,
                               tool_calls=tool_calls or None)
     return ChatCompletion(id=completion_id, model=model, created=created, usage=usage,
-                          choices=[Choice(message=message, finish_reason=finish_reason)])
+                          choices=[Choice(message=message, finish_reason=finish_reason, stop_reason=stop_reason)])
 
 
 class Throughput:

@@ -67,7 +67,7 @@ class LocalBackend(Backend):
     kind = "local"
 
     def __init__(self, engine: Any = None, *, model_path: str | Path | None = None, model_id: str | None = None,
-                 device: str = "cpu", dtype: str = "auto", kernels: str = "auto", cpu_kernels: str = "auto",
+                 device: str = "cpu", dtype: str = "auto", kernels: str | None = None, cpu_kernels: str | None = None,
                  max_concurrent_sequences: int = 8,
                  max_queued_requests: int = 64, context_limit: int = 0, default_max_tokens: int = 0,
                  kv_cache_tokens: int = 0, routing_history: int = 32,
@@ -128,16 +128,14 @@ class LocalBackend(Backend):
     def _load(self) -> Any:
         from workbench.engine import Engine
 
-        log.info("loading %s (%s, dtype %s, kernels=%s)", self.model_path, self.device, self.dtype, self.kernels)
+        log.info("loading %s (%s, dtype %s)", self.model_path, self.device, self.dtype)
         started = time.perf_counter()
         engine = Engine.from_pretrained(self.model_path, dtype=self.dtype, device=self.device, kernels=self.kernels,
                                         cpu_kernels=self.cpu_kernels, max_batch_size=self.max_concurrent_sequences,
                                         max_context=self.context_limit_setting or None,
                                         cache_tokens=self.kv_cache_tokens or None)
         # What runs, in api/status's words (the CLI prints the same line).
-        log.info("loaded %s in %.1f s: %s on %s, kernels=%s, cpu_kernels=%s", engine.name,
-                 time.perf_counter() - started, str(engine.dtype).removeprefix("torch."), engine.device,
-                 engine.kernels, engine.cpu_kernels)
+        log.info("loaded %s in %.1f s: %s", engine.name, time.perf_counter() - started, engine.describe())
         return engine
 
     def _start_scheduler(self) -> None:
@@ -280,6 +278,14 @@ class LocalBackend(Backend):
                                     "Retry shortly.", code="queue_full", headers={"Retry-After": "1"})
             self._preparing += 1
 
+    async def count_prompt_tokens(self, request: ChatCompletionRequest) -> int:
+        self.check_model(request)
+        await self._wait_ready()
+        self._check_size(request)
+        if request.text_chars < INLINE_PREPARE_CHARS:
+            return len(self._prepare(request).prompt_ids)
+        return len((await asyncio.to_thread(self._prepare, request)).prompt_ids)
+
     def stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         return self._generate(request, include_usage=request.include_usage)
 
@@ -314,9 +320,10 @@ class LocalBackend(Backend):
 
         completion_id, created, model = new_completion_id(), int(time.time()), self.model_id
 
-        def chunk(delta: Delta, finish_reason: str | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=completion_id, created=created, model=model,
-                                       choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
+        def chunk(delta: Delta, finish_reason: str | None = None, stop_reason: str | None = None) -> \
+                ChatCompletionChunk:
+            return ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[
+                ChunkChoice(delta=delta, finish_reason=finish_reason, stop_reason=stop_reason)])
 
         parser = OutputParser(prepared.parse_tools)
         call_count = 0
@@ -358,7 +365,7 @@ class LocalBackend(Backend):
                 yield item
             if request.routing and result.routing is not None:  # kept before the client can see the end
                 self._keep_routing(completion_id, result.routing)
-            yield chunk(Delta(), finish_reason=parser.finish_reason)
+            yield chunk(Delta(), finish_reason=parser.finish_reason, stop_reason=result.stop_string)
             if include_usage:
                 completion_tokens = result.completion_tokens
                 # The engine's clock, so every client shows the same speed: prompt_seconds from the request's
@@ -399,7 +406,9 @@ class LocalBackend(Backend):
         info: dict[str, Any] = {
             "backend": self.kind, "model": self.model_id, "state": self.state, "message": self.message or None,
             "model_path": str(self.model_path) if self.model_path else None, "device": self.device,
-            "dtype": self.dtype, "kernels": self.kernels, "cpu_kernels": self.cpu_kernels,
+            # Until the engine has started: what was asked ("auto": not pinned; the engine's start decides, with
+            # WORKBENCH_KERNELS and WORKBENCH_CPU_KERNELS as defaults); then the engine's kernel choice.
+            "dtype": self.dtype, "kernels": self.kernels or "auto", "cpu_kernels": self.cpu_kernels or "auto",
             "max_concurrent_sequences": self.max_concurrent_sequences,
             "max_queued_requests": self.max_queued_requests, "active_requests": 0,
             "queued_requests": self._preparing, "recent_tokens_per_second": self.throughput.rate(),
@@ -412,7 +421,8 @@ class LocalBackend(Backend):
             info["message"] = start_message()
         if engine is not None:
             info.update(device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
-                        kernels=engine.kernels, cpu_kernels=engine.cpu_kernels, context_limit=self.context_limit,
+                        kernels=engine.kernel_choice.kernels, cpu_kernels=engine.kernel_choice.cpu_kernels,
+                        context_limit=self.context_limit,
                         active_requests=engine.num_running,
                         queued_requests=engine.num_waiting + self._preparing)
             memory["model_bytes"] = sum(p.numel() * p.element_size() for p in engine.model.parameters())
