@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
+from glm_kernels.blockquant import dequantize
 from safetensors.torch import load_file, save_file
 
 from workbench.engine import Engine, GLMConfig
@@ -105,14 +106,30 @@ def dequantized_reference(gguf_path: Path, folder: Path) -> Path:
 def test_bundled_quantized_round_trip_equals_the_engine_on_dequantized_weights(bundled_ggufs, gguf_type, types,
                                                                                bundled_engine, prompt, tmp_path):
     path = bundled_ggufs[gguf_type]
-    assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors} == types
+    reader = gguf.GGUFReader(path)
+    assert {t.tensor_type.name for t in reader.tensors} == types
     loaded = engine(path)
+    # the weights the engine holds are gguf's values bit for bit (packed or dense, whichever builder ran)
+    expected = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors
+                if t.name in ("blk.1.ffn_down_exps.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight")}
+    experts = loaded.model.layers[1].mlp.experts
+    if hasattr(experts, "down"):  # the quantized builder: Int8Weight / Int4Weight kept packed
+        down, gate_up = dequantize(experts.down), dequantize(experts.gate_up)
+    else:  # the dequantizing fallback
+        down, gate_up = experts.down_proj, experts.gate_up_proj
+    assert np.array_equal(down.detach().numpy(), expected["blk.1.ffn_down_exps.weight"])
+    assert np.array_equal(gate_up.detach().numpy(), np.concatenate(
+        [expected["blk.1.ffn_gate_exps.weight"], expected["blk.1.ffn_up_exps.weight"]], axis=1))
+    # and it computes what the engine computes on those values, dense: to the rounding of its integer kernels
+    # (activations quantized in blocks of 32), exactly on the dequantizing path
     reference = engine(dequantized_reference(path, tmp_path / "reference"))
-    logits = loaded.logits(prompt)
-    torch.testing.assert_close(logits, reference.logits(prompt), rtol=1e-4, atol=1e-4)
-    assert loaded.generate(prompt, max_new_tokens=12, temperature=0.0).token_ids == \
-        reference.generate(prompt, max_new_tokens=12, temperature=0.0).token_ids
-    # and the quantization is real but mild: the checkpoint's top token is still on top at most positions
+    logits, expected_logits = loaded.logits(prompt), reference.logits(prompt)
+    spread = float(expected_logits.max() - expected_logits.min())
+    assert float((logits - expected_logits).abs().max()) <= 0.02 * spread
+    assert (logits.argmax(-1) == expected_logits.argmax(-1)).float().mean().item() >= 0.9
+    if not hasattr(experts, "down"):
+        assert torch.equal(logits, expected_logits)
+    # the quantization is real but mild: the checkpoint's top token is still on top at most positions
     original = bundled_engine.logits(prompt)
     assert not torch.equal(logits, original)
     agree = (logits.argmax(-1) == original.argmax(-1)).float().mean().item()
