@@ -15,9 +15,12 @@ expert's slice under its HF name. The multi-token-prediction (nextn) block after
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
+import mmap
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -396,6 +399,7 @@ def hf_tensors(model: GGUFModel, config: GLMConfig) -> Iterator[tuple[str, Weigh
     for name, (_reader, info) in model.tensors.items():
         if name in GLOBAL_NAMES:
             yield GLOBAL_NAMES[name], _decode(info)
+            _release(_reader, info)
             continue
         match = _BLK.match(name)
         if match is None:
@@ -411,10 +415,29 @@ def hf_tensors(model: GGUFModel, config: GLMConfig) -> Iterator[tuple[str, Weigh
             stacked = _decode(info)
             for expert in range(stacked.shape[0]):
                 yield f"{prefix}mlp.experts.{expert}.{EXPERT_NAMES[rest]}.weight", stacked[expert]
+            del stacked
         else:
             raise GGUFError(f"unexpected tensor {name!r} in {model.name}: not part of a {ARCH} decoder layer")
+        _release(_reader, info)
     if skipped:
         log.info("skipped %d tensors of the multi-token-prediction layer (not used for plain decoding)", skipped)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _release(reader: _Reader, info: Any) -> None:
+    """Drop the resident pages of a tensor the consumer has taken (decoded, copied, or kept as a view: a private
+    mapping never written refaults its pages from the file when read), so that reading a file does not leave it
+    all in memory beside the model built from it."""
+    if _LIBC is None:
+        return
+    page = mmap.PAGESIZE
+    base = reader.data.ctypes.data
+    start = -(-(base + int(info.data_offset)) // page) * page  # whole pages inside the tensor only
+    stop = (base + int(info.data_offset) + int(info.n_bytes)) // page * page
+    if stop > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), mmap.MADV_DONTNEED)
 
 
 def _decode(info: Any) -> Weight:
