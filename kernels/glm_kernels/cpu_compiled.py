@@ -1,7 +1,8 @@
-"""The compiled CPU kernels (csrc/: decode_model.cpp, prefill_kernels.cpp and their shared simd.h, one Python
-module by module.cpp): building them once per machine, and finding them built. Only that: each op's Python entry
-lives with its op (`attention.prefill_attention_compiled`, `fused_moe.fused_moe_compiled`,
-`rotary.rotary_compiled`), and the decode step (`DecodeModel`) is driven by the engine's compiled CPU runner.
+"""The compiled CPU kernels (csrc/: decode_model.cpp, prefill_kernels.cpp, quant_kernels.cpp and their shared
+simd.h, one Python module by module.cpp): building them once per machine, and finding them built. Only that: each
+op's Python entry lives with its op (`attention.prefill_attention_compiled`, `fused_moe.fused_moe_compiled`,
+`rotary.rotary_compiled`, `quant_linear.quantized_linear` and `quantized_fused_moe`), and the decode step
+(`DecodeModel`) is driven by the engine's compiled CPU runner.
 
 The extension holds the compiled twins of torch paths that stay the reference:
 - `DecodeModel`: one decode step of a whole GLM-4.5 MoE model in one call, for one or many sequences (the
@@ -43,8 +44,9 @@ log = logging.getLogger(__name__)
 
 NAME = "glm_cpu_compiled"
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "module.cpp"]  # one translation unit: it includes the two below (torch's headers parsed once)
-HEADERS = [CSRC / "decode_model.cpp", CSRC / "prefill_kernels.cpp", CSRC / "simd.h"]  # in the build key too
+SOURCES = [CSRC / "module.cpp"]  # one translation unit: it includes the three below (torch's headers parsed once)
+# in the build key too
+HEADERS = [CSRC / "decode_model.cpp", CSRC / "prefill_kernels.cpp", CSRC / "quant_kernels.cpp", CSRC / "simd.h"]
 # -march=native: compiled on the machine that runs it. -ffp-contract=off: no fused multiply-adds where the torch
 # path has none, so results stay within an ulp or so of it.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]

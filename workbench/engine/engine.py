@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.engine import quant
+from workbench.engine import int_quant, quant
 from workbench.engine.config import ConfigError, GLMConfig
 from workbench.engine.gguf_file import is_gguf_path, load_gguf
 from workbench.engine.kv_cache import PagedKVCache
@@ -76,9 +76,15 @@ class Engine:
                         kernels: str | None = None, cpu_kernels: str | None = None, quantize: str | None = None,
                         **engine_kwargs) -> Engine:
         """Load a checkpoint folder, or a GGUF file (its split set, a folder holding one: gguf_file.py). FP8
-        checkpoints (a `quantization_config` in config.json) load as FP8;
-        `quantize="fp8-channel" | "fp8-block"` (add "-w8a8" for FP8 activations) quantises a dense one.
+        checkpoints (a `quantization_config` in config.json) load as FP8.
+
+        `quantize` quantizes a dense checkpoint as it loads, layer by layer: "int8" | "int4" (integer weights for
+        CPUs, see int_quant.py; `dtype` is then the activations' and the unquantized tensors' dtype, "auto" =
+        float32), or "fp8-channel" | "fp8-block" (add "-w8a8" for FP8 activations; for GPUs). A GGUF keeps its
+        own formats (Q8_0 and Q4_K import exactly as int8 and int4).
         `kernels` and `cpu_kernels`: see `Engine` (checked here, before the slow weights)."""
+        request = KernelRequest.from_arguments(kernels, cpu_kernels)
+        int_quant.check_quantize_option(quantize, device, _resolved_kernels(request, device))
         folder = Path(path).expanduser()
         if not folder.exists():
             raise FileNotFoundError(f"model path {folder} does not exist")
@@ -88,7 +94,6 @@ class Engine:
                                  f"Q4_K, ...); drop quantize={quantize!r}")
             torch_device = torch.device(device)
             torch_dtype = _parse_dtype(dtype, torch_device)
-            request = KernelRequest.from_arguments(kernels, cpu_kernels)
             request.kernel_table(torch_device)
             model, tokenizer, name = load_gguf(folder, torch_dtype, torch_device)
             return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=name,
@@ -99,12 +104,27 @@ class Engine:
         torch_dtype = _parse_dtype(dtype, torch_device)
         config = GLMConfig.from_json(folder)
         tokenizer = Tokenizer.from_pretrained(folder)  # checked before the (slow) weights
-        request = KernelRequest.from_arguments(kernels, cpu_kernels)
         request.kernel_table(torch_device)  # a request this device cannot meet fails before the weights load
         scheme = quant.parse_quantization_config(config.extra.get("quantization_config"))
+        if quantize is not None and scheme is not None:
+            raise ValueError(f"{folder.name} is already quantised ({scheme.name}); drop quantize={quantize!r}")
+        if quantize in int_quant.QUANTIZE_FORMATS:
+            int_quant.check_config(config, quantize)
+            note = int_quant.cpu_note()
+            if note:
+                log.warning(note)
+            model = None
+            try:
+                model = int_quant.build_quantized_model(config, int_quant.checkpoint_tensors(folder), quantize,
+                                                        dtype=torch_dtype)
+                model.fuse_projections()
+            except BaseException:
+                model = None
+                gc.collect()  # nothing partially loaded stays in memory
+                raise
+            return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=folder.name,
+                       kernels=request.kernels, cpu_kernels=request.cpu_kernels, **engine_kwargs)
         if quantize is not None:
-            if scheme is not None:
-                raise ValueError(f"{folder.name} is already quantised ({scheme.name}); drop quantize={quantize!r}")
             scheme = quant.scheme_from_name(quantize)
         try:
             with torch.device("meta"):
@@ -120,6 +140,14 @@ class Engine:
             raise
         return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=folder.name,
                    kernels=request.kernels, cpu_kernels=request.cpu_kernels, **engine_kwargs)
+
+    @property
+    def weights(self) -> dict:
+        """The weights' format ("int4", "int8", an FP8 scheme or the dtype), average bits per weight of the
+        matrices, their bytes in all and the bytes of weights one decoded token reads (the active parameters)."""
+        if getattr(self, "_weights", None) is None:
+            self._weights = int_quant.weight_summary(self.model)
+        return self._weights
 
     # --- requests -------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, routing: bool = False,
@@ -243,6 +271,14 @@ class Engine:
         return (f"Engine({self.name}: {c.num_hidden_layers} layers, {c.n_routed_experts} experts top-"
                 f"{c.num_experts_per_tok}, {self.dtype}, {self.device}, kernels={self.kernels}, "
                 f"context {self.max_context})")
+
+
+def _resolved_kernels(request: KernelRequest, device: str | torch.device) -> str:
+    """"torch" | "triton", as the engine will choose (a request the device cannot meet is refused later)."""
+    try:
+        return request.kernel_table(torch.device(device))
+    except (ValueError, RuntimeError):
+        return request.kernels
 
 
 def _parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

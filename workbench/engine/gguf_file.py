@@ -489,28 +489,23 @@ class _Stream:
         pass
 
 
-def _quantized_builder():
-    try:
-        from workbench.engine.int_quant import build_quantized_model
-    except ImportError:  # the quantized CPU weights (issue 14, item 1) are not in this tree yet
-        return None
-    return build_quantized_model
-
-
 def build_model(config: GLMConfig, tensors: Iterator[tuple[str, Weight]], dtype: torch.dtype,
                 device: torch.device, source: Path):
     """The engine's model from (HF name, weight) pairs: the one place a GGUF's weights enter the engine.
 
     On the CPU, the quantized model builder (int_quant.build_quantized_model) takes them as they are: Int8Weight
-    and Int4Weight stay packed, float tensors stay dense (quantize=None). Elsewhere (GPUs), or before that builder
-    exists, quantized weights are dequantized to `dtype` here and placed by the checkpoint loader
+    and Int4Weight stay packed for the integer kernels, float tensors stay dense (quantize=None). On GPUs (no
+    integer kernels there), quantized weights are dequantized to `dtype` here and placed by the checkpoint loader
     (weights.load_weights), one tensor at a time."""
+    from workbench.engine import int_quant
     from workbench.engine.model import GLMForCausalLM
     from workbench.engine.weights import load_weights
 
-    builder = _quantized_builder()
-    if builder is not None and device.type == "cpu":
-        model = builder(config, tensors, None, dtype=dtype)
+    if device.type == "cpu":
+        note = int_quant.cpu_note()
+        if note:
+            log.warning(note)
+        model = int_quant.build_quantized_model(config, tensors, None, dtype=dtype)
         model.fuse_projections()
         return model
     stream = _Stream(source, dtype)

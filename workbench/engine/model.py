@@ -194,10 +194,11 @@ def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | Non
 
     Plain tensors, not parameters: the fused copy is not a second set of weights in state_dict() or
     parameters(). None (nothing changed) unless all are plain nn.Linear modules of one dtype and device with
-    biases alike: quantised replacements (FP8) keep their own kernels."""
+    biases alike: quantised replacements (FP8, int8/int4) keep their own kernels."""
+    if any(type(m) is not nn.Linear for m in linears):
+        return None
     weights = [m.weight for m in linears]
-    if any(type(m) is not nn.Linear for m in linears) or len({(w.dtype, w.device) for w in weights}) != 1 \
-            or len({m.bias is None for m in linears}) != 1:
+    if len({(w.dtype, w.device) for w in weights}) != 1 or len({m.bias is None for m in linears}) != 1:
         return None
     weight = _gemv_layout(torch.cat([w.detach() for w in weights]))
     bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])

@@ -112,14 +112,17 @@ def status(key):  # kB figures of /proc/self/status
 # writing 5 to clear_refs resets it, so the peak below is the load's alone.
 Path("/proc/self/clear_refs").write_text("5")
 before = status("VmRSS")
-engine = Engine.from_pretrained(sys.argv[1], dtype=sys.argv[2], kernels="torch", cache_tokens=1024)
-weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+quantize = sys.argv[3] if len(sys.argv) > 3 else None
+engine = Engine.from_pretrained(sys.argv[1], dtype=sys.argv[2], kernels="torch", cache_tokens=1024, quantize=quantize)
+weights = engine.weights["weight_bytes"]  # parameters and the quantized weights' buffers
 print(json.dumps({"growth": status("VmHWM") - before, "weights": weights}))
 """
 
 
-def measure_load_memory(folder: str | Path, dtype: str) -> dict[str, int]:
-    """Load `folder` in a fresh process (Linux) and return its peak RSS growth and the weights' bytes."""
-    out = subprocess.run([sys.executable, "-c", _LOAD_MEMORY_CHILD, str(folder), dtype], capture_output=True,
-                         text=True, check=True)
+def measure_load_memory(folder: str | Path, dtype: str, quantize: str | None = None) -> dict[str, int]:
+    """Load `folder` in a fresh process (Linux), quantized if asked, and return its peak RSS growth and the
+    weights' bytes."""
+    out = subprocess.run([sys.executable, "-c", _LOAD_MEMORY_CHILD, str(folder), dtype, *([quantize] if quantize
+                                                                                         else [])],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
