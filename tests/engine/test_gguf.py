@@ -113,28 +113,38 @@ def test_bundled_quantized_round_trip_equals_the_engine_on_dequantized_weights(b
     # the weights the engine holds are gguf's values bit for bit (packed or dense, whichever builder ran)
     expected = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors
                 if t.name in ("blk.1.ffn_down_exps.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight")}
-    experts = loaded.model.layers[1].mlp.experts
-    if hasattr(experts, "down"):  # the quantized builder: Int8Weight / Int4Weight kept packed
-        down, gate_up = dequantize(experts.down), dequantize(experts.gate_up)
-    else:  # the dequantizing fallback
-        down, gate_up = experts.down_proj, experts.gate_up_proj
+    experts = loaded.model.layers[1].mlp.experts  # Int8Weight / Int4Weight kept packed
+    down, gate_up = dequantize(experts.down), dequantize(experts.gate_up)
     assert np.array_equal(down.detach().numpy(), expected["blk.1.ffn_down_exps.weight"])
     assert np.array_equal(gate_up.detach().numpy(), np.concatenate(
         [expected["blk.1.ffn_gate_exps.weight"], expected["blk.1.ffn_up_exps.weight"]], axis=1))
     # and it computes what the engine computes on those values, dense: to the rounding of its integer kernels
-    # (activations quantized in blocks of 32), exactly on the dequantizing path
+    # (activations quantized in blocks of 32)
     reference = engine(dequantized_reference(path, tmp_path / "reference"))
     logits, expected_logits = loaded.logits(prompt), reference.logits(prompt)
     spread = float(expected_logits.max() - expected_logits.min())
     assert float((logits - expected_logits).abs().max()) <= 0.02 * spread
     assert (logits.argmax(-1) == expected_logits.argmax(-1)).float().mean().item() >= 0.9
-    if not hasattr(experts, "down"):
-        assert torch.equal(logits, expected_logits)
     # the quantization is real but mild: the checkpoint's top token is still on top at most positions
     original = bundled_engine.logits(prompt)
     assert not torch.equal(logits, original)
     agree = (logits.argmax(-1) == original.argmax(-1)).float().mean().item()
     assert agree >= (0.9 if gguf_type == "q8_0" else 0.6), agree
+
+
+def test_dequantizing_path_for_gpus_gives_the_dequantized_reference_exactly(bundled_ggufs, prompt, tmp_path):
+    """Where no integer kernels run (GPUs), quantized weights are dequantized as they load: the same logits as
+    the engine on gguf's dequantized values, exactly (run here on the CPU)."""
+    from workbench.engine.gguf_file import build_dequantized_model, hf_tensors
+
+    path = bundled_ggufs["q4_k"]
+    model_file = open_gguf(path)
+    config = config_from_gguf(model_file)
+    model = build_dequantized_model(config, hf_tensors(model_file, config), torch.float32, torch.device("cpu"), path)
+    loaded = Engine(model, tokenizer_from_gguf(model_file), device=torch.device("cpu"), dtype=torch.float32,
+                    kernels="torch", cpu_kernels="torch")
+    reference = engine(dequantized_reference(path, tmp_path / "reference"))
+    assert torch.equal(loaded.logits(prompt), reference.logits(prompt))
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-grouped"])

@@ -498,8 +498,6 @@ def build_model(config: GLMConfig, tensors: Iterator[tuple[str, Weight]], dtype:
     integer kernels there), quantized weights are dequantized to `dtype` here and placed by the checkpoint loader
     (weights.load_weights), one tensor at a time."""
     from workbench.engine import int_quant
-    from workbench.engine.model import GLMForCausalLM
-    from workbench.engine.weights import load_weights
 
     if device.type == "cpu":
         note = int_quant.cpu_note()
@@ -508,6 +506,16 @@ def build_model(config: GLMConfig, tensors: Iterator[tuple[str, Weight]], dtype:
         model = int_quant.build_quantized_model(config, tensors, None, dtype=dtype)
         model.fuse_projections()
         return model
+    return build_dequantized_model(config, tensors, dtype, device, source)
+
+
+def build_dequantized_model(config: GLMConfig, tensors: Iterator[tuple[str, Weight]], dtype: torch.dtype,
+                            device: torch.device, source: Path):
+    """A plain model (every weight in `dtype`) from (HF name, weight) pairs, quantized ones dequantized one at a
+    time: the GPU path, where no integer kernels run."""
+    from workbench.engine.model import GLMForCausalLM
+    from workbench.engine.weights import load_weights
+
     stream = _Stream(source, dtype)
 
     def pairs() -> Iterator[tuple[str, _Stream]]:
