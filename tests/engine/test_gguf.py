@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as T
 from glm_kernels.blockquant import dequantize
 from safetensors.torch import load_file, save_file
 
-from workbench.engine import Engine, GLMConfig
+from workbench.engine import Engine, GLMConfig, gguf_blocks
 from workbench.engine.gguf_export import export_gguf, tensor_type
 from workbench.engine.gguf_file import (
     EXPERT_NAMES,
@@ -145,6 +145,64 @@ def test_dequantizing_path_for_gpus_gives_the_dequantized_reference_exactly(bund
                     kernels="torch", cpu_kernels="torch")
     reference = engine(dequantized_reference(path, tmp_path / "reference"))
     assert torch.equal(loaded.logits(prompt), reference.logits(prompt))
+
+
+def random_k_blocks(qtype: T, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Valid random Q6_K / Q5_K bytes (we write neither): random quants and sub-scales, small finite fp16 scales."""
+    rng = np.random.default_rng(seed)
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(*shape[:-1], shape[-1] // block, block_bytes), dtype=np.uint8)
+    for offset in {T.Q6_K: [208], T.Q5_K: [0, 2]}[qtype]:
+        raw[..., offset:offset + 2] = rng.uniform(1e-5, 4e-5, size=raw.shape[:-1]).astype(np.float16)[..., None].view(
+            np.uint8)
+    return raw.reshape(*shape[:-1], -1)
+
+
+def test_every_block_type_imports_through_the_engine(tmp_path, prompt, monkeypatch):
+    """A GGUF of the bundled model whose matrices take every type the engine reads (Q6_K as int8 in groups of
+    16, Q4_0/Q5_0/Q8_0 as int8, Q4_K as int4, BF16/F16 dense, Q5_K dequantized; Q6_K/Q5_K from random blocks, the
+    others from gguf's quantizers and ours): the engine holds gguf's values and computes with them."""
+    from workbench.engine import gguf_export
+
+    experts = {1: (T.Q6_K, T.Q4_0), 2: (T.Q4_K, T.Q5_0), 3: (T.Q5_K, T.Q8_0), 4: (T.BF16, T.F16)}
+    cycle = [T.Q6_K, T.Q4_0, T.Q5_K, T.BF16, T.Q5_0, T.Q4_K, T.F16, T.Q8_0]
+    chosen: dict[str, T] = {}
+
+    def tensor_type(name, shape, gguf_type):
+        if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
+            return T.F32
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else None
+        if "_exps." in name:
+            qtype = experts[layer][1 if "down" in name else 0]
+        else:
+            qtype = cycle[len(chosen) % len(cycle)]
+            if shape[-1] % 256 and qtype in (T.Q6_K, T.Q5_K, T.Q4_K):
+                qtype = T.Q4_0
+        chosen[name] = qtype
+        return qtype
+
+    def encode(values, qtype):
+        if qtype in (T.Q6_K, T.Q5_K):
+            return random_k_blocks(qtype, tuple(values.shape), seed=len(chosen))
+        if qtype == T.Q4_K:
+            return gguf_blocks.encode_q4_k(values)
+        return gguf.quants.quantize(values.float().numpy(), qtype)
+
+    monkeypatch.setattr(gguf_export, "tensor_type", tensor_type)
+    monkeypatch.setattr(gguf_export, "_encode", encode)
+    path = export_gguf(BUNDLED, tmp_path / "mixed.gguf", "f32")[0]
+    assert set(chosen.values()) == set(cycle)
+    loaded = engine(path)
+    values = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(path).tensors}
+    for layer in (1, 2):  # exact imports are kept packed, with gguf's values
+        held = loaded.model.layers[layer].mlp.experts
+        assert np.array_equal(dequantize(held.down).numpy(), values[f"blk.{layer}.ffn_down_exps.weight"])
+        assert np.array_equal(dequantize(held.gate_up).numpy(), np.concatenate(
+            [values[f"blk.{layer}.ffn_gate_exps.weight"], values[f"blk.{layer}.ffn_up_exps.weight"]], axis=1))
+    assert loaded.model.layers[1].mlp.experts.gate_up.group == 16  # Q6_K's sub-blocks
+    reference = engine(dequantized_reference(path, tmp_path / "reference"))
+    logits, expected = loaded.logits(prompt), reference.logits(prompt)
+    assert float((logits - expected).abs().max()) <= 0.02 * float(expected.max() - expected.min())
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-grouped"])
