@@ -411,11 +411,9 @@ def hf_tensors(model: GGUFModel, config: GLMConfig) -> Iterator[tuple[str, Weigh
         prefix = f"model.layers.{layer}."
         if rest in LAYER_NAMES:
             yield prefix + LAYER_NAMES[rest], _decode(info)
-        elif rest in EXPERT_NAMES:
-            stacked = _decode(info)
-            for expert in range(stacked.shape[0]):
-                yield f"{prefix}mlp.experts.{expert}.{EXPERT_NAMES[rest]}.weight", stacked[expert]
-            del stacked
+        elif rest in EXPERT_NAMES:  # decoded expert by expert: the stack is never decoded whole beside the model
+            for expert in range(int(info.shape[-1])):
+                yield f"{prefix}mlp.experts.{expert}.{EXPERT_NAMES[rest]}.weight", _decode(info, expert)
         else:
             raise GGUFError(f"unexpected tensor {name!r} in {model.name}: not part of a {ARCH} decoder layer")
         _release(_reader, info)
@@ -440,8 +438,10 @@ def _release(reader: _Reader, info: Any) -> None:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), mmap.MADV_DONTNEED)
 
 
-def _decode(info: Any) -> Weight:
+def _decode(info: Any, index: int | None = None) -> Weight:
     raw = torch.from_numpy(info.data)  # a view of the copy-on-write mapping
+    if index is not None:
+        raw = raw[index]
     if info.tensor_type not in gguf_blocks.FLOAT_TYPES:
         raw = raw.reshape(*raw.shape[:-1], -1)
     return gguf_blocks.decode(raw, info.tensor_type)
