@@ -205,13 +205,15 @@ def test_every_block_type_imports_through_the_engine(tmp_path, prompt, monkeypat
     assert float((logits - expected).abs().max()) <= 0.02 * float(expected.max() - expected.min())
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-grouped"])
-def test_tiny_models_round_trip_config_and_logits(preset, tmp_path):
-    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt", preset, seed=3)
+@pytest.mark.parametrize(("preset", "overrides"), [("tiny", {}), ("tiny-grouped", {}),
+                                                   ("tiny", {"tie_word_embeddings": True})])
+def test_tiny_models_round_trip_config_and_logits(preset, overrides, tmp_path):
+    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt", preset, seed=3, **overrides)
     path = export_gguf(checkpoint, tmp_path / "tiny.gguf", "f32")[0]
     config = GLMConfig.from_json(checkpoint)
     # the engine's checkpoints hold no MTP layer, so the GGUF announces none (see gguf_export)
     assert config_from_gguf(open_gguf(path)) == config.replace(num_nextn_predict_layers=0)
+    assert ("output.weight" in open_gguf(path).tensors) == (not config.tie_word_embeddings)
     ids = list(range(5, 40))
     assert torch.equal(engine(path).logits(ids), engine(checkpoint).logits(ids))
 
@@ -342,6 +344,29 @@ def test_glm45_pre_tokenizer_round_trips(tmp_path):
     assert any(hf.encode(t) != Tokenizer.from_pretrained(BUNDLED).encode(t) for t in texts)  # the splits differ
     check_same_tokenizer(tokenizer_from_gguf(model), hf, texts)
     assert open_gguf(export_gguf(BUNDLED, tmp_path / "plain.gguf", "q8_0")[0]).get("tokenizer.ggml.pre") == "gpt-2"
+
+
+def test_added_tokens_after_the_vocab_and_padding_ids(tmp_path):
+    """GLM-4.5's layout: the special tokens get ids after the BPE vocabulary (not in it), and the model's vocab_size
+    leaves ids no token has ([PAD...] in the GGUF, type UNUSED, as the converter writes them)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from workbench.engine.testing import _TRAINING_TEXT, write_tokenizer_files
+
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([_TRAINING_TEXT] * 4, trainers.BpeTrainer(
+        vocab_size=400, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.add_special_tokens(GLM_SPECIAL_TOKENS)
+    assert bpe.token_to_id("<|endoftext|>") >= 300  # after the vocabulary
+    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt", "tiny", seed=2)  # vocab_size 512
+    write_tokenizer_files(checkpoint, bpe)
+    model = open_gguf(export_gguf(checkpoint, tmp_path / "t.gguf", "f16")[0])
+    tokens, types = model.get("tokenizer.ggml.tokens"), model.get("tokenizer.ggml.token_type")
+    assert len(tokens) == 512 and tokens[-1] == "[PAD511]" and types[-1] == gguf.TokenType.UNUSED
+    check_same_tokenizer(tokenizer_from_gguf(model), Tokenizer.from_pretrained(checkpoint), TEXTS)
 
 
 def test_gguf_tokenizer_metadata_is_the_converters(bundled_ggufs):
