@@ -348,54 +348,73 @@ def run_ours(job: Job) -> dict:
             "figures": figures, "tokens": tokens[:16], "kernels": engine.cpu_kernels}
 
 
-def run_llama(job: Job) -> dict:
-    import llama_cpp
-    import numpy as np
+class LlamaCpp:
+    """A GGUF loaded by llama.cpp (`llama_cpp`, the `bench` extra), driven through its C API one batch at a time:
+    greedy decoding by argmax of the last row's logits, no sampler chain, so the timed work is llama.cpp's
+    forward pass, as the engine's figures time its own."""
 
-    start = time.perf_counter()
-    n_ctx = job.prefill_tokens + job.decode_tokens + 64
-    llm = llama_cpp.Llama(str(job.gguf), n_ctx=n_ctx, n_batch=job.prefill_tokens, n_ubatch=job.prefill_tokens,
-                          n_threads=job.threads[0], n_threads_batch=job.threads[0], verbose=False, use_mmap=True)
-    load_seconds = time.perf_counter() - start
-    ctx, vocab = llm.ctx, llm.n_vocab()
-    short, long = job.prompts(vocab)
+    def __init__(self, path: str | Path, threads: int = 1, n_ctx: int = 1024, n_batch: int = 512) -> None:
+        import llama_cpp
 
-    def clear() -> None:
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        self._lib = llama_cpp
+        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False, use_mmap=True)
+        self.ctx, self.vocab = self.llm.ctx, self.llm.n_vocab()
 
-    def run(tokens: list[int], position: int) -> int:
-        """Decode `tokens` at `position`; the greedy next token (logits of the last row only)."""
-        array = (llama_cpp.llama_token * len(tokens))(*tokens)
-        batch = llama_cpp.llama_batch_get_one(array, len(tokens))
-        if llama_cpp.llama_decode(ctx, batch) != 0:
-            raise RuntimeError(f"llama_decode failed at position {position}")
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(vocab,))
+    def set_threads(self, threads: int) -> None:
+        self._lib.llama_set_n_threads(self.ctx, threads, threads)
+
+    def clear(self) -> None:
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self.ctx), True)
+
+    def forward(self, tokens: list[int]) -> int:
+        """Decode `tokens` after what the cache holds; the greedy next token."""
+        import numpy as np
+
+        lib = self._lib
+        array = (lib.llama_token * len(tokens))(*tokens)
+        if lib.llama_decode(self.ctx, lib.llama_batch_get_one(array, len(tokens))) != 0:
+            raise RuntimeError(f"llama_decode failed on a batch of {len(tokens)} tokens")
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, -1), shape=(self.vocab,))
         return int(logits.argmax())
 
-    def decode(n: int) -> tuple[float, list[int]]:
-        """Like GenerationResult.decode_tokens_per_second: n - 1 steps after the prompt's token."""
-        clear()
-        token = run(short, 0)
-        tokens = [token]
+    def greedy(self, prompt: list[int], n: int) -> tuple[list[int], float]:
+        """n greedy tokens after `prompt` and the decode rate as GenerationResult.decode_tokens_per_second
+        counts it: the n - 1 steps after the prompt's forward pass."""
+        self.clear()
+        tokens = [self.forward(prompt)]
         start = time.perf_counter()
-        for i in range(n - 1):
-            token = run([token], len(short) + i)
-            tokens.append(token)
-        return (n - 1) / (time.perf_counter() - start), tokens
+        for _ in range(n - 1):
+            tokens.append(self.forward(tokens[-1:]))
+        seconds = time.perf_counter() - start
+        return tokens, (n - 1) / seconds if n > 1 else 0.0
 
-    def prefill(tokens: list[int]) -> float:
-        clear()
+    def prefill(self, tokens: list[int]) -> float:
+        """Prompt tok/s of one forward pass over `tokens` from an empty cache."""
+        self.clear()
         start = time.perf_counter()
-        run(tokens, 0)
+        self.forward(tokens)
         return len(tokens) / (time.perf_counter() - start)
 
-    decode(4)
-    prefill(long[:64])
+    def close(self) -> None:
+        self.llm.close()
+
+
+def run_llama(job: Job) -> dict:
+    import llama_cpp
+
+    start = time.perf_counter()
+    llm = LlamaCpp(job.gguf, job.threads[0], n_ctx=job.prefill_tokens + job.decode_tokens + 64,
+                   n_batch=job.prefill_tokens)
+    load_seconds = time.perf_counter() - start
+    short, long = job.prompts(llm.vocab)
+    llm.greedy(short, 4)  # warm-up: first touches of every weight page
+    llm.prefill(long[:64])
     figures = {}
     for threads in job.threads:
-        llama_cpp.llama_set_n_threads(ctx, threads, threads)
-        rate, tokens = decode(job.decode_tokens)
-        figures[str(threads)] = {"decode": rate, "prefill": prefill(long)}
+        llm.set_threads(threads)
+        tokens, rate = llm.greedy(short, job.decode_tokens)
+        figures[str(threads)] = {"decode": rate, "prefill": llm.prefill(long)}
     llm.close()
     return {"load_seconds": load_seconds, "bytes_per_token": gguf_bytes_per_token(job.gguf), "figures": figures,
             "tokens": tokens[:16], "kernels": "llama.cpp " + llama_cpp.__version__}
