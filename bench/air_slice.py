@@ -344,8 +344,15 @@ def run_ours(job: Job) -> dict:
         torch.set_num_threads(threads)
         rate, tokens = decode(job.decode_tokens)
         figures[str(threads)] = {"decode": rate, "prefill": prefill(long)}
-    return {"load_seconds": load_seconds, "bytes_per_token": engine_bytes_per_token(engine.model, engine.config),
-            "figures": figures, "tokens": tokens[:16], "kernels": engine.cpu_kernels}
+    # The engine's own count where it has one (Engine.weights, with the integer formats); the same rule otherwise.
+    summary = getattr(engine, "weights", None)
+    if isinstance(summary, dict) and "bytes_per_token" in summary:
+        bytes_per_token = summary["bytes_per_token"]
+        weight_format = f"{summary['format']}, {summary['bits_per_weight']} bits per matrix weight"
+    else:
+        bytes_per_token, weight_format = engine_bytes_per_token(engine.model, engine.config), "bfloat16"
+    return {"load_seconds": load_seconds, "bytes_per_token": bytes_per_token, "figures": figures,
+            "tokens": tokens[:16], "kernels": f"ours {weight_format}, cpu kernels {engine.cpu_kernels}"}
 
 
 class LlamaCpp:
@@ -516,6 +523,9 @@ def report(summary: dict, bandwidth: dict[int, dict[str, float]], threads: list[
             lines.append(f"{name:16}{t:4d}{fig['decode']:14.2f}{fig['prefill']:15.1f}{gb:10.3f}"
                          f"{gb * fig['decode']:13.2f}{100 * gb * fig['decode'] / bandwidth[t]['read']:13.0f}%"
                          f"{entry['load_seconds']:8.0f}")
+    for name, entry in summary.items():
+        if "kernels" in entry:
+            lines.append(f"  {name}: {entry['kernels']}")
     if len(threads) > 1:
         low, high = threads[0], threads[-1]
         scaling = [f"{name} {e['figures'][high]['decode'] / e['figures'][low]['decode']:.2f}x"
