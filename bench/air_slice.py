@@ -25,7 +25,7 @@ copy at each thread count). The last line (at the largest thread count):
                                   # 2 cores. On an Intel CPU with AMX build it without the AMX flags (a native
                                   # build dies with SIGILL in its AMX Q8_0 kernel, an open upstream bug):
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF \
-        -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install --no-binary llama-cpp-python 'llama-cpp-python'
+        -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install -e '.[bench]'
     python bench/air_slice.py [--layers 1+2] [--workdir DIR] [--threads 1,2] [--rounds 3]
 
 Without `llama_cpp` (or without the GGUF exporter) the llama.cpp rows say why they are missing and ours still run.
