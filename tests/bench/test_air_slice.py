@@ -130,4 +130,7 @@ def test_the_whole_run_at_test_size(air_slice, tmp_path, capsys):
     llama = figures["contenders"]["llama.cpp Q4_K"]
     if importlib.util.find_spec("llama_cpp") is None:
         assert "llama_cpp is not installed" in llama["error"]
+    elif "error" not in llama:  # exported by export-gguf, run by llama.cpp: both sides of the comparison ran
+        assert llama["figures"][1]["decode"] > 0 and llama["bytes_per_token"] > 0, llama
+        assert not math.isnan(figures["last_line"]["decode_vs_llamacpp_q4"])
     assert (tmp_path / "slice-tiny-1+1-s0" / "config.json").is_file()  # a named workdir is kept
