@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as T
 from glm_kernels.blockquant import dequantize
 from safetensors.torch import load_file, save_file
 
+import workbench.chat  # noqa: F401  (gives the engine's Tokenizer apply_chat_template)
 from workbench.engine import Engine, GLMConfig, gguf_blocks
 from workbench.engine.gguf_export import export_gguf, tensor_type
 from workbench.engine.gguf_file import (
