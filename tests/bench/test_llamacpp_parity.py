@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the bench extra) is not installed")
 
 import workbench  # noqa: E402
+import workbench.chat  # noqa: E402, F401  (gives the engine's Tokenizer apply_chat_template)
 from workbench.engine import Engine  # noqa: E402
 
 BUNDLED = Path(workbench.__file__).resolve().parent / "models" / "glm45-air-mini"
