@@ -23,10 +23,7 @@ from glm_kernels.blockquant import (
     Int4Weight,
     Int8Weight,
     QuantizedWeight,
-    dequantize,
-    dequantize_activations,
     linear_q8a_reference,
-    quantize_activations,
 )
 
 ISAS = ("scalar", "avx2", "avx512vnni")
@@ -40,6 +37,17 @@ def weight_parts(qw: QuantizedWeight) -> list[torch.Tensor]:
     if isinstance(qw, Int4Weight):
         return [qw.packed, qw.d, qw.dmin, qw.sc, qw.mn]
     raise TypeError(f"not a quantized weight: {type(qw).__name__} (use glm_kernels.blockquant.quantize)")
+
+
+SUFFIXES = {"int8": ("q", "scales"), "int4": ("packed", "d", "dmin", "sc", "mn")}
+
+
+def decode_step_weight(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """A quantized weight as the compiled decode step (csrc/decode_model.cpp) takes it in place of the float
+    tensor `name`: {f"{name}.q": ..., f"{name}.scales": ...} for Int8Weight, {f"{name}.packed", ".d", ".dmin",
+    ".sc", ".mn"} for Int4Weight (contiguous; the lm_head goes into DecodeModel's `quantized` map as "lm_head")."""
+    parts = weight_parts(qw)
+    return {f"{name}.{suffix}": t.contiguous() for suffix, t in zip(SUFFIXES[qw.format], parts, strict=True)}
 
 
 def _compiled_can_take(x: torch.Tensor, *weights: QuantizedWeight):
@@ -101,7 +109,10 @@ def quantized_fused_moe(x: torch.Tensor, w_gate_up: QuantizedWeight, w_down: Qua
                          f"{w_gate_up.shape} and {w_down.shape}")
     module = _compiled_can_take(x, w_gate_up, w_down)
     if module is not None:
-        return module.quantized_fused_moe(x, weight_parts(w_gate_up), weight_parts(w_down), topk_ids, topk_weights)
+        # The router's top-k comes as a view of a wider tensor (a row stride of the expert count): the kernel reads
+        # rows of top_k, so it gets them packed.
+        return module.quantized_fused_moe(x.contiguous(), weight_parts(w_gate_up), weight_parts(w_down),
+                                          topk_ids.contiguous(), topk_weights.contiguous())
     return quantized_fused_moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights)
 
 
@@ -131,5 +142,5 @@ def set_isa(name: str | None) -> None:
         raise ValueError(str(exc).splitlines()[0]) from None
 
 
-__all__ = ["ISAS", "best_isa", "dequantize", "dequantize_activations", "isa", "quantize_activations",
-           "quantized_fused_moe", "quantized_fused_moe_reference", "quantized_linear", "set_isa", "weight_parts"]
+__all__ = ["ISAS", "SUFFIXES", "best_isa", "decode_step_weight", "isa", "quantized_fused_moe",
+           "quantized_fused_moe_reference", "quantized_linear", "set_isa", "weight_parts"]

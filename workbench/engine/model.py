@@ -32,6 +32,9 @@ class Segment:
 
     start: int
     length: int
+    # Tokens of this sequence already in the cache: a prefill that continues after them (a cached prefix). The
+    # scheduler prefills whole sequences today (0); kept, and held correct by tests/engine/test_prefill_rows.py,
+    # for prefix caching and chunked prefill, which continue a sequence this way.
     cached: int = 0
     block_table: torch.Tensor | None = None  # [blocks] int32, when the sequence lives in the cache
 

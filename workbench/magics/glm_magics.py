@@ -289,6 +289,7 @@ class GLMMagics(Magics):
     def _ask(self, connection: Connection, body: dict[str, Any], answer_format: str, user_text: str,
              max_tokens: int | None) -> tuple[str, str | None, str | None] | None:
         """Send the request and show the answer as it comes; returns (answer, finish_reason, completion id)."""
+        from workbench.chat.fold import MessageFold  # the chat layer: imported once the first answer is asked for
         from workbench.widgets.thinking import AnswerDisplay
 
         settings = self.session.settings
@@ -298,18 +299,19 @@ class GLMMagics(Magics):
         while True:
             body["messages"], remembered = self._messages(connection, answer_format, user_text, max_tokens, skip)
             view = AnswerDisplay(rich=rich)
-            finish_reason = completion_id = None
+            fold = MessageFold()
+            completion_id = None
             try:
                 for chunk in connection.chat(body):
                     completion_id = chunk.get("id") or completion_id
                     for choice in chunk.get("choices") or []:
                         delta = choice.get("delta") or choice.get("message") or {}
+                        fold.add_delta(delta, choice.get("finish_reason"))
                         view.reasoning(delta.get("reasoning_content") or "")
                         view.content(delta.get("content") or "")
-                        finish_reason = choice.get("finish_reason") or finish_reason
             except GLMError as exc:
                 # Our token estimate was too low: drop the oldest remembered turn that was sent, and retry.
-                if exc.code == "context_length_exceeded" and remembered > 0 and not view.answer:
+                if exc.code == "context_length_exceeded" and remembered > 0 and not fold.content:
                     skip = len(self.session.turns) - remembered + 1
                     continue
                 raise
@@ -318,7 +320,7 @@ class GLMMagics(Magics):
                 print("\ninterrupted: the generation was cancelled (nothing was remembered)")
                 return None
             view.finish()
-            return view.answer, finish_reason, completion_id
+            return fold.content or "", fold.finish_reason, completion_id
 
     def _place_code(self, answer: str, replace: bool, run: bool) -> None:
         code = extract_code(answer)

@@ -108,7 +108,7 @@ class GLMWorkbench(ExtensionApp):
 
     def initialize_settings(self) -> None:
         self._log_into_the_server_log()
-        self.glm_backend = self.make_backend()
+        self.glm_backend: Backend = self.make_backend()
         self._backend_started: asyncio.Task | None = None
         self.settings["glm_workbench"] = self
 

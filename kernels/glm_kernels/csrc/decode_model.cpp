@@ -16,6 +16,18 @@
 //
 // Shape legend: D hidden, H query heads, Hk kv heads, Dh head dim, R rotary dims, E experts, K experts per token,
 // I expert (or MLP) width, V vocab, B sequences in a decode step. Weights come as [out, in] matrices, any strides.
+//
+// Quantized weights (glm_kernels.blockquant; kernels in quant_kernels.cpp): any of the linears' keys below --
+// qkv_weight, o_weight, mlp_gate_up, mlp_down, experts_gate_up, experts_down, and lm_head in the constructor's
+// `quantized` map -- may instead come as the tensors of a quantized weight under the key plus a suffix, contiguous
+// (glm_kernels.quant_linear.decode_step_weight(name, qw) writes them):
+//   Int8Weight:  NAME.q int8 [.., N, K], NAME.scales fp32 [.., N, K / group]            (group 32 or 16)
+//   Int4Weight:  NAME.packed uint8 [.., N, K / 2], NAME.d and NAME.dmin fp32 [.., N, ceil(K / 256)],
+//                NAME.sc and NAME.mn uint8 [.., N, K / 32]
+// (experts stacked [E, N, K]). A quantized linear quantizes its input rows to 8 bits per block of 32, computes
+// in fp32 and rounds once to the model dtype, as glm_kernels.quant_linear.quantized_linear does; quantized routed
+// experts follow quantized_fused_moe (gate_up in fp32, hidden and expert outputs rounded to the dtype). The
+// router, norms, embeddings and biases stay float.
 
 #pragma once  // compiled as part of module.cpp
 
@@ -27,6 +39,28 @@ using namespace glm_cpu;
 
 using at::Tensor;
 using TensorMap = std::map<std::string, Tensor>;
+
+// A quantized weight under `key` (its tensors at key + ".q" etc., see the top), or an undefined QMat; its tensors
+// are kept alive in `keep`.
+glm_quant::QMat take_quantized(const TensorMap& map, const std::string& key, int lead, std::vector<Tensor>& keep) {
+  std::vector<std::string> suffixes;
+  if (map.count(key + ".q")) {
+    suffixes = {".q", ".scales"};
+  } else if (map.count(key + ".packed")) {
+    suffixes = {".packed", ".d", ".dmin", ".sc", ".mn"};
+  } else {
+    return {};
+  }
+  std::vector<Tensor> parts;
+  for (const auto& suffix : suffixes) {
+    auto it = map.find(key + suffix);
+    TORCH_CHECK(it != map.end() && it->second.defined(), "cpu_decode: quantized weight '", key, "' lacks '", key,
+                suffix, "'");
+    parts.push_back(it->second);
+  }
+  keep.insert(keep.end(), parts.begin(), parts.end());
+  return glm_quant::make_qmat(parts, lead, ("cpu_decode: " + key).c_str());
+}
 
 Tensor take(const TensorMap& map, const std::string& key, bool required = true) {
   auto it = map.find(key);
@@ -40,6 +74,7 @@ Tensor take(const TensorMap& map, const std::string& key, bool required = true) 
 struct Mlp {  // SwiGLU: dense layers and the shared expert
   Tensor gate_up;  // [2I, D]: gate rows then up rows
   Tensor down;     // [D, I]
+  glm_quant::QMat gate_up_q, down_q;  // quantized instead, where given
 };
 
 struct Layer {
@@ -53,14 +88,20 @@ struct Layer {
   Tensor router_weight, router_bias;          // [E, D] fp32, [E] fp32
   Tensor experts_gate_up, experts_down;       // [E, 2I, D], [E, D, I]
   Tensor k_cache, v_cache;                    // [blocks, block_size, Hk, Dh]
+  glm_quant::QMat qkv_q, o_q, experts_gate_up_q, experts_down_q;  // quantized instead, where given
+  std::vector<Tensor> quantized;  // the tensors the QMats point into
 };
 
 class DecodeModel {
  public:
-  DecodeModel(const std::vector<TensorMap>& layers, Tensor embed, Tensor final_norm, Tensor lm_head,
-              Tensor inv_freq, const std::map<std::string, double>& config)
-      : embed_(std::move(embed)), final_norm_(std::move(final_norm)), lm_head_(std::move(lm_head)),
+  DecodeModel(const std::vector<TensorMap>& layers, Tensor embed, Tensor final_norm, std::optional<Tensor> lm_head,
+              Tensor inv_freq, const std::map<std::string, double>& config, const TensorMap& quantized)
+      : embed_(std::move(embed)), final_norm_(std::move(final_norm)), lm_head_(lm_head.value_or(Tensor())),
         inv_freq_(inv_freq.to(at::kFloat).contiguous()) {
+    lm_head_q_ = take_quantized(quantized, "lm_head", 0, lm_head_parts_);
+    TORCH_CHECK(lm_head_.defined() != lm_head_q_.defined(),
+                "cpu_decode: give the lm_head either as a float tensor or quantized (lm_head.q / lm_head.packed in "
+                "`quantized`), not both or neither");
     auto get = [&](const char* key) {
       auto it = config.find(key);
       TORCH_CHECK(it != config.end(), "cpu_decode: config lacks '", key, "'");
@@ -90,11 +131,13 @@ class DecodeModel {
       Layer layer;
       layer.input_norm = take(map, "input_norm");
       layer.post_norm = take(map, "post_norm");
-      layer.qkv_weight = take(map, "qkv_weight");
+      layer.qkv_q = take_quantized(map, "qkv_weight", 0, layer.quantized);
+      layer.qkv_weight = take(map, "qkv_weight", !layer.qkv_q.defined());
       layer.qkv_bias = take(map, "qkv_bias", false);
       layer.q_norm = take(map, "q_norm", false);
       layer.k_norm = take(map, "k_norm", false);
-      layer.o_weight = take(map, "o_weight");
+      layer.o_q = take_quantized(map, "o_weight", 0, layer.quantized);
+      layer.o_weight = take(map, "o_weight", !layer.o_q.defined());
       layer.k_cache = take(map, "k_cache");
       layer.v_cache = take(map, "v_cache");
       TORCH_CHECK(layer.k_cache.is_contiguous() && layer.v_cache.is_contiguous() &&
@@ -105,17 +148,29 @@ class DecodeModel {
       if (layer.is_moe) {
         layer.router_weight = layer.router_weight.to(at::kFloat);
         layer.router_bias = take(map, "router_bias").to(at::kFloat).contiguous();
-        layer.experts_gate_up = take(map, "experts_gate_up");
-        layer.experts_down = take(map, "experts_down");
-        widest_ = std::max(widest_, layer.experts_gate_up.size(1));
+        layer.experts_gate_up_q = take_quantized(map, "experts_gate_up", 1, layer.quantized);
+        layer.experts_down_q = take_quantized(map, "experts_down", 1, layer.quantized);
+        TORCH_CHECK(layer.experts_gate_up_q.defined() == layer.experts_down_q.defined(),
+                    "cpu_decode: quantize both expert weights (gate_up and down) or neither");
+        if (layer.experts_gate_up_q.defined()) {
+          TORCH_CHECK(layer.experts_gate_up_q.experts == layer.router_weight.size(0),
+                      "cpu_decode: quantized experts and router disagree on the number of experts");
+        } else {
+          layer.experts_gate_up = take(map, "experts_gate_up");
+          layer.experts_down = take(map, "experts_down");
+          widest_ = std::max(widest_, layer.experts_gate_up.size(1));
+        }
         num_experts_ = layer.router_weight.size(0);
         num_moe_layers_ += 1;
       }
-      layer.mlp.gate_up = take(map, "mlp_gate_up", !layer.is_moe);
-      layer.has_mlp = layer.mlp.gate_up.defined();
+      layer.mlp.gate_up_q = take_quantized(map, "mlp_gate_up", 0, layer.quantized);
+      layer.mlp.gate_up = take(map, "mlp_gate_up", !layer.is_moe && !layer.mlp.gate_up_q.defined());
+      layer.has_mlp = layer.mlp.gate_up.defined() || layer.mlp.gate_up_q.defined();
       if (layer.has_mlp) {
-        layer.mlp.down = take(map, "mlp_down");
-        widest_ = std::max(widest_, layer.mlp.gate_up.size(0));
+        layer.mlp.down_q = take_quantized(map, "mlp_down", 0, layer.quantized);
+        layer.mlp.down = take(map, "mlp_down", !layer.mlp.down_q.defined());
+        widest_ = std::max(widest_,
+                           layer.mlp.gate_up_q.defined() ? layer.mlp.gate_up_q.n : layer.mlp.gate_up.size(0));
       }
       for (const Tensor* t : {&layer.input_norm, &layer.post_norm, &layer.qkv_weight, &layer.o_weight,
                               &layer.mlp.gate_up, &layer.mlp.down, &layer.experts_gate_up, &layer.experts_down,
@@ -217,18 +272,20 @@ class DecodeModel {
       first = false;
       attention<T>(layer, position, block_tables, width);
       // o_proj writes straight into x_: the next norm adds the residual.
-      linear<T>(x, layer.o_weight, Tensor(), attn_.narrow(0, 0, batch));
+      linear<T>(x, layer.o_weight, layer.o_q, Tensor(), attn_.narrow(0, 0, batch));
       add_norm<T>(layer.post_norm, false);
       if (layer.is_moe) {
         moe<T>(layer, layer_slice(ids, moe_index), layer_slice(weights, moe_index), layer_slice(scores, moe_index));
         ++moe_index;
       } else {
-        swiglu<T>(layer.mlp.gate_up, layer.mlp.down, normed_.narrow(0, 0, batch), x);
+        swiglu<T>(layer.mlp, normed_.narrow(0, 0, batch), x);
       }
     }
     add_norm<T>(final_norm_, false);
-    Tensor logits = at::empty({batch, lm_head_.size(0)}, at::TensorOptions().dtype(lm_head_.scalar_type()));
-    linear<T>(logits, lm_head_, Tensor(), normed_.narrow(0, 0, batch));
+    const int64_t vocab = lm_head_q_.defined() ? lm_head_q_.n : lm_head_.size(0);
+    Tensor logits = at::empty({batch, vocab}, at::TensorOptions().dtype(lm_head_q_.defined() ? dtype_
+                                                                                              : lm_head_.scalar_type()));
+    linear<T>(logits, lm_head_, lm_head_q_, Tensor(), normed_.narrow(0, 0, batch));
     return logits.to(at::kFloat);
   }
 
@@ -237,6 +294,24 @@ class DecodeModel {
   // out [n, N] <- in [n, K] @ w.T (+ bias): a torch linear on n rows (contiguous in and out). Row-contiguous
   // float/bfloat16 matrices go through gemv_rows, reading each weight row once for all n rows (fp32 accumulation,
   // one rounding to out's dtype); other layouts through ATen (MKL's gemv for one row, its gemm for more).
+  // The same with a quantized weight where `q` is defined: in's rows quantized per block of 32, integer dot
+  // products over torch's threads (quant_kernels.cpp), fp32, then the bias and one rounding to out's dtype.
+  template <typename T>
+  void linear(Tensor out, const Tensor& w, const glm_quant::QMat& q, const Tensor& bias, const Tensor& in) {
+    if (!q.defined()) return linear<T>(out, w, bias, in);
+    const int64_t rows = in.size(0), n_out = q.n;
+    TORCH_CHECK(in.size(1) == q.k && in.stride(1) == 1 && out.is_contiguous(),
+                "cpu_decode: a quantized linear's input does not fit its weight");
+    y_out_.resize(rows * n_out);
+    glm_quant::qlinear_rows<T>(q, in.data_ptr<T>(), in.stride(0), rows, y_out_.data(), n_out, qact_);
+    for (int64_t b = 0; b < rows; ++b) {
+      const float* yb = y_out_.data() + b * n_out;
+      T* o = out.data_ptr<T>() + b * n_out;
+      const T* bv = bias.defined() ? bias.data_ptr<T>() : nullptr;
+      for (int64_t i = 0; i < n_out; ++i) o[i] = cast<T>(bv ? yb[i] + static_cast<float>(bv[i]) : yb[i]);
+    }
+  }
+
   template <typename T>
   void linear(Tensor out, const Tensor& w, const Tensor& bias, const Tensor& in) {
     const int64_t rows = in.size(0), n_out = w.size(0), n_in = w.size(1);
@@ -340,7 +415,7 @@ class DecodeModel {
   template <typename T>
   void attention(Layer& layer, const int64_t* position, const int32_t* block_tables, int64_t width) {
     Tensor qkv = qkv_.narrow(0, 0, batch_);
-    linear<T>(qkv, layer.qkv_weight, layer.qkv_bias, normed_.narrow(0, 0, batch_));
+    linear<T>(qkv, layer.qkv_weight, layer.qkv_q, layer.qkv_bias, normed_.narrow(0, 0, batch_));
     const int64_t q_width = heads_ * head_dim_, row = kv_heads_ * head_dim_, stride = q_width + 2 * row;
     const int64_t group = heads_ / kv_heads_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
@@ -392,11 +467,17 @@ class DecodeModel {
 
   // out [n, D] <- down(silu(gate(in)) * up(in)) for in [n, D], each product in the dtype as the torch path
   template <typename T>
-  void swiglu(const Tensor& w_gate_up, const Tensor& w_down, const Tensor& in, Tensor out) {
-    const int64_t rows = in.size(0), width = w_gate_up.size(0) / 2;
+  void swiglu(const Mlp& mlp, const Tensor& in, Tensor out) {
+    swiglu<T>(mlp.gate_up, mlp.down, in, out, mlp.gate_up_q, mlp.down_q);
+  }
+
+  template <typename T>
+  void swiglu(const Tensor& w_gate_up, const Tensor& w_down, const Tensor& in, Tensor out,
+              const glm_quant::QMat& gate_up_q = {}, const glm_quant::QMat& down_q = {}) {
+    const int64_t rows = in.size(0), width = (gate_up_q.defined() ? gate_up_q.n : w_gate_up.size(0)) / 2;
     // Contiguous [rows, 2I] and [rows, I] views at the start of the (widest-sized) buffers.
     Tensor gate_up = gate_up_.view(-1).narrow(0, 0, rows * 2 * width).view({rows, 2 * width});
-    linear<T>(gate_up, w_gate_up, Tensor(), in);
+    linear<T>(gate_up, w_gate_up, gate_up_q, Tensor(), in);
     Tensor act = act_.view(-1).narrow(0, 0, rows * width).view({rows, width});
     for (int64_t b = 0; b < rows; ++b) {
       const T* g = gate_up.data_ptr<T>() + b * 2 * width;
@@ -406,7 +487,7 @@ class DecodeModel {
         a[i] = cast<T>(activated * static_cast<float>(g[i + width]));
       }
     }
-    linear<T>(out, w_down, Tensor(), act);
+    linear<T>(out, w_down, down_q, Tensor(), act);
   }
 
   // Router of one row: fp32 sigmoid scores, correction bias for the choice only, group-limited top-k with ties to
@@ -463,11 +544,21 @@ class DecodeModel {
     // Each row's choices, then the (row, weight) pairs of every expert: an expert's weights are read once a step.
     expert_rows_.assign(experts, {});
     scores_f32_.resize(experts);
+    const bool quantized = layer.experts_gate_up_q.defined();
+    if (quantized) {
+      picked_all_.resize(batch_ * top_k_);
+      picked_weight_all_.resize(batch_ * top_k_);
+    }
     for (int64_t b = 0; b < batch_; ++b) {
       route_row(router_logits_.data_ptr<float>() + b * experts, layer.router_bias.data_ptr<float>(),
                 scores_f32_.data());
       for (int64_t r = 0; r < top_k_; ++r) {
-        expert_rows_[picked_[r]].push_back({b, picked_weight_[r]});
+        if (quantized) {
+          picked_all_[b * top_k_ + r] = picked_[r];
+          picked_weight_all_[b * top_k_ + r] = picked_weight_[r];
+        } else {
+          expert_rows_[picked_[r]].push_back({b, picked_weight_[r]});
+        }
         if (ids_out.defined()) {
           ids_out.data_ptr<int16_t>()[b * top_k_ + r] = static_cast<int16_t>(picked_[r]);
           weights_out.data_ptr<at::Half>()[b * top_k_ + r] = static_cast<at::Half>(picked_weight_[r]);
@@ -481,6 +572,9 @@ class DecodeModel {
     // Routed experts, summed in fp32 with their weights, then the shared expert added in the dtype.
     float* acc = accum_.data_ptr<float>();
     std::fill(acc, acc + batch_ * hidden_, 0.0f);
+    if (quantized)  // every routed expert of the step at once, its rows split over the threads
+      glm_quant::qmoe<T>(layer.experts_gate_up_q, layer.experts_down_q, normed_.data_ptr<T>(), batch_,
+                         picked_all_.data(), picked_weight_all_.data(), top_k_, acc, moe_scratch_);
     for (int64_t e = 0; e < experts; ++e) {
       const auto& pairs = expert_rows_[e];
       if (pairs.empty()) continue;
@@ -500,7 +594,7 @@ class DecodeModel {
     T* x = x_.data_ptr<T>();
     if (layer.has_mlp) {
       Tensor shared = shared_out_.narrow(0, 0, batch_);
-      swiglu<T>(layer.mlp.gate_up, layer.mlp.down, normed, shared);
+      swiglu<T>(layer.mlp, normed, shared);
       const T* s = shared.data_ptr<T>();
       for (int64_t i = 0; i < batch_ * hidden_; ++i)
         x[i] = cast<T>(static_cast<float>(cast<T>(acc[i])) + static_cast<float>(s[i]));
@@ -532,7 +626,12 @@ class DecodeModel {
       router_logits_;
   std::vector<float> x_in_, y_out_, cos_, sin_, probs_, out_f32_, q_f32_, choice_, group_scores_, picked_weight_,
       scores_f32_;
-  std::vector<int64_t> picked_;
+  std::vector<int64_t> picked_, picked_all_;
+  std::vector<float> picked_weight_all_;
+  glm_quant::QMat lm_head_q_;
+  std::vector<Tensor> lm_head_parts_;
+  glm_quant::QActBuffer qact_;
+  glm_quant::MoeScratch moe_scratch_;
   std::vector<std::vector<std::pair<int64_t, float>>> expert_rows_;
   std::vector<bool> kept_, chosen_;
 };
@@ -541,10 +640,10 @@ class DecodeModel {
 
 inline void bind_decode_model(pybind11::module& m) {
   pybind11::class_<DecodeModel>(m, "DecodeModel")
-      .def(pybind11::init<const std::vector<TensorMap>&, Tensor, Tensor, Tensor, Tensor,
-                          const std::map<std::string, double>&>(),
+      .def(pybind11::init<const std::vector<TensorMap>&, Tensor, Tensor, std::optional<Tensor>, Tensor,
+                          const std::map<std::string, double>&, const TensorMap&>(),
            pybind11::arg("layers"), pybind11::arg("embed"), pybind11::arg("final_norm"), pybind11::arg("lm_head"),
-           pybind11::arg("inv_freq"), pybind11::arg("config"))
+           pybind11::arg("inv_freq"), pybind11::arg("config"), pybind11::arg("quantized") = TensorMap{})
       .def("step", &DecodeModel::step, pybind11::arg("tokens"), pybind11::arg("positions"),
            pybind11::arg("block_tables"), pybind11::arg("routing") = false, pybind11::arg("scores") = false);
 }

@@ -503,20 +503,154 @@ float dot_i4(const QMat& w, int64_t n, const QAct& x, int64_t m) {
   }
   return sum8(_mm256_add_ps(acc0, acc1)) - (sum8(mins) + tail_mins);
 }
+
+// ---- Four activation rows at once (prefill and batched decode) ------------------------------------------------
+// One weight row against rows m..m+3 of x: the weight is loaded and unpacked once for the four, and its per-group
+// scale factors (d * sc, dmin * mn) are computed once; each row keeps its own accumulators, and every product and
+// rounding is the one-row kernel's, so only the order of fp32 additions differs from it.
+
+template <bool Vnni>
+void dot4_i8g32(const QMat& w, int64_t n, const QAct& x, int64_t m, float* y, int64_t ldy) {
+  constexpr int R = 4;
+  const int8_t* wq = w.q + n * w.k;
+  const float* ws = w.scales + n * (w.k / 32);
+  const int64_t blocks = w.k / 32;
+  const int8_t* a[R];
+  const float* as[R];
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) {
+    a[r] = x.qrow(m + r);
+    as[r] = x.srow(m + r);
+    acc[r] = _mm256_setzero_ps();
+  }
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) {
+    const __m256 ws8 = _mm256_loadu_ps(ws + b);
+    __m256 s8[R];
+    for (int r = 0; r < R; ++r) s8[r] = _mm256_mul_ps(ws8, _mm256_loadu_ps(as[r] + b));
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * (b + j)));
+      const __m256i wabs = _mm256_sign_epi8(wv, wv);
+      for (int r = 0; r < R; ++r) {
+        const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r] + 32 * (b + j)));
+        const __m256i p = dot_u8s8<Vnni>(wabs, _mm256_sign_epi8(av, wv));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), lane(s8[r], j), acc[r]);
+      }
+    }
+  }
+  for (; b < blocks; ++b) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * b));
+    for (int r = 0; r < R; ++r) {
+      const __m256i p = dot_s8s8<Vnni>(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r] + 32 * b)));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ws[b] * as[r][b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[(m + r) * ldy + n] = sum8(acc[r]);
+}
+
+template <bool Vnni>
+void dot4_i4(const QMat& w, int64_t n, const QAct& x, int64_t m, float* y, int64_t ldy) {
+  constexpr int R = 4;
+  const uint8_t* p = w.packed + n * (w.k / 2);
+  const float* d = w.d + n * w.supers();
+  const float* dmin = w.dmin + n * w.supers();
+  const uint8_t* sc = w.sc + n * (w.k / 32);
+  const uint8_t* mn = w.mn + n * (w.k / 32);
+  const int64_t groups = w.k / 32;
+  const int8_t* a[R];
+  const float* as[R];
+  const int32_t* sums[R];
+  __m256 acc[R], mins[R];
+  float tail_mins[R];
+  for (int r = 0; r < R; ++r) {
+    a[r] = x.prow(m + r);
+    as[r] = x.srow(m + r);
+    sums[r] = x.sumrow(m + r);
+    acc[r] = _mm256_setzero_ps();
+    mins[r] = _mm256_setzero_ps();
+    tail_mins[r] = 0.0f;
+  }
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    const int64_t s = g / 8;
+    const __m256 sc8 =
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + g))));
+    const __m256 mn8 =
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn + g))));
+    const __m256 dsc = _mm256_mul_ps(_mm256_set1_ps(d[s]), sc8);
+    const __m256 dmn = _mm256_mul_ps(_mm256_set1_ps(dmin[s]), mn8);
+    __m256 ds8[R];
+    for (int r = 0; r < R; ++r) {
+      const __m256 as8 = _mm256_loadu_ps(as[r] + g);
+      ds8[r] = _mm256_mul_ps(dsc, as8);
+      mins[r] = _mm256_fmadd_ps(
+          _mm256_mul_ps(dmn, as8),
+          _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums[r] + g))), mins[r]);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 8; j += 2) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * (g + j)));
+      const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      const __m256i index = _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* ar = a[r] + 32 * (g + j);
+        const __m256i pr = dot_i4_pair<Vnni>(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar)), hi,
+                                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar + 32)));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_permutevar8x32_ps(ds8[r], index), acc[r]);
+      }
+    }
+  }
+  const int64_t tail = g;
+  for (int r = 0; r < R; ++r) {
+    for (g = tail; g < groups; ++g)
+      tail_mins[r] += ((dmin[g / 8] * static_cast<float>(mn[g])) * as[r][g]) * static_cast<float>(sums[r][g]);
+    auto scale = [&](int64_t i) { return (d[i / 8] * static_cast<float>(sc[i])) * as[r][i]; };
+    const uint8_t* pw = p;
+    for (g = tail; g + 2 <= groups; g += 2) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pw + 16 * g));
+      const __m256i pr = dot_i4_pair<Vnni>(
+          _mm256_and_si256(v, nibble), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r] + 32 * g)),
+          _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r] + 32 * g + 32)));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr),
+                               _mm256_setr_m128(_mm_set1_ps(scale(g)), _mm_set1_ps(scale(g + 1))), acc[r]);
+    }
+    if (g < groups) {
+      const __m256i pr = dot_u8s8<Vnni>(unpack_i4(pw + 16 * g),
+                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r] + 32 * g)));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_set1_ps(scale(g)), acc[r]);
+    }
+    y[(m + r) * ldy + n] = sum8(acc[r]) - (sum8(mins[r]) + tail_mins[r]);
+  }
+}
 #endif
 
 using DotFn = float (*)(const QMat&, int64_t, const QAct&, int64_t);
+using Dot4Fn = void (*)(const QMat&, int64_t, const QAct&, int64_t, float*, int64_t);
+
+struct Kernel {  // a weight row against one activation row, and (where there is one) against four
+  DotFn one;
+  Dot4Fn four = nullptr;
+};
 
 // The kernel for w on `isa`; int4 ones above scalar read x.pairs, so without them the scalar kernel serves.
-inline DotFn dot_fn(const QMat& w, int isa, const QAct& x) {
+inline Kernel dot_fn(const QMat& w, int isa, const QAct& x) {
   if (w.bits == 4 && x.pairs == nullptr) isa = kScalar;
 #ifdef GLM_VNNI
-  if (isa >= kVnni) return w.bits == 4 ? dot_i4<true> : w.group == 32 ? dot_i8g32<true> : dot_i8g16<true>;
+  if (isa >= kVnni) {
+    if (w.bits == 4) return {dot_i4<true>, dot4_i4<true>};
+    return w.group == 32 ? Kernel{dot_i8g32<true>, dot4_i8g32<true>} : Kernel{dot_i8g16<true>};
+  }
 #endif
 #ifdef GLM_AVX2
-  if (isa >= kAvx2) return w.bits == 4 ? dot_i4<false> : w.group == 32 ? dot_i8g32<false> : dot_i8g16<false>;
+  if (isa >= kAvx2) {
+    if (w.bits == 4) return {dot_i4<false>, dot4_i4<false>};
+    return w.group == 32 ? Kernel{dot_i8g32<false>, dot4_i8g32<false>} : Kernel{dot_i8g16<false>};
+  }
 #endif
-  return w.bits == 4 ? dot_i4_scalar : dot_i8_scalar;
+  return {w.bits == 4 ? dot_i4_scalar : dot_i8_scalar};
 }
 
 inline bool needs_pairs(const QMat& w, int isa) { return w.bits == 4 && isa >= kAvx2; }
@@ -529,14 +663,18 @@ constexpr int64_t kTileRows = 64;
 constexpr int64_t kBlockRows = 16;
 
 // y[m * ldy + n] = sum_k w[n, k] x[m, k] for weight rows n in [first, last) and activation rows m in [0, rows).
-inline void qgemm_range(DotFn dot, const QMat& w, const QAct& x, int64_t rows, float* y, int64_t ldy, int64_t first,
-                        int64_t last) {
+inline void qgemm_range(Kernel dot, const QMat& w, const QAct& x, int64_t rows, float* y, int64_t ldy,
+                        int64_t first, int64_t last) {
   for (int64_t n0 = first; n0 < last; n0 += kBlockRows) {
     const int64_t n1 = std::min(last, n0 + kBlockRows);
     for (int64_t m0 = 0; m0 < rows; m0 += kTileRows) {
       const int64_t m1 = std::min(rows, m0 + kTileRows);
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t m = m0; m < m1; ++m) y[m * ldy + n] = dot(w, n, x, m);
+      for (int64_t n = n0; n < n1; ++n) {
+        int64_t m = m0;
+        if (dot.four != nullptr)
+          for (; m + 4 <= m1; m += 4) dot.four(w, n, x, m, y, ldy);
+        for (; m < m1; ++m) y[m * ldy + n] = dot.one(w, n, x, m);
+      }
     }
   }
 }
@@ -548,7 +686,7 @@ inline int64_t row_grain(int64_t k, int64_t rows) {
 
 // All output rows, split over torch's threads.
 inline void qgemm(const QMat& w, const QAct& x, int64_t rows, float* y, int64_t ldy, int isa) {
-  const DotFn dot = dot_fn(w, isa, x);
+  const Kernel dot = dot_fn(w, isa, x);
   at::parallel_for(0, w.n, row_grain(w.k, rows), [&](int64_t begin, int64_t end) {
     qgemm_range(dot, w, x, rows, y, ldy, begin, end);
   });
@@ -665,7 +803,7 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
     for (int64_t e = 0; e < experts; ++e)
       if (s.starts[e + 1] > s.starts[e])
         for (int64_t n = 0; n < w.n; n += block) tasks.push_back({e, n});
-    const DotFn dot = dot_fn(w, isa_now, in);
+    const Kernel dot = dot_fn(w, isa_now, in);
     at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const auto [e, n] = tasks[t];

@@ -1,0 +1,200 @@
+"""The compiled CPU decode step (glm_kernels/csrc/decode_model.cpp) with quantized weights against the engine's
+torch path with the same quantized weights.
+
+The model is quantized here by hand (until the engine holds quantized modules itself): every linear of a tiny
+checkpoint -- fused q/k/v, o_proj, the dense MLP and the shared expert, the stacked routed experts and the
+lm_head -- is quantized once; the compiled step is given those weights under decode_model.cpp's key suffixes
+(`quant_linear.decode_step_weight`), and the torch path computes each of those linears with
+`quant_linear.quantized_linear` (F.linear swapped for the test) and its routed experts with
+`quantized_fused_moe`. Both then quantize activations the same way, so they agree up to fp32 rounding (and the
+odd activation that lands on the other side of a rounding tie), and far more closely than either agrees with the
+float model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from glm_kernels import blockquant, cpu_compiled
+from glm_kernels.quant_linear import decode_step_weight, quantized_fused_moe, quantized_linear
+
+from workbench.engine import Engine, GLMConfig
+from workbench.engine.model import MLP, MoE
+from workbench.engine.sampling import SamplingParams
+from workbench.engine.testing import write_tiny_checkpoint
+
+CASES = {
+    # name: (preset, overrides); every linear's input width a multiple of 32, as the formats need
+    "tiny_hidden_96": ("tiny", dict(hidden_size=96)),  # hidden 96: three groups; dense layer, shared expert, bias
+    "grouped_qk_norm": ("tiny-grouped", dict(moe_intermediate_size=32, num_attention_heads=6)),
+}
+# Formats per weight kind: (attention, dense MLP / shared expert, routed experts, lm_head)
+FORMATS = {
+    "int8": ("int8", "int8", "int8", "int8"),
+    "int4": ("int4", "int4", "int4", "int4"),
+    "mixed": ("int8", "int8-g16", "int4", "int4"),
+}
+# Largest logit difference allowed, relative to the largest logit: fp32 rounding and an occasional activation on
+# the other side of a rounding tie (one step of its 8-bit block); bf16 as the float decode test allows.
+TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 6e-2}
+
+
+def _quantize(w: torch.Tensor, fmt: str):
+    if fmt == "int8-g16":
+        return blockquant.quantize_int8(w.float(), group=16)
+    return blockquant.quantize(w.float(), fmt)
+
+
+# (case, dtype, formats): every format in fp32 on the first case, and the rest sampled (CI has 2 cores).
+RUNS = [("tiny_hidden_96", "float32", "int8"), ("tiny_hidden_96", "float32", "int4"),
+        ("tiny_hidden_96", "float32", "mixed"), ("tiny_hidden_96", "bfloat16", "mixed"),
+        ("grouped_qk_norm", "float32", "mixed"), ("grouped_qk_norm", "bfloat16", "int4")]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    made = {}
+
+    def checkpoint(case: str):
+        if case not in made:
+            preset, overrides = CASES[case]
+            config = GLMConfig.preset(preset, **overrides)
+            made[case] = write_tiny_checkpoint(tmp_path_factory.mktemp(case), config, seed=7)
+        return made[case]
+
+    return checkpoint
+
+
+def _quantized_layers(model, formats):
+    """Per layer {decode-step key: quantized weight} and the lm_head's, from the model's float weights."""
+    attn_fmt, mlp_fmt, experts_fmt, head_fmt = formats
+    layers = []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        weights = {"qkv_weight": _quantize(attn.fused_qkv[0], attn_fmt),
+                   "o_weight": _quantize(attn.o_proj.weight, attn_fmt)}
+        dense = mlp if isinstance(mlp, MLP) else mlp.shared_experts
+        if isinstance(mlp, MoE):
+            weights["experts_gate_up"] = _quantize(mlp.experts.gate_up_proj, experts_fmt)
+            weights["experts_down"] = _quantize(mlp.experts.down_proj, experts_fmt)
+        if dense is not None:
+            weights["mlp_gate_up"] = _quantize(dense.fused_gate_up[0], mlp_fmt)
+            weights["mlp_down"] = _quantize(dense.down_proj.weight, mlp_fmt)
+        layers.append(weights)
+    return layers, _quantize(model.lm_head.weight, head_fmt)
+
+
+def _torch_tensor_of(model, index: int, key: str) -> torch.Tensor:
+    layer = model.layers[index]
+    attn, mlp = layer.self_attn, layer.mlp
+    dense = mlp if isinstance(mlp, MLP) else mlp.shared_experts
+    return {"qkv_weight": lambda: attn.fused_qkv[0], "o_weight": lambda: attn.o_proj.weight,
+            "experts_gate_up": lambda: mlp.experts.gate_up_proj, "experts_down": lambda: mlp.experts.down_proj,
+            "mlp_gate_up": lambda: dense.fused_gate_up[0], "mlp_down": lambda: dense.down_proj.weight}[key]()
+
+
+def _quantize_torch_path(monkeypatch, model, layers, lm_head) -> None:
+    """The torch path computes with the quantized weights: F.linear on one of the quantized weights goes through
+    quantized_linear (in fp32, the bias added, one rounding to the dtype: the compiled step's order), and the
+    routed experts through quantized_fused_moe."""
+    by_pointer = {model.lm_head.weight.data_ptr(): lm_head}
+    experts = {}
+    for index, weights in enumerate(layers):
+        for key, qw in weights.items():
+            tensor = _torch_tensor_of(model, index, key)
+            if key == "experts_gate_up":
+                experts[tensor.data_ptr()] = (qw, weights["experts_down"])
+            elif key != "experts_down":
+                by_pointer[tensor.data_ptr()] = qw
+    float_linear = F.linear
+
+    def linear(x, weight, bias=None):
+        qw = by_pointer.get(weight.data_ptr())
+        if qw is None or tuple(weight.shape) != qw.shape:
+            return float_linear(x, weight, bias)
+        y = quantized_linear(x.reshape(-1, x.shape[-1]).float(), qw)
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+    def fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights, **kwargs):
+        gate_up, down = experts[w_gate_up.data_ptr()]
+        return quantized_fused_moe(x, gate_up, down, topk_ids, topk_weights)
+
+    monkeypatch.setattr(F, "linear", linear)
+    model.ops = dataclasses.replace(model.ops, fused_moe=fused_moe)
+
+
+def _quantized_decode_step(engine, layers, lm_head):
+    """A compiled decode step of `engine`'s model with these quantized weights in place of its float ones."""
+    tensors = engine.model.decode_step_tensors(engine.cache.layers, engine.cache.block_size)
+    for layer_tensors, weights in zip(tensors["layers"], layers, strict=True):
+        for key, qw in weights.items():
+            del layer_tensors[key]
+            layer_tensors |= decode_step_weight(key, qw)
+    tensors["lm_head"] = None
+    return cpu_compiled.load().DecodeModel(**tensors, quantized=decode_step_weight("lm_head", lm_head))
+
+
+@pytest.mark.parametrize("case, dtype, formats", RUNS, ids=["-".join(run) for run in RUNS])
+def test_quantized_decode_steps_match_the_torch_path(checkpoints, case, dtype, formats, monkeypatch):
+    checkpoint = checkpoints(case)
+    kwargs = dict(dtype=dtype, kernels="torch", block_size=4, cache_tokens=256)
+    compiled = Engine.from_pretrained(checkpoint, cpu_kernels="compiled", **kwargs)
+    reference = Engine.from_pretrained(checkpoint, cpu_kernels="torch", **kwargs)
+    layers, lm_head = _quantized_layers(reference.model, FORMATS[formats])
+    compiled.runner.decode_step = _quantized_decode_step(compiled, layers, lm_head)
+    # The float model's logits, to show the quantized paths agree with each other far more than with it.
+    float_decode = Engine.from_pretrained(checkpoint, cpu_kernels="torch", **kwargs)
+    _quantize_torch_path(monkeypatch, reference.model, layers, lm_head)
+
+    prompt = torch.randint(3, 500, (13,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = SamplingParams(max_new_tokens=30, temperature=0.0, stop_token_ids=[])
+    requests = [engine.add_request(prompt, params, routing=True) for engine in (compiled, reference, float_decode)]
+    for engine in (compiled, reference, float_decode):
+        engine.step()  # prefill: the torch path
+    tolerance, rerouted, float_gap, quant_gap = TOLERANCE[getattr(torch, dtype)], 0, 0.0, 0.0
+    for _ in range(20):
+        # Each step starts from the reference's cache, so a difference cannot carry over into later steps.
+        for engine in (compiled, float_decode):
+            for (k, v), (k_ref, v_ref) in zip(engine.cache.layers, reference.cache.layers, strict=True):
+                k.copy_(k_ref), v.copy_(v_ref)
+        for engine, request in zip((compiled, reference, float_decode), requests, strict=True):
+            engine.scheduler._reserve_decode_slots([request])
+        ours, theirs, plain = requests
+        logits = compiled.runner.decode([ours])
+        expected = reference.runner.decode([theirs])
+        unquantized = float_decode.runner.decode([plain])
+        scale = max(expected.abs().max().item(), 1.0)
+        if not torch.equal(ours.routing_chunks[-1][0], theirs.routing_chunks[-1][0]):
+            rerouted += 1  # a router near-tie (see test_compiled_decode.py)
+        else:
+            quant_gap = max(quant_gap, (logits - expected).abs().max().item() / scale)
+            assert (logits - expected).abs().max().item() <= tolerance * scale
+        float_gap = max(float_gap, (unquantized - expected).abs().max().item() / scale)
+        token = int(expected.argmax())
+        for request in requests:
+            request.num_cached += 1
+            request.output_ids.append(token)
+    assert rerouted <= (1 if dtype == "float32" else 6)
+    if dtype == "float32":  # the test can tell quantized weights from float ones
+        assert quant_gap < float_gap / 4, (quant_gap, float_gap)
+
+
+def test_lm_head_given_twice_or_a_part_missing_is_an_error(checkpoints):
+    engine = Engine.from_pretrained(checkpoints("tiny_hidden_96"), dtype="float32", kernels="torch",
+                                    cpu_kernels="torch", block_size=4, cache_tokens=64)
+    tensors = engine.model.decode_step_tensors(engine.cache.layers, engine.cache.block_size)
+    head = decode_step_weight("lm_head", blockquant.quantize_int8(engine.model.lm_head.weight.detach()))
+    module = cpu_compiled.load()
+    with pytest.raises(RuntimeError, match="either as a float tensor or quantized"):
+        module.DecodeModel(**tensors, quantized=head)
+    layer = tensors["layers"][0]
+    qkv = decode_step_weight("qkv_weight", blockquant.quantize_int8(layer.pop("qkv_weight")))
+    del qkv["qkv_weight.scales"]
+    layer |= qkv
+    with pytest.raises(RuntimeError, match="lacks 'qkv_weight.scales'"):
+        module.DecodeModel(**tensors)
