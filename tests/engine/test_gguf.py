@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as T
 from glm_kernels.blockquant import dequantize
 from safetensors.torch import load_file, save_file
 
+import workbench.chat  # noqa: F401  (gives the engine's Tokenizer apply_chat_template)
 from workbench.engine import Engine, GLMConfig, gguf_blocks
 from workbench.engine.gguf_export import export_gguf, tensor_type
 from workbench.engine.gguf_file import (
@@ -420,6 +421,13 @@ def test_cli_export_gguf(tmp_path, tiny_checkpoint, capsys):
     assert main(["export-gguf", str(tiny_checkpoint), str(out), "--type", "q8_0"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert engine(out).config == GLMConfig.from_json(tiny_checkpoint).replace(num_nextn_predict_layers=0)
+    # the tiny checkpoint ships no chat template: the CLI writes GLM-4.5's (the library call, none)
+    from workbench.chat.template import GLM45_CHAT_TEMPLATE
+
+    assert open_gguf(out).get("tokenizer.chat_template") == GLM45_CHAT_TEMPLATE
+    plain = export_gguf(tiny_checkpoint, tmp_path / "plain.gguf", "f16")[0]
+    assert open_gguf(plain).get("tokenizer.chat_template") is None
+    assert tokenizer_from_gguf(open_gguf(plain)).chat_template is None
     assert main(["export-gguf", str(tmp_path / "nowhere"), str(out)]) == 2
     assert "no config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -454,7 +454,15 @@ def describe_types(model: GGUFModel) -> str:
         entry = counts.setdefault(info.tensor_type.name, [0, 0])
         entry[0] += 1
         entry[1] += int(info.n_bytes)
-    return ", ".join(f"{name} x{n} ({size / 2**20:.1f} MiB)" for name, (n, size) in sorted(counts.items()))
+
+    def fate(name: str) -> str:
+        qtype = T[name]
+        if qtype in gguf_blocks.EXACT_TYPES:
+            return gguf_blocks.EXACT_TYPES[qtype]
+        return "as is" if qtype in gguf_blocks.FLOAT_TYPES else "dequantized"
+
+    return ", ".join(f"{name} x{n} ({size / 2**20:.1f} MiB) -> {fate(name)}"
+                     for name, (n, size) in sorted(counts.items()))
 
 
 def _dequantize_note(model: GGUFModel, dtype: torch.dtype) -> str | None:
