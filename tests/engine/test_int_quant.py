@@ -309,3 +309,22 @@ def test_a_failed_quantized_load_leaves_nothing_behind(tiny_checkpoint, tmp_path
         Engine.from_pretrained(folder, quantize="int4")
     gc.collect()
     assert sum(isinstance(o, blockquant.Int4Weight) for o in gc.get_objects()) == before
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_compiled_decode_step_runs_a_quantized_engine(fmt, compiled_cpu_kernels):
+    """Engine.from_pretrained(quantize=...) hands its quantized weights to the compiled decode step
+    (decode_step_tensors), which then decodes the bundled model's greedy tokens as the torch path does."""
+    from workbench.models import default_model_path
+
+    if compiled_cpu_kernels is None:
+        pytest.skip("the compiled CPU kernels could not be built here")
+    path = default_model_path()
+    compiled = Engine.from_pretrained(path, dtype="float32", quantize=fmt, cpu_kernels="compiled")
+    torch_path = Engine.from_pretrained(path, dtype="float32", quantize=fmt, cpu_kernels="torch")
+    assert compiled.compiled_decode is not None and torch_path.compiled_decode is None
+    prompt = compiled.tokenizer.encode("def merge_sorted(a, b):\n    ")
+    ours, theirs = (e.generate(prompt, max_new_tokens=24, temperature=0.0, stop_token_ids=[]).token_ids
+                    for e in (compiled, torch_path))
+    # The same weights and the same 8-bit activations on both paths: only fp32 summation order differs.
+    assert ours[:8] == theirs[:8] and sum(a == b for a, b in zip(ours, theirs)) >= 20, (ours, theirs)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from glm_kernels.attention import gather_kv
+from glm_kernels.quant_linear import decode_step_weight
 from glm_kernels.rotary import rotary_cos_sin
 
 from workbench.engine.config import GLMConfig
@@ -225,16 +226,9 @@ def _gemv_layout(weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous().t() if weight.device.type == "cpu" else weight
 
 
-def _decode_weight(name: str, qw) -> dict[str, torch.Tensor]:
-    """An Int8Weight / Int4Weight as the compiled decode step takes it in place of the float tensor `name`: its
-    tensors under `name` plus their suffix (.q/.scales, or .packed/.d/.dmin/.sc/.mn), as decode_model.cpp reads."""
-    suffixes = ("q", "scales") if qw.format == "int8" else ("packed", "d", "dmin", "sc", "mn")
-    return {f"{name}.{suffix}": getattr(qw, suffix).contiguous() for suffix in suffixes}
-
-
 def _decode_linear(name: str, linear: nn.Module) -> dict[str, torch.Tensor]:
     if getattr(linear, "qweight", None) is not None:  # int_quant.QuantLinear
-        return _decode_weight(name, linear.qweight)
+        return decode_step_weight(name, linear.qweight)
     if type(linear) is not nn.Linear:
         raise ValueError("the compiled decode step needs float or int8/int4 linears (not FP8)")
     return {name: linear.weight}
@@ -243,7 +237,7 @@ def _decode_linear(name: str, linear: nn.Module) -> dict[str, torch.Tensor]:
 def _decode_matrix(name: str, fused, fused_quantized) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """A fused matrix (q/k/v, or gate/up) for the decode step: (its tensors, its bias)."""
     if fused_quantized is not None:
-        return _decode_weight(name, fused_quantized[0]), fused_quantized[1]
+        return decode_step_weight(name, fused_quantized[0]), fused_quantized[1]
     if fused is None:
         raise ValueError("the compiled decode step needs q/k/v and gate/up fused by fuse_projections() (float "
                          "matrices of one dtype, or int8/int4 ones of one format)")
@@ -391,8 +385,8 @@ class GLMForCausalLM(nn.Module):
                 if type(mlp.experts) is Experts:
                     tensors |= {"experts_gate_up": mlp.experts.gate_up_proj, "experts_down": mlp.experts.down_proj}
                 elif hasattr(mlp.experts, "gate_up"):  # int_quant.QuantExperts
-                    tensors |= _decode_weight("experts_gate_up", mlp.experts.gate_up)
-                    tensors |= _decode_weight("experts_down", mlp.experts.down)
+                    tensors |= decode_step_weight("experts_gate_up", mlp.experts.gate_up)
+                    tensors |= decode_step_weight("experts_down", mlp.experts.down)
                 else:
                     raise ValueError("the compiled decode step needs float or int8/int4 experts (not FP8)")
             if dense_mlps:
@@ -410,7 +404,7 @@ class GLMForCausalLM(nn.Module):
                "lm_head": None if head_q is not None else self.lm_head.weight.detach(), "inv_freq": self.inv_freq,
                "config": sizes}
         if head_q is not None:
-            out["quantized"] = _decode_weight("lm_head", head_q)
+            out["quantized"] = decode_step_weight("lm_head", head_q)
         return out
 
     def materialize_buffers(self, device: torch.device) -> None:
