@@ -324,40 +324,70 @@ class GLMForCausalLM(nn.Module):
 
     def decode_step_tensors(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> dict:
         """The weights, cache pools and sizes that `glm_kernels.cpu_compiled`'s decode step reads, as its
-        constructor's keyword arguments (views of this model's tensors: nothing is copied).
+        constructor's keyword arguments (views of this model's tensors: nothing is copied but the q/k/v biases of
+        a model whose q/k/v are quantized apart).
 
-        Raises ValueError saying why where that step cannot run this model: it knows plain weights of one float
-        dtype on the CPU, after `fuse_projections()`, and not FP8 linears or weights that train again."""
+        Linears are plain (fused by `fuse_projections()`) or int8/int4 (`int_quant.QuantLinear` / `QuantExperts`):
+        a quantized one goes in as its tensors under decode_model.cpp's key suffixes (`decode_step_weight`), its
+        q/k/v and gate/up as parts rather than fused copies, the lm_head in `quantized`.
+        Raises ValueError saying why where that step cannot run this model: it knows weights of one float dtype
+        (or int8/int4) on the CPU, not FP8 linears or weights that train again."""
+        from glm_kernels.quant_linear import decode_step_weight
+
+        from workbench.engine.int_quant import QuantExperts, QuantLinear
+
         embed = self.embed_tokens.weight
         if embed.device.type != "cpu" or embed.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"the compiled decode step runs float weights on the CPU, not {embed.dtype} "
                              f"on {embed.device}")
         if any(p.requires_grad for p in self.parameters()):
             raise ValueError("the compiled decode step is for inference: some weights require grad")
-        if type(self.lm_head) is not nn.Linear:
-            raise ValueError("the compiled decode step needs a plain lm_head (not quantised)")
+
+        def weight(key: str, module: nn.Module) -> dict[str, torch.Tensor]:
+            if type(module) is nn.Linear:
+                return {key: module.weight}
+            if isinstance(module, QuantLinear):
+                return decode_step_weight(key, module.qweight)
+            raise ValueError(f"the compiled decode step needs plain (unquantised) or int8/int4 linears, not "
+                             f"{type(module).__name__}")
+
+        def fused(key: str, fused_weight, parts: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+            if fused_weight is not None:
+                return {key: fused_weight[0]}
+            if all(isinstance(m, QuantLinear) for m in parts.values()):
+                return {name: t for part, m in parts.items() for name, t in weight(part, m).items()}
+            raise ValueError("the compiled decode step needs plain (unquantised) linears fused by fuse_projections(), "
+                             "or int8/int4 ones")
+
         layers = []
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
             dense_mlps = [mlp] if isinstance(mlp, MLP) else [m for m in [mlp.shared_experts] if m is not None]
-            if attn.fused_qkv is None or any(m.fused_gate_up is None for m in dense_mlps) or \
-                    type(attn.o_proj) is not nn.Linear or any(type(m.down_proj) is not nn.Linear for m in dense_mlps):
-                raise ValueError("the compiled decode step needs plain (unquantised) linears, "
-                                 "fused by fuse_projections()")
             tensors = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
-                       "qkv_weight": attn.fused_qkv[0], "o_weight": attn.o_proj.weight,
                        "k_cache": k_cache, "v_cache": v_cache}
-            if attn.fused_qkv[1] is not None:
+            tensors |= fused("qkv_weight", attn.fused_qkv,
+                             {"q_weight": attn.q_proj, "k_weight": attn.k_proj, "v_weight": attn.v_proj})
+            tensors |= weight("o_weight", attn.o_proj)
+            if attn.fused_qkv is not None and attn.fused_qkv[1] is not None:
                 tensors["qkv_bias"] = attn.fused_qkv[1]
+            elif attn.fused_qkv is None and attn.q_proj.bias is not None:
+                tensors["qkv_bias"] = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
             if attn.use_qk_norm:
                 tensors |= {"q_norm": attn.q_norm.weight, "k_norm": attn.k_norm.weight}
             if isinstance(mlp, MoE):
-                if type(mlp.experts) is not Experts:
-                    raise ValueError("the compiled decode step needs unquantised experts")
-                tensors |= {"router_weight": mlp.gate.weight, "router_bias": mlp.gate.e_score_correction_bias,
-                            "experts_gate_up": mlp.experts.gate_up_proj, "experts_down": mlp.experts.down_proj}
+                tensors |= {"router_weight": mlp.gate.weight, "router_bias": mlp.gate.e_score_correction_bias}
+                if type(mlp.experts) is Experts:
+                    tensors |= {"experts_gate_up": mlp.experts.gate_up_proj, "experts_down": mlp.experts.down_proj}
+                elif isinstance(mlp.experts, QuantExperts):
+                    tensors |= decode_step_weight("experts_gate_up", mlp.experts.gate_up)
+                    tensors |= decode_step_weight("experts_down", mlp.experts.down)
+                else:
+                    raise ValueError("the compiled decode step needs plain (unquantised) or int8/int4 experts")
             if dense_mlps:
-                tensors |= {"mlp_gate_up": dense_mlps[0].fused_gate_up[0], "mlp_down": dense_mlps[0].down_proj.weight}
+                dense = dense_mlps[0]
+                tensors |= fused("mlp_gate_up", dense.fused_gate_up, {"mlp_gate": dense.gate_proj,
+                                                                      "mlp_up": dense.up_proj})
+                tensors |= weight("mlp_down", dense.down_proj)
             layers.append({name: t.detach() for name, t in tensors.items()})
         config = self.config
         sizes = {"num_heads": config.num_attention_heads, "num_kv_heads": config.num_key_value_heads,
@@ -365,8 +395,10 @@ class GLMForCausalLM(nn.Module):
                  "top_k": config.num_experts_per_tok, "n_group": config.n_group, "topk_group": config.topk_group,
                  "norm_topk_prob": float(config.norm_topk_prob),
                  "routed_scaling_factor": config.routed_scaling_factor, "block_size": block_size}
+        head = weight("lm_head", self.lm_head)
         return {"layers": layers, "embed": embed.detach(), "final_norm": self.norm.weight.detach(),
-                "lm_head": self.lm_head.weight.detach(), "inv_freq": self.inv_freq, "config": sizes}
+                "lm_head": head["lm_head"].detach() if "lm_head" in head else None, "inv_freq": self.inv_freq,
+                "config": sizes, "quantized": {} if "lm_head" in head else head}
 
     def materialize_buffers(self, device: torch.device) -> None:
         """Recompute non-persistent buffers after the weights were assigned to a model built on `meta`."""
