@@ -24,6 +24,7 @@ import torch
 
 from workbench import analysis
 from workbench.chat.parser import parse_completion
+from workbench.chat.prompt import prompt_ids
 from workbench.engine import Engine
 from workbench.engine.routing import RoutingTrace
 from workbench.models import default_model_path
@@ -76,7 +77,7 @@ def main() -> None:
 
     # 2. Held-out "write a function that ..." prompts: does the generated code parse and define a function?
     requests = heldout_requests(corpus.heldout_functions, args.prompts)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}]) for _, text in requests]
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": text}])[1] for _, text in requests]
     runs = [("sampled", dict(temperature=args.temperature, seed=args.seed))]
     if not args.no_greedy:
         runs.append(("greedy", dict(temperature=0.0)))

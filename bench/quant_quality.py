@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from workbench.chat.prompt import prompt_ids
 from workbench.engine import Engine
 from workbench.engine.int_quant import build_quantized_model, checkpoint_tensors
 from workbench.models import default_model_path
@@ -43,6 +44,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from glm_kernels import cpu_compiled
+
+    cpu_compiled.load()  # the compiled integer kernels (their q8a reference gives the same numbers, slower)
     folder = args.model or default_model_path()
     started = time.perf_counter()
     base = Engine.from_pretrained(folder, dtype="float32", device="cpu", kernels="torch", cpu_kernels="torch")
@@ -87,7 +91,7 @@ def main() -> None:
     print("  change    " + "".join(f"{d:>+21.2f}%" for d in deltas.values()))
 
     requests = heldout_requests(corpus.heldout_functions, args.prompts)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}]) for _, text in requests]
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": text}])[1] for _, text in requests]
     agreement, identical = _agreement(models, prompts, args.new_tokens)
     print(f"\ngreedy agreement with fp32 over {len(prompts)} held-out prompts, {args.new_tokens} new tokens each:")
     for label in models:

@@ -9,14 +9,20 @@ Measured side by side in one run, against a live `jupyter server` with the exten
    extra): rendering, tokenizing, the scheduler hand-off and server-sent events should cost little;
 3. N concurrent clients that send no max_tokens (each may run to the end of the context, and stops where the
    model stops): aggregate tokens/s and the most requests seen decoding at once in api/status (KV blocks are
-   taken as sequences grow, so these run together instead of one whole-context reservation at a time).
+   taken as sequences grow, so these run together instead of one whole-context reservation at a time);
+4. what a routing trace costs: --routing-answers answers one after another as the sidebar sends them (streamed,
+   its notebook tools offered, --max-tokens each), alternately with `routing: true` and without; the sidebar asks
+   for routing only while a routing view is open (or its keepRouting setting says always), and this says what the
+   others save.
 
 The model is --model (default: the bundled model when it is installed, else a random-weight checkpoint of
 --preset written to a temporary folder). Requests 1 and 2 use ignore_eos so every client generates exactly --max-tokens.
 
     python bench/server_load.py [--model PATH] [--preset bench-10m] [--clients 8] [--max-tokens 64] [--device cpu]
+                                [--routing-answers 12] [--routing-only]
 
-The last line reads `concurrent_vs_sequential=X.XX ttft_overhead_ms=Y.Y`.
+The last line reads `concurrent_vs_sequential=X.XX ttft_overhead_ms=Y.Y routing_vs_plain=Z.ZZ` (the last: the
+server's CPU time of an answer with routing over one without).
 """
 
 from __future__ import annotations
@@ -30,21 +36,56 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import torch
 
 from workbench.chat import render_prompt
 from workbench.server.launch import GLMServer, start_server
+
+# The notebook tools the sidebar offers with every answer by default (labextension/src/tools.ts): a sidebar
+# answer's prompt is mostly their definitions.
+SIDEBAR_TOOLS = [
+    {"type": "function", "function": {
+        "name": "read_cells",
+        "description": "Read cells of the active notebook: index, type, source and (for code cells) a text summary "
+                       "of the outputs.",
+        "parameters": {"type": "object", "properties": {
+            "start": {"type": "integer", "description": "First cell index to read (0-based). Default 0."},
+            "end": {"type": "integer", "description": "One past the last cell index to read. Default: all cells."}}}}},
+    {"type": "function", "function": {
+        "name": "insert_cell", "description": "Insert a new cell into the active notebook.",
+        "parameters": {"type": "object", "properties": {
+            "source": {"type": "string", "description": "The text of the new cell."},
+            "cell_type": {"type": "string", "enum": ["code", "markdown"], "description": "Default: code."},
+            "index": {"type": "integer",
+                      "description": "Where the new cell goes (0-based). Default: below the active cell."}},
+            "required": ["source"]}}},
+    {"type": "function", "function": {
+        "name": "run_cell", "description": "Run a code cell of the active notebook and return its outputs as text.",
+        "parameters": {"type": "object", "properties": {
+            "index": {"type": "integer", "description": "Index of the cell to run (0-based)."}},
+            "required": ["index"]}}},
+    {"type": "function", "function": {
+        "name": "list_variables",
+        "description": "List the variables defined in the active notebook's kernel: name, type and a short preview.",
+        "parameters": {"type": "object", "properties": {}}}},
+]
 
 
 def messages_for(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Client {i}: summarise the benefits of mixture-of-experts models."}]
 
 
-async def stream_one(client: httpx.AsyncClient, server: GLMServer, model: str, i: int, max_tokens: int | None) -> int:
+async def stream_one(client: httpx.AsyncClient, server: GLMServer, model: str, i: int, max_tokens: int | None,
+                     routing: bool = False, tools: list[dict] | None = None) -> int:
     """One streaming request to its end; returns the completion tokens the server counted. Without max_tokens the
     request runs until the model stops (or the context is full), as a chat client's default does."""
     body = {"model": model, "messages": messages_for(i), "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    if routing:
+        body["routing"] = True
+    if tools:
+        body["tools"] = tools
     if max_tokens is not None:
         body.update(max_tokens=max_tokens, ignore_eos=True)
     tokens = 0
@@ -102,6 +143,28 @@ async def open_ended(server: GLMServer, model: str, clients: int) -> tuple[float
     return sum(counts) / elapsed, sum(counts), most_running
 
 
+async def routing_cost(server: GLMServer, model: str, answers: int, max_tokens: int) -> dict[bool, tuple[float, float]]:
+    """{routing: (median wall seconds, mean server CPU seconds)} of one sidebar answer (streamed, `max_tokens`
+    tokens, the sidebar's notebook tools offered) with `routing: true` and without, alternated answer by answer so
+    that both see the same machine. The server process's CPU time is what the answer cost it, much less moved than
+    wall time by other processes on a busy machine."""
+    server_process = psutil.Process(server.process.pid)
+    times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    async with httpx.AsyncClient(timeout=600) as client:
+        await stream_one(client, server, model, 0, 4, routing=True)  # warm-up
+        for i in range(2 * answers):
+            routing = i % 2 == 0
+            cpu = sum(server_process.cpu_times()[:2])
+            start = time.perf_counter()
+            tokens = await stream_one(client, server, model, i // 2, max_tokens, routing=routing, tools=SIDEBAR_TOOLS)
+            times[routing].append((time.perf_counter() - start, sum(server_process.cpu_times()[:2]) - cpu))
+            if tokens != max_tokens:
+                raise RuntimeError(f"answer {i} has {tokens} tokens, not {max_tokens}")
+    # CPU time comes in clock ticks (10 ms): its mean over the answers, not a median of ticks, resolves the cost.
+    return {flag: (statistics.median(w for w, _ in runs), statistics.fmean(c for _, c in runs))
+            for flag, runs in times.items()}
+
+
 def first_token_ms(server: GLMServer, model: str, model_path: Path, device: str, runs: int) -> tuple[float, float]:
     """Median ms to the first token via HTTP (a one-token streaming request, until its finish event) and via a
     direct `Engine.generate(max_new_tokens=1)` in this process on the same prompt, alternated run by run so that
@@ -153,6 +216,9 @@ def main() -> None:
     parser.add_argument("--ttft-runs", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (server and direct engine)")
+    parser.add_argument("--routing-answers", type=int, default=12,
+                        help="answers timed with routing and as many without (section 4)")
+    parser.add_argument("--routing-only", action="store_true", help="run section 4 alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -169,12 +235,22 @@ def main() -> None:
             model = status["model"]
             print(f"model {model_path} on {status['device']} ({status['dtype']}, kernels={status['kernels']}), "
                   f"{args.clients} clients x {args.max_tokens} tokens")
-            sequential, concurrent = asyncio.run(throughput(server, model, args.clients, args.max_tokens))
-            open_rate, open_tokens, open_running = asyncio.run(open_ended(server, model, args.clients))
-            http_ms, direct_ms = first_token_ms(server, model, model_path, args.device, args.ttft_runs)
+            if not args.routing_only:
+                sequential, concurrent = asyncio.run(throughput(server, model, args.clients, args.max_tokens))
+                open_rate, open_tokens, open_running = asyncio.run(open_ended(server, model, args.clients))
+                http_ms, direct_ms = first_token_ms(server, model, model_path, args.device, args.ttft_runs)
+            routing = asyncio.run(routing_cost(server, model, args.routing_answers, args.max_tokens))
         finally:
             server.stop()
 
+    (routed_wall, routed_cpu), (plain_wall, plain_cpu) = routing[True], routing[False]
+    routing_line = (f"routing      {routed_wall * 1000:9.1f} ms an answer with routing: true, {plain_wall * 1000:.1f} "
+                    f"ms without; server CPU {routed_cpu * 1000:.1f} ms against {plain_cpu * 1000:.1f} ms "
+                    f"({args.max_tokens} tokens; {args.routing_answers} answers each: median wall time, mean CPU time)")
+    if args.routing_only:
+        print(routing_line)
+        print(f"routing_vs_plain={routed_cpu / plain_cpu:.2f}")
+        return
     ratio = concurrent / sequential
     overhead = http_ms - direct_ms
     print(f"sequential   {sequential:9.1f} tok/s  ({args.clients} requests one after another)")
@@ -183,7 +259,9 @@ def main() -> None:
           f"{open_running} decoding together)")
     print(f"first token  {http_ms:9.1f} ms via HTTP, {direct_ms:.1f} ms direct (median of {args.ttft_runs})   "
           "target < 20 ms extra")
-    print(f"concurrent_vs_sequential={ratio:.2f} ttft_overhead_ms={overhead:.1f}")
+    print(routing_line)
+    print(f"concurrent_vs_sequential={ratio:.2f} ttft_overhead_ms={overhead:.1f} "
+          f"routing_vs_plain={routed_cpu / plain_cpu:.2f}")
 
 
 if __name__ == "__main__":

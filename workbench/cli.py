@@ -1,7 +1,9 @@
-"""Command line: `glm-workbench` opens JupyterLab with the workbench; `python -m workbench generate` streams.
+"""Command line: `glm-workbench` opens JupyterLab with the workbench; `python -m workbench generate` streams;
+`python -m workbench export-gguf CHECKPOINT OUT.gguf` writes a GGUF for llama.cpp.
 
-Owns argument parsing and terminal output only: generation goes through the engine, the split of thinking from
-answer through the chat layer's output parser. What it prints never holds a secret: the command it runs is shown
+Owns argument parsing and terminal output only: the prompt is built as the server builds it (the chat layer's
+`prompt_ids`), generation goes through the engine, the split of thinking from answer through the chat layer's
+output parser. What it prints never holds a secret: the command it runs is shown
 with the values of token, key, secret and password options (and `token=` in URLs) replaced by `***`.
 """
 
@@ -53,17 +55,17 @@ def _default_model() -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from workbench.chat import OutputParser
+    from workbench.chat import OutputParser, prompt_ids
     from workbench.engine import Engine
 
     model = Path(args.model) if args.model else _default_model()
     started = time.perf_counter()
     engine = Engine.from_pretrained(model, dtype=args.dtype, device=args.device, kernels=args.kernels,
-                                    cpu_kernels=args.cpu_kernels)
+                                    cpu_kernels=args.cpu_kernels, quantize=args.quantize)
     # What runs, in api/status's words (the server's log has the same line).
     print(f"[loaded {engine.name} in {time.perf_counter() - started:.1f} s: {engine.describe()}]", file=sys.stderr)
     messages = [{"role": "user", "content": args.prompt}]
-    ids = engine.tokenizer.apply_chat_template(messages, enable_thinking=not args.no_think)
+    _, ids = prompt_ids(engine.tokenizer, messages, enable_thinking=not args.no_think)  # the server's route
     stream = engine.stream(ids, max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed)
     parser = OutputParser()
@@ -92,6 +94,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prefill_tps = result.prompt_tokens / result.prefill_seconds if result.prefill_seconds else 0.0
     print(f"{reset}\n\n[{result.finish_reason}: {result.prompt_tokens} prompt tokens at {prefill_tps:.1f} tok/s, "
           f"{result.completion_tokens} generated at {result.decode_tokens_per_second:.1f} tok/s]")
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from workbench.chat.template import GLM45_CHAT_TEMPLATE
+    from workbench.engine.gguf_export import export_gguf
+
+    started = time.perf_counter()
+    # a checkpoint without a chat template of its own (the engine's tiny ones) gets GLM-4.5's, as the engine uses
+    files = export_gguf(args.checkpoint, args.out, args.gguf_type, split_max_bytes=(args.split_max_mb or 0) * 2**20,
+                        fallback_chat_template=GLM45_CHAT_TEMPLATE)
+    size = sum(f.stat().st_size for f in files)
+    print(f"[wrote {', '.join(str(f) for f in files)}: {args.gguf_type}, {size / 2**20:.1f} MiB in "
+          f"{time.perf_counter() - started:.1f} s]")
     return 0
 
 
@@ -200,7 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--cpu-kernels", choices=["auto", "compiled", "torch"],
                           help="on the CPU: the compiled kernels (built once per machine, about a minute) or torch; "
                                "default: WORKBENCH_CPU_KERNELS, else auto")
+    generate.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                          help="CPU: quantize the weights as the model loads, to 8 or ~4.75 bits per weight (less "
+                               "memory, fewer bytes read per token); routers, norms and embeddings stay dense")
     generate.set_defaults(run=cmd_generate)
+    export = commands.add_parser("export-gguf", help="write a checkpoint folder as a GGUF file for llama.cpp / Ollama")
+    export.add_argument("checkpoint", help="HF-layout checkpoint folder (config.json, safetensors, tokenizer.json)")
+    export.add_argument("out", help="the .gguf file to write")
+    export.add_argument("--type", dest="gguf_type", default="f16", choices=["f32", "f16", "q8_0", "q4_k"],
+                        help="tensor type (norms, biases and the router stay f32): f32, f16, q8_0 or q4_k "
+                             "(rows not a multiple of 256 in q5_0, as llama.cpp does)")
+    export.add_argument("--split-max-mb", type=_whole_number(1), default=None,
+                        help="split into files of at most this many MiB (OUT-00001-of-0000N.gguf)")
+    export.set_defaults(run=cmd_export_gguf)
     lab = commands.add_parser("lab", help="open JupyterLab with the workbench (the default command) in your "
                                           "workspace (--workspace DIR, default ~/glm-workbench), which gets a copy "
                                           "of each demo notebook it lacks; nothing there is overwritten")

@@ -109,7 +109,10 @@ def quantized_fused_moe(x: torch.Tensor, w_gate_up: QuantizedWeight, w_down: Qua
                          f"{w_gate_up.shape} and {w_down.shape}")
     module = _compiled_can_take(x, w_gate_up, w_down)
     if module is not None:
-        return module.quantized_fused_moe(x, weight_parts(w_gate_up), weight_parts(w_down), topk_ids, topk_weights)
+        # The router's top-k comes as a view of a wider tensor (a row stride of the expert count): the kernel reads
+        # rows of top_k, so it gets them packed.
+        return module.quantized_fused_moe(x.contiguous(), weight_parts(w_gate_up), weight_parts(w_down),
+                                          topk_ids.contiguous(), topk_weights.contiguous())
     return quantized_fused_moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights)
 
 

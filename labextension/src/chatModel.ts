@@ -37,6 +37,8 @@ export interface ChatPreferences {
   maxTokens: number;
   temperature: number;
   systemPrompt: string;
+  /** Record every local answer's expert routing, not only while a routing view is open (each then costs more). */
+  keepRouting: boolean;
 }
 
 export const DEFAULT_PREFERENCES: ChatPreferences = {
@@ -46,7 +48,8 @@ export const DEFAULT_PREFERENCES: ChatPreferences = {
   enableTools: true,
   maxTokens: 0,
   temperature: 0.6,
-  systemPrompt: ''
+  systemPrompt: '',
+  keepRouting: false
 };
 
 export interface ContextToggles {
@@ -323,14 +326,17 @@ export class ChatModel {
     await this.send(CONTINUE_PROMPT, [], { toggledContext: false });
   }
 
-  /** Whether answers from this model come from the local engine, which can record routing. */
-  supportsRouting(modelId: string = this._state.model): boolean {
-    const info = this._state.models.find(m => m.id === modelId);
-    if (info?.routing !== undefined) {
-      return info.routing;
-    }
-    // One backend per server: its status names it when the model card does not.
-    return (info?.backend ?? this._state.status?.backend) === 'local';
+  /**
+   * Whether a routing view is open (index.ts keeps this up to date). Recording an answer's routing costs the
+   * engine an extra decode step and its prefill's last-row saving, so answers ask for it only while someone
+   * looks at routing, or when the keepRouting preference says always.
+   */
+  routingViewOpen = false;
+
+  /** Whether answers come from the local engine, which can record routing (one backend per server: its status
+   * names it). */
+  supportsRouting(): boolean {
+    return this._state.status?.backend === 'local';
   }
 
   /**
@@ -397,7 +403,7 @@ export class ChatModel {
     if (this._state.thinkingMode !== 'auto') {
       request.thinking = { type: this._state.thinkingMode === 'on' ? 'enabled' : 'disabled' };
     }
-    if (this.supportsRouting()) {
+    if (this.supportsRouting() && (this.routingViewOpen || this.preferences.keepRouting)) {
       request.routing = true;
     }
     if (this.preferences.enableTools || this.forcedTool) {
@@ -414,7 +420,11 @@ export class ChatModel {
   private async generate(): Promise<void> {
     const request = this.buildRequest(this._state.conversation.messages);
     const id = UUID.uuid4();
-    let message = newAssistantMessage(id, Date.now(), { model: request.model, routingRequested: !!request.routing });
+    let message = newAssistantMessage(id, Date.now(), {
+      model: request.model,
+      routingRequested: !!request.routing,
+      routingPossible: this.supportsRouting()
+    });
     this.setMessages([...this._state.conversation.messages, message]);
     this.update({ busy: true, failure: null });
     const abort = new AbortController();

@@ -48,6 +48,8 @@ export interface AssistantMessage {
   finishReason?: string;
   usage?: Usage;
   routingRequested: boolean;
+  /** The answer came from the local engine, which records routing when asked (routingRequested says if it was). */
+  routingPossible?: boolean;
   timing: Timing;
   /** Something the sidebar changed about the request and says so under the answer (a clamped max_tokens). */
   note?: string;
@@ -84,7 +86,7 @@ export interface Conversation {
 export function newAssistantMessage(
   id: string,
   now: number,
-  options: { model?: string; routingRequested?: boolean } = {}
+  options: { model?: string; routingRequested?: boolean; routingPossible?: boolean } = {}
 ): AssistantMessage {
   return {
     kind: 'assistant',
@@ -95,6 +97,7 @@ export function newAssistantMessage(
     toolCalls: [],
     status: 'streaming',
     routingRequested: options.routingRequested ?? false,
+    ...(options.routingPossible ? { routingPossible: true } : {}),
     timing: { start: now },
     reasoningDeltas: 0,
     contentDeltas: 0

@@ -126,7 +126,8 @@ function readPreferences(settings: ISettingRegistry.ISettings): ChatPreferences 
     enableTools: get('enableTools'),
     maxTokens: get('maxTokens'),
     temperature: get('temperature'),
-    systemPrompt: get('systemPrompt')
+    systemPrompt: get('systemPrompt'),
+    keepRouting: get('keepRouting')
   };
 }
 
@@ -284,6 +285,11 @@ const plugin: JupyterFrontEndPlugin<void> = {
         widget.title.caption = content.title.caption;
         widget.title.closable = true;
         void routingTracker.add(widget);
+        // New answers record their routing while a routing view is open (see ChatModel.routingViewOpen).
+        model.routingViewOpen = true;
+        widget.disposed.connect(() => {
+          model.routingViewOpen = routingTracker.filter(w => w !== widget && !w.isDisposed).length > 0;
+        });
         app.shell.add(widget, 'main');
         app.shell.activateById(widget.id);
       }

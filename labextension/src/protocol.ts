@@ -81,10 +81,6 @@ export interface ModelInfo {
   id: string;
   object?: string;
   owned_by?: string;
-  /** Workbench extras, when the server sends them. */
-  backend?: string;
-  routing?: boolean;
-  ready?: boolean;
   /** Context length, as vLLM (`max_model_len`) or other servers name it. */
   max_model_len?: number;
   context_length?: number;

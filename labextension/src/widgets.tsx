@@ -77,6 +77,10 @@ function RoutingLoader({
         <div className="glm-Note glm-mod-error" role="alert">
           {error}
         </div>
+        <div className="glm-Note">
+          Answers of the local engine record their routing while a routing view is open (or always, with the
+          setting “Record every answer's expert routing”): regenerate this one to see its routing.
+        </div>
       </div>
     );
   }

@@ -92,6 +92,7 @@ const tools = (model: ChatModel) => model.state.conversation.messages.filter(m =
 describe('ChatModel', () => {
   it('sends the conversation with context, thinking mode, tools and routing, and saves it', async () => {
     const { client, model } = await makeModel([() => say(chunk({ content: 'Hi' }), chunk({}, 'stop'))]);
+    model.routingViewOpen = true; // a routing view is open: answers record their routing
     model.setContext({ cell: true });
     model.setThinkingMode('off');
     await model.send('hello');
@@ -101,15 +102,31 @@ describe('ChatModel', () => {
     expect(request.thinking).toEqual({ type: 'disabled' });
     expect(request.routing).toBe(true); // the server's backend is local
     expect(request.tools?.map(t => t.function.name)).toContain('insert_cell');
-    expect(lastAssistant(model)).toMatchObject({ content: 'Hi', status: 'done', routingRequested: true });
+    expect(lastAssistant(model)).toMatchObject({ content: 'Hi', status: 'done', routingRequested: true, routingPossible: true });
     expect(model.state.busy).toBe(false);
     expect(client.saved.at(-1)?.title).toBe('hello');
+  });
+
+  it('asks for routing only while a routing view is open, or always when the keepRouting setting says so', async () => {
+    const answer = () => say(chunk({ content: 'x' }), chunk({}, 'stop'));
+    const { client, model } = await makeModel([answer, answer, answer]);
+    await model.send('no routing view open');
+    expect(client.requests[0].routing).toBeUndefined(); // an answer without a trace costs the engine less
+    expect(lastAssistant(model)).toMatchObject({ routingRequested: false, routingPossible: true });
+    model.routingViewOpen = true;
+    await model.send('a routing view is open');
+    expect(client.requests[1].routing).toBe(true);
+    model.routingViewOpen = false;
+    model.setPreferences({ ...DEFAULT_PREFERENCES, keepRouting: true });
+    await model.send('the setting keeps it');
+    expect(client.requests[2].routing).toBe(true);
   });
 
   it('asks for routing only from a local backend and omits thinking in auto mode', async () => {
     const { client, model } = await makeModel([() => say(chunk({ content: 'x' }))], DEFAULT_PREFERENCES, {
       backend: 'remote'
     });
+    model.routingViewOpen = true;
     await model.send('hi');
     expect(client.requests[0].routing).toBeUndefined();
     expect(client.requests[0].thinking).toBeUndefined();

@@ -17,7 +17,8 @@ import pytest
 from workbench.cli import main
 from workbench.server import launch
 
-LOADED = re.compile(r"\[loaded (\S+) in [\d.]+ s: (\w+) on (\S+), kernels=(\w+), cpu_kernels=(\w+)\]")
+LOADED = re.compile(r"\[loaded (\S+) in [\d.]+ s: (\w+) on (\S+), kernels=(\w+), cpu_kernels=(\w+)"
+                    r"(, weights [^\]]+)?\]")
 
 
 def test_generate_streams_an_answer_and_reports_speed(tiny_checkpoint, capsys):
@@ -29,6 +30,14 @@ def test_generate_streams_an_answer_and_reports_speed(tiny_checkpoint, capsys):
     loaded = LOADED.search(captured.err)
     assert loaded, captured.err
     assert loaded.group(2, 3) == ("float32", "cpu")  # dtype auto: float32 on the CPU
+
+
+def test_generate_quantizes_the_weights_as_they_load(tiny_checkpoint, capsys):
+    assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "Write fizzbuzz", "--max-tokens", "4",
+                 "--temperature", "0", "--quantize", "int4"]) == 0
+    err = capsys.readouterr().err
+    assert LOADED.search(err), err
+    assert re.search(r", weights int4 \([\d.]+ bits per weight, [\d.]+ [KMG]iB read per token\)\]", err), err
 
 
 @pytest.mark.parametrize("option,value,why", [
@@ -43,6 +52,7 @@ def test_generate_streams_an_answer_and_reports_speed(tiny_checkpoint, capsys):
     ("--dtype", "int3", "invalid choice: 'int3'"),
     ("--cpu-kernels", "fast", "invalid choice: 'fast'"),
     ("--device", "toaster", "'toaster' is not a torch device"),
+    ("--quantize", "int3", "invalid choice: 'int3'"),
 ])
 def test_bad_arguments_are_rejected_before_the_engine_loads(tiny_checkpoint, capsys, monkeypatch, option, value,
                                                             why):
@@ -67,7 +77,7 @@ def test_the_cli_describes_what_runs_as_the_status_api_does(tiny_checkpoint, cap
     for choice, expected in (("auto", "compiled"), ("torch", "torch")):
         assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "hi", "--max-tokens", "2",
                      "--cpu-kernels", choice]) == 0
-        name, dtype, device, kernels, cpu_kernels = LOADED.search(capsys.readouterr().err).groups()
+        name, dtype, device, kernels, cpu_kernels, _ = LOADED.search(capsys.readouterr().err).groups()
 
         backend = LocalBackend(model_path=tiny_checkpoint, dtype="auto", cpu_kernels=choice)
         asyncio.run(backend.start())

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+import workbench.chat  # noqa: F401  (gives the engine's Tokenizer apply_chat_template)
 from workbench.engine import Engine, SamplingParams
 
 

@@ -59,9 +59,26 @@ def dequantized_reference(quantized: GLMForCausalLM, config: GLMConfig, dense: G
     return reference.eval()
 
 
+def plain_fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """The routed experts with dequantized weights and unquantized activations, in fp32."""
+    out = torch.zeros(x.shape[0], w_down.shape[-2])
+    for expert in torch.unique(topk_ids).tolist():
+        rows, slot = (topk_ids == expert).nonzero(as_tuple=True)
+        gate, up = blockquant.linear_reference(x[rows], w_gate_up[expert]).chunk(2, dim=-1)
+        y = blockquant.linear_reference(torch.nn.functional.silu(gate) * up, w_down[expert])
+        out.index_add_(0, rows, y * topk_weights[rows, slot, None].float())
+    return out
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_quantized_logits_match_the_dequantized_reference(name, fmt):
+def test_quantized_logits_match_the_dequantized_reference(name, fmt, monkeypatch):
+    """With the plain references (dequantize, then matmul) in the modules, the quantized model computes exactly what
+    a plain model holding the dequantized weights does: every matrix, expert slot and bias is where it belongs."""
     config = CONFIGS[name]
     dense = random_model(config, seed=1)
     model = build_quantized_model(config, hf_tensors(dense), fmt).eval()
@@ -69,14 +86,32 @@ def test_quantized_logits_match_the_dequantized_reference(name, fmt):
     assert QuantLinear in kinds and QuantExperts in kinds and torch.nn.Linear not in kinds
     ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        got = model(ids)
         want = dequantized_reference(model, config, dense)(ids)
         plain = dense.eval()(ids)
-    # The compiled kernels quantize activations to 8 bits per block as well: allow for that, far below what a
-    # wrong scale, nibble order or expert slot gives (the quantized model against the dense one, below).
-    scale = want.abs().max()
-    assert (got - want).abs().max() <= 0.02 * scale, (got - want).abs().max() / scale
-    assert (plain - want).abs().max() > 5 * (got - want).abs().max()  # the check above can tell them apart
+        kernels = model(ids)  # glm_kernels.quant_linear: the compiled kernels or their q8a reference
+        monkeypatch.setattr(int_quant, "_KERNELS", (blockquant.linear_reference, plain_fused_moe))
+        got = model(ids)
+    assert relative(got, want) < 1e-5
+    assert relative(plain, want) > 1e-3  # the weights really are quantized
+    # The integer kernels quantize activations to 8 bits per block as well (as large an error as int8 weights').
+    assert relative(kernels, want) < 0.4
+
+
+def test_the_compiled_kernels_and_their_reference_agree_in_the_model(monkeypatch, compiled_cpu_kernels):
+    from glm_kernels import cpu_compiled
+
+    if compiled_cpu_kernels is None:
+        pytest.skip("the compiled CPU kernels could not be built here")
+    config = CONFIGS["partial-superblock"]
+    for fmt in ("int8", "int4"):
+        model = build_quantized_model(config, hf_tensors(random_model(config, seed=1)), fmt).eval()
+        ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            compiled = model(ids)
+            with monkeypatch.context() as patch:
+                patch.setattr(cpu_compiled, "_module", None)  # quant_linear's fallback: linear_q8a_reference
+                reference = model(ids)
+        assert relative(compiled, reference) < 0.03, fmt
 
 
 def test_what_stays_dense_and_why_the_lm_head_is_int8():
@@ -120,8 +155,10 @@ def test_prequantized_weights_are_stored_as_given():
         else:
             tensors.append((name, tensor))
     model = build_quantized_model(config, tensors, None)
-    q_proj = model.layers[0].self_attn.q_proj
-    assert q_proj.qweight.packed is given["model.layers.0.self_attn.q_proj.weight"].packed  # no copy
+    o_proj = model.layers[0].self_attn.o_proj
+    assert o_proj.qweight.packed is given["model.layers.0.self_attn.o_proj.weight"].packed  # no copy
+    assert torch.equal(model.layers[0].self_attn.q_proj.qweight.packed,  # q, k and v fused: one copy, then views
+                       given["model.layers.0.self_attn.q_proj.weight"].packed)
     assert model.layers[0].mlp.down_proj.qweight.group == 16
     experts = model.layers[1].mlp.experts
     assert torch.equal(experts.gate_up[5].packed[32:], given["model.layers.1.mlp.experts.5.up_proj.weight"].packed)
@@ -130,6 +167,43 @@ def test_prequantized_weights_are_stored_as_given():
     assert torch.equal(model.embed_tokens.weight, blockquant.dequantize(embed))
     with torch.inference_mode():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+
+def test_projections_of_one_format_are_fused_into_views_of_one_matrix():
+    config = CONFIGS["tiny"]
+    state = hf_tensors(random_model(config))
+    model = build_quantized_model(config, state, "int4")
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    fused, bias = attn.fused_qkv_quantized
+    assert fused.shape == (64 + 2 * 32, 64) and bias.shape == (128,)
+    assert attn.k_proj.qweight.packed.data_ptr() == fused.packed[64:].data_ptr()  # a view, not a copy
+    assert attn.v_proj.bias.data_ptr() == bias[96:].data_ptr()
+    assert mlp.fused_gate_up_quantized[0].shape == (2 * 128, 64)
+    # A v of another format (a GGUF's Q6_K beside Q4_K) stays apart, and the compiled decode step says why it
+    # cannot run that model (the engine then takes the torch path).
+    mixed = [(n, blockquant.quantize_int8(t, group=16)) if n == "model.layers.0.self_attn.v_proj.weight" else (n, t)
+             for n, t in state]
+    model = build_quantized_model(config, mixed, "int4")
+    assert model.layers[0].self_attn.fused_qkv_quantized is None
+    assert model.layers[1].self_attn.fused_qkv_quantized is not None
+    cache = [(torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16)) for _ in range(config.num_hidden_layers)]
+    with pytest.raises(ValueError, match="fused by fuse_projections"):
+        model.decode_step_tensors(cache, 16)
+
+
+def test_decode_step_tensors_hand_over_the_quantized_weights():
+    config = CONFIGS["tiny"]
+    model = build_quantized_model(config, hf_tensors(random_model(config)), "int4")
+    cache = [(torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16)) for _ in range(config.num_hidden_layers)]
+    tensors = model.decode_step_tensors(cache, 16)
+    assert tensors["lm_head"] is None and set(tensors["quantized"]) == {"lm_head.q", "lm_head.scales"}
+    dense_layer, moe_layer = tensors["layers"][0], tensors["layers"][1]
+    assert {"qkv_weight.packed", "qkv_weight.d", "qkv_weight.dmin", "qkv_weight.sc", "qkv_weight.mn", "qkv_bias",
+            "o_weight.packed", "mlp_gate_up.packed", "mlp_down.mn"} <= set(dense_layer)
+    assert "qkv_weight" not in dense_layer and "o_weight" not in dense_layer
+    assert moe_layer["experts_gate_up.packed"].shape == (8, 64, 32)
+    assert moe_layer["router_weight"].dtype == torch.float32
+    assert moe_layer["experts_down.sc"].shape == (8, 64, 1)
 
 
 def test_no_full_precision_copy_of_the_layers_is_alive_while_building():
@@ -213,12 +287,12 @@ def test_a_missing_expert_or_mixed_formats_is_a_checkpoint_error():
         build_quantized_model(config, mixed, None)
 
 
-def test_a_cpu_without_avx2_runs_the_torch_path_with_one_log_line(tiny_checkpoint, monkeypatch, caplog):
+def test_a_cpu_without_avx2_runs_the_slow_path_with_one_log_line(tiny_checkpoint, monkeypatch, caplog):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     with caplog.at_level(logging.INFO, logger="workbench"):
         engine = Engine.from_pretrained(tiny_checkpoint, dtype="auto", quantize="int8")
     lines = [r.getMessage() for r in caplog.records if "AVX2" in r.getMessage()]
-    assert len(lines) == 1 and "torch path" in lines[0]
+    assert len(lines) == 1 and "scalar path" in lines[0]
     assert engine.generate([1, 2, 3], max_new_tokens=2, temperature=0.0).finish_reason in ("length", "stop")
 
 

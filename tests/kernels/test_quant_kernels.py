@@ -201,6 +201,20 @@ def test_quantized_fused_moe_matches_reference(isa, tokens, dtype, formats, gen)
     assert_close(ours, expected, tolerance=1e-4 if dtype == torch.float32 else 2e-2)
 
 
+def test_quantized_fused_moe_takes_the_routers_strided_top_k(compiled, gen):
+    """The router's top-k ids and weights are views with a row stride wider than top_k (a slice of its sorted
+    scores): the kernel must read them by their strides, not as if packed."""
+    w_gate_up = quantize(torch.randn(8, 64, 64, generator=gen) * 0.1, "int8")
+    w_down = quantize(torch.randn(8, 64, 32, generator=gen) * 0.1, "int8")
+    x = torch.randn(6, 64, generator=gen)
+    scores = torch.rand(6, 8, generator=gen)
+    weights, ids = scores.sort(dim=-1, descending=True)
+    ids, weights = ids[:, :2], weights[:, :2]
+    assert not ids.is_contiguous() and not weights.is_contiguous()
+    expected = quantized_fused_moe_reference(x, w_gate_up, w_down, ids.contiguous(), weights.contiguous())
+    assert_close(quantized_fused_moe(x, w_gate_up, w_down, ids, weights), expected, tolerance=1e-4)
+
+
 def test_quantized_fused_moe_threads_agree_bitwise(compiled, gen):
     w_gate_up = quantize(torch.randn(4, 128, 64, generator=gen), "int4")
     w_down = quantize(torch.randn(4, 64, 64, generator=gen), "int8")

@@ -8,8 +8,9 @@ import select
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
+from fake_upstream import JSONHandler
 from IPython.core.interactiveshell import InteractiveShell
 
 from workbench.magics import GLMMagics
@@ -50,11 +51,8 @@ class ScriptedUpstream:
         self.holding = threading.Event()  # set while a SLOW stream holds its last 95 words
         upstream = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 self._json(200, {"object": "list", "data": [{"id": SCRIPTED_MODEL, "object": "model"}]})
@@ -122,13 +120,6 @@ class ScriptedUpstream:
                 self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
                 self.wfile.flush()
 
-            def _json(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import glob
+import re
 import time
 
 import httpx
 import pytest
 from glm_upstream import magics_of
+from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 
 from workbench.magics import extract_code
@@ -159,3 +161,27 @@ def test_a_kernel_reports_errors_in_one_line(kernel):
     assert not [kind for kind, _ in messages if kind == "error"]  # no traceback message
     _, reply = kernel.execute("40 + 2")
     assert reply["status"] == "ok"
+
+
+def test_use_local_path_quantizes_the_model_in_this_kernel(shell, tiny_checkpoint):
+    captured = run(shell, f"%glm use local {tiny_checkpoint} --quantize int4")
+    assert f"the local engine in this kernel ({tiny_checkpoint}, cpu, int4 weights)" in captured.stdout
+    status = run(shell, "%glm status").stdout
+    assert re.search(r"weights int4 \([\d.]+ bits, [\d.]+ MiB read per token\)", status), status
+    run(shell, "%%glm --max-tokens 4 -t 0\nwrite a function")
+    assert last_turn(shell).assistant is not None
+    run(shell, "%glm config quantize=int8")  # the setting behind the option; the next request reloads
+    assert "weights int8" in run(shell, "%glm status").stdout
+
+
+@pytest.mark.parametrize("line, says", [
+    ("%glm use local {ckpt} --quantize int3", "--quantize 'int3': choose int8 or int4"),
+    ("%glm use local --quantize int4", "no checkpoint folder given"),
+    ("%glm use local {ckpt} extra", "unexpected 'extra'"),
+    ("%glm config quantize=fp4", "choose one of , int8, int4"),
+])
+def test_use_local_quantize_mistakes(shell, tiny_checkpoint, line, says):
+    with capture_output() as captured:
+        result = shell.run_cell(line.format(ckpt=tiny_checkpoint))
+    assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
+    assert says in captured.stderr, captured.stderr

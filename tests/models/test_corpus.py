@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from workbench.engine.chat_template import render_chat
+from workbench.chat.template import render_chat
 from workbench.models.recipe import corpus
 from workbench.models.recipe.corpus import (
     END_OF_TURN,

@@ -1,6 +1,6 @@
 """The demo notebooks (01-06) run top to bottom in a real kernel (nbclient) on the bundled model; any error fails.
 
-Notebook 5 (the real GLM-4.5-Air) runs its skip path: no key and no server in the environment."""
+Notebook 5 (the real GLM-4.5-Air) runs its skip path: no key, no server and no local checkpoint in the environment."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def cell(outputs: dict[str, str], start: str) -> str:
 
 @pytest.fixture(autouse=True)
 def bundled_model_only(monkeypatch):
-    for name in ("GLM_WORKBENCH_MODEL", "ZAI_API_KEY", "GLM_VLLM_URL"):
+    for name in ("GLM_WORKBENCH_MODEL", "ZAI_API_KEY", "GLM_VLLM_URL", "GLM45_AIR_PATH"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -90,6 +90,7 @@ def test_real_glm_notebook_skips_cleanly_without_a_key_or_server():
     assert "No real GLM-4.5-Air configured" in cell(out, "import json")
     skipped = [text for text in out.values() if "skipped: no remote GLM configured" in text]
     assert len(skipped) == 4
+    assert "skipped: set GLM45_AIR_PATH" in cell(out, "import os")
 
 
 def test_magic_and_routing():

@@ -16,11 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import quote
 
 import httpx
 import pytest
+from fake_upstream import JSONHandler
 from glm_live import MODEL, start_live_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -182,10 +183,7 @@ class KeyEchoUpstream:
     def __init__(self) -> None:
         upstream = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(JSONHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 request = json.loads(self.rfile.read(length))
@@ -200,13 +198,6 @@ class KeyEchoUpstream:
                 else:
                     self._json(200, completion(key))
 
-            def _json(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
 
             def _stream(self, key: str, fail: bool) -> None:
                 self.send_response(200)

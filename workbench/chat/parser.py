@@ -27,6 +27,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from workbench.chat.fold import MessageFold
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 CALL_OPEN = "<tool_call>"
@@ -274,10 +276,12 @@ class OutputParser:
 
 
 def collect(deltas: list[ParserDelta], finish_reason: str) -> ParsedCompletion:
-    """Fold streamed deltas into the whole message (what a client does with a stream)."""
-    reasoning = "".join(d.reasoning_content for d in deltas if d.reasoning_content)
-    content = "".join(d.content for d in deltas if d.content)
-    return ParsedCompletion(reasoning_content=reasoning or None, content=content or None,
+    """Fold streamed deltas into the whole message (what a client does with a stream; fold.py's `MessageFold`
+    joins the texts, and each delta's tool call is whole)."""
+    fold = MessageFold()
+    for delta in deltas:
+        fold.add(delta.reasoning_content, delta.content)
+    return ParsedCompletion(reasoning_content=fold.reasoning_content, content=fold.content,
                             tool_calls=[d.tool_call for d in deltas if d.tool_call], finish_reason=finish_reason)
 
 

@@ -275,6 +275,9 @@ class ChatCompletionRequest(_Strict):
 
     # characters of every string in the body, counted while it was checked (a cheap size of the prompt)
     _text_chars: int | None = PrivateAttr(default=None)
+    # the messages and tools as the template renders them, dumped once (prompt_messages, tools_for_prompt)
+    _prompt_messages: list[dict[str, Any]] | None = PrivateAttr(default=None)
+    _prompt_tools: list[dict[str, Any]] | None = PrivateAttr(default=None)
 
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
@@ -374,11 +377,20 @@ class ChatCompletionRequest(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def prompt_messages(self) -> list[dict[str, Any]]:
+        """The messages as the template renders them (plain dicts), dumped once per request."""
+        if self._prompt_messages is None:
+            self._prompt_messages = [message.model_dump(exclude_none=True) for message in self.messages]
+        return self._prompt_messages
+
     def tools_for_prompt(self) -> list[dict[str, Any]] | None:
-        """Tool definitions as the template renders them; none when tool_choice is 'none'."""
+        """Tool definitions as the template renders them (and the output parser reads them), dumped once per
+        request; none when tool_choice is 'none'."""
         if not self.tools or self.tool_choice == "none":
             return None
-        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+        if self._prompt_tools is None:
+            self._prompt_tools = [tool.model_dump(exclude_none=True) for tool in self.tools]
+        return self._prompt_tools
 
 
 class _FieldError(ValueError):

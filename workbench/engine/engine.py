@@ -22,6 +22,7 @@ import torch
 
 from workbench.engine import int_quant, quant
 from workbench.engine.config import ConfigError, GLMConfig
+from workbench.engine.gguf_file import is_gguf_path, load_gguf
 from workbench.engine.kv_cache import PagedKVCache
 from workbench.engine.model import GLMForCausalLM
 from workbench.engine.ops import CPU_KERNEL_CHOICES, KERNEL_CHOICES, KernelRequest
@@ -74,17 +75,29 @@ class Engine:
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                         kernels: str | None = None, cpu_kernels: str | None = None, quantize: str | None = None,
                         **engine_kwargs) -> Engine:
-        """Load a checkpoint folder. FP8 checkpoints (a `quantization_config` in config.json) load as FP8.
+        """Load a checkpoint folder, or a GGUF file (its split set, a folder holding one: gguf_file.py). FP8
+        checkpoints (a `quantization_config` in config.json) load as FP8.
 
         `quantize` quantizes a dense checkpoint as it loads, layer by layer: "int8" | "int4" (integer weights for
         CPUs, see int_quant.py; `dtype` is then the activations' and the unquantized tensors' dtype, "auto" =
-        float32), or "fp8-channel" | "fp8-block" (add "-w8a8" for FP8 activations; for GPUs).
+        float32), or "fp8-channel" | "fp8-block" (add "-w8a8" for FP8 activations; for GPUs). A GGUF keeps its
+        own formats (Q8_0 and Q4_K import exactly as int8 and int4).
         `kernels` and `cpu_kernels`: see `Engine` (checked here, before the slow weights)."""
         request = KernelRequest.from_arguments(kernels, cpu_kernels)
         int_quant.check_quantize_option(quantize, device, _resolved_kernels(request, device))
         folder = Path(path).expanduser()
         if not folder.exists():
             raise FileNotFoundError(f"model path {folder} does not exist")
+        if is_gguf_path(folder):  # a GGUF file, its splits, or a folder holding one
+            if quantize is not None:
+                raise ValueError(f"{folder.name} is a GGUF file: its weights keep the file's own formats (Q8_0, "
+                                 f"Q4_K, ...); drop quantize={quantize!r}")
+            torch_device = torch.device(device)
+            torch_dtype = _parse_dtype(dtype, torch_device)
+            request.kernel_table(torch_device)
+            model, tokenizer, name = load_gguf(folder, torch_dtype, torch_device)
+            return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=name,
+                       kernels=request.kernels, cpu_kernels=request.cpu_kernels, **engine_kwargs)
         if not folder.is_dir():
             raise CheckpointError(f"model path {folder} is a file: point at the checkpoint folder holding config.json")
         torch_device = torch.device(device)
@@ -139,6 +152,9 @@ class Engine:
     # --- requests -------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, routing: bool = False,
                     routing_scores: bool = False) -> Request:
+        """Queue a generation. `routing`: record the experts each token chose (`GenerationResult.routing`);
+        `routing_scores`: also every router score (`RoutingTrace.scores`, [layers, tokens, experts] float32), for
+        analysis in Python; the HTTP API keeps traces small and never asks for them."""
         params = params or SamplingParams()
         prompt_ids = self._check_prompt(prompt_ids, params)
         stop_ids = params.stop_token_ids
@@ -249,15 +265,29 @@ class Engine:
         return self.model(input_ids[None, :])[0]
 
     def describe(self) -> str:
-        """What runs, in `glm/api/status`'s words: "float32 on cpu, kernels=torch, cpu_kernels=compiled". The CLI
-        and the server log print this line."""
-        return f"{str(self.dtype).removeprefix('torch.')} on {self.device}, {self.kernel_choice.describe()}"
+        """What runs, in `glm/api/status`'s words: "float32 on cpu, kernels=torch, cpu_kernels=compiled", and for
+        quantized weights ", weights int4 (5.29 bits per weight, 2.8 MiB read per token)". The CLI and the server
+        log print this line."""
+        line = f"{str(self.dtype).removeprefix('torch.')} on {self.device}, {self.kernel_choice.describe()}"
+        weights = self.weights
+        if weights["format"] != str(self.dtype).removeprefix("torch."):  # quantized: say how, and what a token reads
+            line += (f", weights {weights['format']} ({weights['bits_per_weight']:.2f} bits per weight, "
+                     f"{_binary_size(weights['bytes_per_token'])} read per token)")
+        return line
 
     def __repr__(self) -> str:
         c = self.config
         return (f"Engine({self.name}: {c.num_hidden_layers} layers, {c.n_routed_experts} experts top-"
                 f"{c.num_experts_per_tok}, {self.dtype}, {self.device}, kernels={self.kernels}, "
                 f"context {self.max_context})")
+
+
+def _binary_size(nbytes: float) -> str:
+    for unit in ("KiB", "MiB", "GiB"):
+        nbytes /= 1024
+        if nbytes < 1024 or unit == "GiB":
+            break
+    return f"{nbytes:.1f} {unit}"
 
 
 def _resolved_kernels(request: KernelRequest, device: str | torch.device) -> str:

@@ -57,15 +57,18 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from glm_kernels import blockquant
 from glm_kernels.blockquant import Int4Weight, Int8Weight, QuantizedWeight
+from glm_kernels.quant_linear import quantized_fused_moe, quantized_linear
 
 from workbench.engine.config import GLMConfig
 
 log = logging.getLogger(__name__)
 
 QUANTIZE_FORMATS: tuple[str, ...] = tuple(blockquant.QUANTIZE_FORMATS)  # ("int8", "int4")
+# Every value `Engine.from_pretrained(quantize=...)` takes: the integer formats (CPU) and the FP8 schemes (GPUs).
+QUANTIZE_CHOICES: tuple[str, ...] = (*QUANTIZE_FORMATS, "fp8", "fp8-channel", "fp8-channel-w8a8", "fp8-block",
+                                     "fp8-block-w8a8")
 # The lm_head's format under each quantize option (see the module docstring for why int4 models keep int8 here).
 LM_HEAD_FORMAT = {"int8": "int8", "int4": "int8"}
 # Rows are quantized in chunks of about this many elements (4 MiB of fp32): bounds the transient copies.
@@ -88,31 +91,8 @@ def is_quantized(value: Any) -> bool:
 
 
 # --- the kernels: one place -----------------------------------------------------------------------------------------
-def _reference_linear(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
-    return blockquant.linear_reference(x, qw)
-
-
-def _reference_fused_moe(x: torch.Tensor, w_gate_up: QuantizedWeight, w_down: QuantizedWeight,
-                         topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """sum_k topk_weights[:, k] * down_e(silu(gate_e(x)) * up_e(x)) for e = topk_ids[:, k], in fp32."""
-    out = torch.zeros(x.shape[0], w_down.shape[-2], dtype=torch.float32, device=x.device)
-    for expert in torch.unique(topk_ids).tolist():
-        rows, slot = (topk_ids == expert).nonzero(as_tuple=True)
-        gate, up = blockquant.linear_reference(x[rows], w_gate_up[expert]).chunk(2, dim=-1)
-        y = blockquant.linear_reference(F.silu(gate) * up, w_down[expert])
-        out.index_add_(0, rows, y * topk_weights[rows, slot, None].float())
-    return out
-
-
-def _load_kernels() -> tuple[Any, Any]:
-    try:  # the compiled integer kernels (and their own fallback), once glm_kernels ships them
-        from glm_kernels.quant_linear import quantized_fused_moe, quantized_linear
-    except ImportError:
-        return _reference_linear, _reference_fused_moe
-    return quantized_linear, quantized_fused_moe
-
-
-_KERNELS = _load_kernels()
+# glm_kernels.quant_linear runs the compiled integer kernels where they are loaded and its torch reference otherwise.
+_KERNELS = (quantized_linear, quantized_fused_moe)
 
 
 # --- storage helpers ------------------------------------------------------------------------------------------------
@@ -197,6 +177,12 @@ class QuantLinear(nn.Module):
     def format(self) -> str:
         return format_of(self.qweight)
 
+    def set_weight(self, qweight: QuantizedWeight) -> None:
+        """Hold `qweight` (same shape and format; e.g. a view of a fused matrix) instead of the current weight."""
+        self.qweight = qweight
+        for name in _tensor_fields(qweight):
+            setattr(self, "weight_" + name, getattr(qweight, name))
+
     def _apply(self, fn, recurse=True):  # keep `qweight` the object of the (moved) buffers
         super()._apply(fn, recurse)
         self.qweight = dataclasses.replace(self.qweight, **{
@@ -278,13 +264,13 @@ def check_config(config: GLMConfig, quantize: str) -> None:
 
 
 def cpu_note() -> str | None:
-    """One line for the log where this CPU lacks AVX2, which the integer kernels need (they then run the torch
-    reference: dequantize, then matmul)."""
+    """One line for the log where this CPU lacks AVX2, which the integer kernels' fast paths need: they then run
+    their portable scalar path (and the torch reference where they are not compiled), several times slower."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "AVX512") or not capability.startswith(("AVX", "DEFAULT")):
         return None  # AVX2 and wider, or not an x86 CPU (the kernels' own dispatch decides there)
-    return (f"this CPU has no AVX2 ({capability}): the int8/int4 weights run on the torch path (dequantize, then "
-            "matmul), slower than the compiled integer kernels")
+    return (f"this CPU has no AVX2 ({capability}): the int8/int4 weights run the kernels' portable scalar path "
+            "(or the torch reference), several times slower than with AVX2")
 
 
 # --- the builder ----------------------------------------------------------------------------------------------------
@@ -405,9 +391,42 @@ def build_quantized_model(config: GLMConfig, tensors: Iterable[tuple[str, torch.
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:  # pragma: no cover - every parameter was either filled or replaced above
         raise CheckpointError(f"parameter {leftover[0]!r} was never filled")
+    fuse_quantized(model)
     model.materialize_buffers(torch.device("cpu"))
     model.weight_format = quantize or (format_of(next(iter(quantized.values()))) if quantized else None)
     return model
+
+
+def fuse_quantized(model: nn.Module) -> None:
+    """q, k and v of each attention (and gate and up of each dense MLP and shared expert) in one quantized matrix,
+    where they share a format: the compiled decode step runs one product for them. The projections then hold row
+    views of it (every field of both formats has the rows at dim -2), so no weight is stored twice."""
+    from workbench.engine.model import MLP, Attention
+
+    for module in model.modules():
+        if isinstance(module, Attention):
+            parts = [module.q_proj, module.k_proj, module.v_proj]
+        elif isinstance(module, MLP):
+            parts = [module.gate_proj, module.up_proj]
+        else:
+            continue
+        if not all(isinstance(p, QuantLinear) for p in parts) or \
+                any(not _same_layout(p.qweight, parts[0].qweight) for p in parts):
+            continue  # float, or formats that differ (a GGUF's Q4_K q beside a Q6_K v): the products stay apart
+        fused = concat_rows([p.qweight for p in parts])
+        biases = [p.bias for p in parts]
+        bias = None if any(b is None for b in biases) else torch.cat([b.detach() for b in biases])
+        start = 0
+        for part in parts:
+            rows = slice(start, start + part.out_features)
+            part.set_weight(_map_tensors(fused, lambda t, r=rows: t[..., r, :]))
+            if bias is not None:
+                part.bias = nn.Parameter(bias[rows], requires_grad=False)
+            start = rows.stop
+        if isinstance(module, Attention):
+            module.fused_qkv_quantized = (fused, bias)
+        else:
+            module.fused_gate_up_quantized = (fused, None)
 
 
 def setattr_module(model: nn.Module, name: str, module: nn.Module) -> None:

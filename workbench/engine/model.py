@@ -32,6 +32,9 @@ class Segment:
 
     start: int
     length: int
+    # Tokens of this sequence already in the cache: a prefill that continues after them (a cached prefix). The
+    # scheduler prefills whole sequences today (0); kept, and held correct by tests/engine/test_prefill_rows.py,
+    # for prefix caching and chunked prefill, which continue a sequence this way.
     cached: int = 0
     block_table: torch.Tensor | None = None  # [blocks] int32, when the sequence lives in the cache
 
@@ -94,6 +97,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
         self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # by fuse_projections()
+        # int8/int4 q, k and v as one quantized matrix (int_quant.fuse_quantized; q/k/v_proj hold views of it)
+        self.fused_qkv_quantized: tuple[object, torch.Tensor | None] | None = None
 
     def fuse_projections(self) -> None:
         """Put q, k and v in one [Hq*Dh + 2*Hk*Dh, D] matrix: one GEMM instead of three (at decode sizes the call
@@ -176,6 +181,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
         self.fused_gate_up: tuple[torch.Tensor, None] | None = None  # by fuse_projections()
+        self.fused_gate_up_quantized: tuple[object, None] | None = None  # int8/int4: int_quant.fuse_quantized
 
     def fuse_projections(self) -> None:
         """gate and up in one matrix (one GEMM instead of two); gate_proj/up_proj become views of it."""
@@ -217,6 +223,31 @@ def _gemv_layout(weight: torch.Tensor) -> torch.Tensor:
     layout oneDNN/MKL run fastest at one or a few rows (3x for the 8192-row lm_head of bench-10m, measured);
     other devices keep the usual row-major weights."""
     return weight.t().contiguous().t() if weight.device.type == "cpu" else weight
+
+
+def _decode_weight(name: str, qw) -> dict[str, torch.Tensor]:
+    """An Int8Weight / Int4Weight as the compiled decode step takes it in place of the float tensor `name`: its
+    tensors under `name` plus their suffix (.q/.scales, or .packed/.d/.dmin/.sc/.mn), as decode_model.cpp reads."""
+    suffixes = ("q", "scales") if qw.format == "int8" else ("packed", "d", "dmin", "sc", "mn")
+    return {f"{name}.{suffix}": getattr(qw, suffix).contiguous() for suffix in suffixes}
+
+
+def _decode_linear(name: str, linear: nn.Module) -> dict[str, torch.Tensor]:
+    if getattr(linear, "qweight", None) is not None:  # int_quant.QuantLinear
+        return _decode_weight(name, linear.qweight)
+    if type(linear) is not nn.Linear:
+        raise ValueError("the compiled decode step needs float or int8/int4 linears (not FP8)")
+    return {name: linear.weight}
+
+
+def _decode_matrix(name: str, fused, fused_quantized) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """A fused matrix (q/k/v, or gate/up) for the decode step: (its tensors, its bias)."""
+    if fused_quantized is not None:
+        return _decode_weight(name, fused_quantized[0]), fused_quantized[1]
+    if fused is None:
+        raise ValueError("the compiled decode step needs q/k/v and gate/up fused by fuse_projections() (float "
+                         "matrices of one dtype, or int8/int4 ones of one format)")
+    return {name: fused[0]}, fused[1]
 
 
 class Router(nn.Module):
@@ -324,70 +355,50 @@ class GLMForCausalLM(nn.Module):
 
     def decode_step_tensors(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> dict:
         """The weights, cache pools and sizes that `glm_kernels.cpu_compiled`'s decode step reads, as its
-        constructor's keyword arguments (views of this model's tensors: nothing is copied but the q/k/v biases of
-        a model whose q/k/v are quantized apart).
+        constructor's keyword arguments (views of this model's tensors: nothing is copied).
 
-        Linears are plain (fused by `fuse_projections()`) or int8/int4 (`int_quant.QuantLinear` / `QuantExperts`):
-        a quantized one goes in as its tensors under decode_model.cpp's key suffixes (`decode_step_weight`), its
-        q/k/v and gate/up as parts rather than fused copies, the lm_head in `quantized`.
-        Raises ValueError saying why where that step cannot run this model: it knows weights of one float dtype
-        (or int8/int4) on the CPU, not FP8 linears or weights that train again."""
-        from glm_kernels.quant_linear import decode_step_weight
-
-        from workbench.engine.int_quant import QuantExperts, QuantLinear
-
+        Integer-quantized linears and experts (int_quant.py's modules, which hold a `qweight` / `gate_up`) go under
+        their key plus the suffixes of their tensors (`qkv_weight.q`, `qkv_weight.scales`, ...: decode_model.cpp's
+        contract), a quantized lm_head in the `quantized` argument. Raises ValueError saying why where that step
+        cannot run this model: it knows weights of one float dtype (or int8/int4) on the CPU, after
+        `fuse_projections()`, and not FP8 linears or weights that train again."""
         embed = self.embed_tokens.weight
         if embed.device.type != "cpu" or embed.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"the compiled decode step runs float weights on the CPU, not {embed.dtype} "
                              f"on {embed.device}")
         if any(p.requires_grad for p in self.parameters()):
             raise ValueError("the compiled decode step is for inference: some weights require grad")
-
-        def weight(key: str, module: nn.Module) -> dict[str, torch.Tensor]:
-            if type(module) is nn.Linear:
-                return {key: module.weight}
-            if isinstance(module, QuantLinear):
-                return decode_step_weight(key, module.qweight)
-            raise ValueError(f"the compiled decode step needs plain (unquantised) or int8/int4 linears, not "
-                             f"{type(module).__name__}")
-
-        def fused(key: str, fused_weight, parts: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-            if fused_weight is not None:
-                return {key: fused_weight[0]}
-            if all(isinstance(m, QuantLinear) for m in parts.values()):
-                return {name: t for part, m in parts.items() for name, t in weight(part, m).items()}
-            raise ValueError("the compiled decode step needs plain (unquantised) linears fused by fuse_projections(), "
-                             "or int8/int4 ones")
-
+        if getattr(self, "quant_scheme", None) is not None:
+            raise ValueError(f"the compiled decode step runs float or int8/int4 weights, not FP8-quantised ones "
+                             f"({self.quant_scheme.name})")
+        head_q = getattr(self.lm_head, "qweight", None)
+        if head_q is None and type(self.lm_head) is not nn.Linear:
+            raise ValueError("the compiled decode step needs a plain or int8/int4 lm_head (not FP8)")
         layers = []
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
             dense_mlps = [mlp] if isinstance(mlp, MLP) else [m for m in [mlp.shared_experts] if m is not None]
             tensors = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
                        "k_cache": k_cache, "v_cache": v_cache}
-            tensors |= fused("qkv_weight", attn.fused_qkv,
-                             {"q_weight": attn.q_proj, "k_weight": attn.k_proj, "v_weight": attn.v_proj})
-            tensors |= weight("o_weight", attn.o_proj)
-            if attn.fused_qkv is not None and attn.fused_qkv[1] is not None:
-                tensors["qkv_bias"] = attn.fused_qkv[1]
-            elif attn.fused_qkv is None and attn.q_proj.bias is not None:
-                tensors["qkv_bias"] = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            qkv, qkv_bias = _decode_matrix("qkv_weight", attn.fused_qkv, getattr(attn, "fused_qkv_quantized", None))
+            tensors |= qkv | _decode_linear("o_weight", attn.o_proj)
+            if qkv_bias is not None:
+                tensors["qkv_bias"] = qkv_bias
             if attn.use_qk_norm:
                 tensors |= {"q_norm": attn.q_norm.weight, "k_norm": attn.k_norm.weight}
             if isinstance(mlp, MoE):
                 tensors |= {"router_weight": mlp.gate.weight, "router_bias": mlp.gate.e_score_correction_bias}
                 if type(mlp.experts) is Experts:
                     tensors |= {"experts_gate_up": mlp.experts.gate_up_proj, "experts_down": mlp.experts.down_proj}
-                elif isinstance(mlp.experts, QuantExperts):
-                    tensors |= decode_step_weight("experts_gate_up", mlp.experts.gate_up)
-                    tensors |= decode_step_weight("experts_down", mlp.experts.down)
+                elif hasattr(mlp.experts, "gate_up"):  # int_quant.QuantExperts
+                    tensors |= _decode_weight("experts_gate_up", mlp.experts.gate_up)
+                    tensors |= _decode_weight("experts_down", mlp.experts.down)
                 else:
-                    raise ValueError("the compiled decode step needs plain (unquantised) or int8/int4 experts")
+                    raise ValueError("the compiled decode step needs float or int8/int4 experts (not FP8)")
             if dense_mlps:
-                dense = dense_mlps[0]
-                tensors |= fused("mlp_gate_up", dense.fused_gate_up, {"mlp_gate": dense.gate_proj,
-                                                                      "mlp_up": dense.up_proj})
-                tensors |= weight("mlp_down", dense.down_proj)
+                gate_up, _ = _decode_matrix("mlp_gate_up", dense_mlps[0].fused_gate_up,
+                                            getattr(dense_mlps[0], "fused_gate_up_quantized", None))
+                tensors |= gate_up | _decode_linear("mlp_down", dense_mlps[0].down_proj)
             layers.append({name: t.detach() for name, t in tensors.items()})
         config = self.config
         sizes = {"num_heads": config.num_attention_heads, "num_kv_heads": config.num_key_value_heads,
@@ -395,10 +406,12 @@ class GLMForCausalLM(nn.Module):
                  "top_k": config.num_experts_per_tok, "n_group": config.n_group, "topk_group": config.topk_group,
                  "norm_topk_prob": float(config.norm_topk_prob),
                  "routed_scaling_factor": config.routed_scaling_factor, "block_size": block_size}
-        head = weight("lm_head", self.lm_head)
-        return {"layers": layers, "embed": embed.detach(), "final_norm": self.norm.weight.detach(),
-                "lm_head": head["lm_head"].detach() if "lm_head" in head else None, "inv_freq": self.inv_freq,
-                "config": sizes, "quantized": {} if "lm_head" in head else head}
+        out = {"layers": layers, "embed": embed.detach(), "final_norm": self.norm.weight.detach(),
+               "lm_head": None if head_q is not None else self.lm_head.weight.detach(), "inv_freq": self.inv_freq,
+               "config": sizes}
+        if head_q is not None:
+            out["quantized"] = _decode_weight("lm_head", head_q)
+        return out
 
     def materialize_buffers(self, device: torch.device) -> None:
         """Recompute non-persistent buffers after the weights were assigned to a model built on `meta`."""

@@ -9,6 +9,7 @@ runner.py's `start_runner` makes the decision, once, and is the only code that s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,15 +45,9 @@ TORCH_OPS = KernelOps(
 
 # The torch path with the compiled CPU prefill kernels (many tokens; each hands what it does not compute to the
 # torch path). The compiled decode step is not an op: the compiled CPU runner calls it for the whole step.
-COMPILED_CPU_OPS = KernelOps(
-    name="torch",
-    rms_norm=glm_kernels.rms_norm_cpu,
-    rotary=glm_kernels.rotary_compiled,
-    route=glm_kernels.route_reference,
-    fused_moe=glm_kernels.fused_moe_compiled,
-    prefill_attention=glm_kernels.prefill_attention_compiled,
-    decode_attention=glm_kernels.decode_attention_cpu,
-)
+COMPILED_CPU_OPS = dataclasses.replace(TORCH_OPS, rotary=glm_kernels.rotary_compiled,
+                                       fused_moe=glm_kernels.fused_moe_compiled,
+                                       prefill_attention=glm_kernels.prefill_attention_compiled)
 
 
 @dataclass(frozen=True)

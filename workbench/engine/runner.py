@@ -146,11 +146,17 @@ def start_runner(model: GLMForCausalLM, cache: PagedKVCache, device: torch.devic
             module = cpu_compiled.load()
             if module is None:
                 raise RuntimeError(f"they could not be compiled here ({cpu_compiled.build_error()})")
-            step = module.DecodeModel(**tensors)
+            try:
+                step = module.DecodeModel(**tensors)
+            except TypeError as exc:  # pybind's message lists every tensor: say it in one line instead
+                raise ValueError("this build of the decode step does not take this model's weights (int8/int4 "
+                                 "ones need the quantized decode step of glm_kernels' csrc/decode_model.cpp)") from exc
         except (ValueError, RuntimeError) as exc:
             if request.cpu_kernels == "compiled":
                 raise ValueError(f"cpu_kernels='compiled' is not possible: {exc}") from exc
             log.info("running the torch CPU paths: the compiled CPU kernels are not used because %s", exc)
+    if step is None and request.cpu_kernels != "torch" and getattr(model, "weight_format", None) in ("int8", "int4"):
+        cpu_compiled.load()  # int8/int4 linears run the compiled integer kernels even where the decode step cannot
     choice = KernelChoice(kernels=table, cpu_kernels="torch" if step is None else "compiled",
                           ops=kernel_ops(table, compiled_cpu=step is not None))
     model.ops = choice.ops

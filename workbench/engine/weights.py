@@ -17,9 +17,10 @@ import logging
 import math
 import mmap
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -191,6 +192,16 @@ CPU_ALIGNMENT = 64
 FP32_PARAMS = re.compile(r"layers\.\d+\.mlp\.gate\.(weight|e_score_correction_bias)$")
 
 
+class TensorSource(Protocol):
+    """Where the loader reads a tensor from: a safetensors file, or any other file that serves tensors by name."""
+
+    path: Path
+
+    def tensor(self, name: str) -> torch.Tensor: ...
+
+    def release(self, name: str) -> None: ...
+
+
 def iter_checkpoint_tensors(folder: Path) -> Iterator[tuple[str, SafetensorsFile]]:
     for path in checkpoint_files(folder):
         file = SafetensorsFile(path)
@@ -198,16 +209,17 @@ def iter_checkpoint_tensors(folder: Path) -> Iterator[tuple[str, SafetensorsFile
             yield name, file
 
 
-def load_weights(model: nn.Module, config: GLMConfig, folder: Path, dtype: torch.dtype,
-                 device: torch.device) -> None:
-    """Assign every parameter of `model` (built on the meta device) from the checkpoint in `folder`."""
+def load_weights(model: nn.Module, config: GLMConfig, folder: Path | None, dtype: torch.dtype,
+                 device: torch.device, tensors: Iterable[tuple[str, TensorSource]] | None = None) -> None:
+    """Assign every parameter of `model` (built on the meta device) from the checkpoint in `folder`, or from
+    `tensors`: (checkpoint name, source) pairs whose source serves `.tensor(name)` (a GGUF file's, say)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = config.tie_word_embeddings
     filled: dict[str, torch.Tensor] = {}  # real tensors for parameters assigned so far
     covered: dict[str, set] = {}  # stacked expert params: which (expert, part) slots were written
     skipped_mtp = 0
     scheme = getattr(model, "quant_scheme", None)  # set by quant.quantize_model when the model is FP8
-    for name, file in iter_checkpoint_tensors(folder):
+    for name, file in tensors if tensors is not None else iter_checkpoint_tensors(folder):
         layer = _LAYER.match(name)
         if layer and int(layer.group(1)) >= config.num_hidden_layers:
             skipped_mtp += 1  # the multi-token-prediction layer(s) stored after the decoder layers

@@ -9,8 +9,8 @@ in-process (`workbench.chat` backends) when there is no such server or when aske
           [--replace] [--run] [--cells N] [--trace] [--no-stream]
     prompt lines, with {variables}, {In[3]} and {Out[3]} from the kernel; {{ and }} for literal braces
 
-    %glm status | models | history | reset | use local | use remote URL MODEL | use server URL [TOKEN]
-         | config [key=value ...] | help
+    %glm status | models | history | reset | use local [PATH [--quantize int8|int4]] | use remote URL MODEL
+         | use server URL [TOKEN] | config [key=value ...] | help
 
 `%glm --help`, `%glm help` and `%%glm --help` (with or without a body) print the usage and every option.
 
@@ -55,6 +55,8 @@ prompt lines; {name}, {In[3]}, {Out[3]} come from the kernel, {{ and }} are lite
 %glm models                   the models the backend serves
 %glm history | reset          the conversation memory of this kernel
 %glm use local                the local engine (the Jupyter server's, else loaded in this kernel)
+%glm use local PATH [--quantize int8|int4]
+                              the checkpoint at PATH, loaded in this kernel (int8/int4: quantized as it loads)
 %glm use remote URL MODEL     an OpenAI-compatible GLM endpoint, called from this kernel
 %glm use server URL [TOKEN]   the GLM API of a given Jupyter server
 %glm config [key=value ...]   show or change settings (%glm config lists them)
@@ -139,6 +141,12 @@ class GLMMagics(Magics):
         if words == ["local"]:
             session.retarget(("local",))
             print("using the local engine: " + session.connection().describe())
+        elif words and words[0] == "local":
+            path, quantize = _local_model_words(words[1:])
+            session.settings.model_path = path
+            session.settings.quantize = quantize
+            session.retarget(("local", "kernel"))  # this model in this kernel, not the server's engine
+            print("using the local engine: " + session.connection().describe())
         elif len(words) == 3 and words[0] == "remote":
             session.retarget(("remote", words[1], words[2]))
             print("using " + session.connection().describe())
@@ -148,7 +156,8 @@ class GLMMagics(Magics):
                                                    source="%glm use server")))
             print("using " + session.connection().describe())
         else:
-            raise GLMError("usage: %glm use local | use remote URL MODEL | use server URL [TOKEN]")
+            raise GLMError("usage: %glm use local [PATH [--quantize int8|int4]] | use remote URL MODEL | "
+                           "use server URL [TOKEN]")
 
     def _handle_config(self, words: list[str]) -> None:
         settings = self.session.settings
@@ -161,8 +170,8 @@ class GLMMagics(Magics):
             if not sep:
                 raise GLMError(f"config takes key=value pairs, got {word!r}; `%glm config` lists the settings")
             settings.set(key.strip(), value.strip())
-            changed_target |= key.strip() in ("server", "model_path", "device", "dtype", "kernels", "api_key_env",
-                                              "timeout")
+            changed_target |= key.strip() in ("server", "model_path", "device", "dtype", "kernels", "quantize",
+                                              "api_key_env", "timeout")
             print(f"{key.strip()} = {getattr(settings, key.strip())!r}")
         if changed_target:
             self.session.disconnect()  # the next request connects with the new settings
@@ -174,6 +183,10 @@ class GLMMagics(Magics):
         info = connection.status()
         facts = [f"{key} {info[key]}" for key in ("backend", "model", "state", "device", "dtype", "kernels")
                  if info.get(key)]
+        weights = info.get("weights") or {}
+        if weights.get("format") and weights["format"] != info.get("dtype"):
+            facts.append(f"weights {weights['format']} ({weights['bits_per_weight']:.2f} bits, "
+                         f"{weights['bytes_per_token'] / 2**20:.2f} MiB read per token)")
         if info.get("context_limit"):
             facts.append(f"context {info['context_limit']} tokens")
         facts.append(f"{info.get('active_requests', 0)} active, {info.get('queued_requests', 0)} queued")
@@ -276,6 +289,7 @@ class GLMMagics(Magics):
     def _ask(self, connection: Connection, body: dict[str, Any], answer_format: str, user_text: str,
              max_tokens: int | None) -> tuple[str, str | None, str | None] | None:
         """Send the request and show the answer as it comes; returns (answer, finish_reason, completion id)."""
+        from workbench.chat.fold import MessageFold  # the chat layer: imported once the first answer is asked for
         from workbench.widgets.thinking import AnswerDisplay
 
         settings = self.session.settings
@@ -285,18 +299,19 @@ class GLMMagics(Magics):
         while True:
             body["messages"], remembered = self._messages(connection, answer_format, user_text, max_tokens, skip)
             view = AnswerDisplay(rich=rich)
-            finish_reason = completion_id = None
+            fold = MessageFold()
+            completion_id = None
             try:
                 for chunk in connection.chat(body):
                     completion_id = chunk.get("id") or completion_id
                     for choice in chunk.get("choices") or []:
                         delta = choice.get("delta") or choice.get("message") or {}
+                        fold.add_delta(delta, choice.get("finish_reason"))
                         view.reasoning(delta.get("reasoning_content") or "")
                         view.content(delta.get("content") or "")
-                        finish_reason = choice.get("finish_reason") or finish_reason
             except GLMError as exc:
                 # Our token estimate was too low: drop the oldest remembered turn that was sent, and retry.
-                if exc.code == "context_length_exceeded" and remembered > 0 and not view.answer:
+                if exc.code == "context_length_exceeded" and remembered > 0 and not fold.content:
                     skip = len(self.session.turns) - remembered + 1
                     continue
                 raise
@@ -305,7 +320,7 @@ class GLMMagics(Magics):
                 print("\ninterrupted: the generation was cancelled (nothing was remembered)")
                 return None
             view.finish()
-            return view.answer, finish_reason, completion_id
+            return fold.content or "", fold.finish_reason, completion_id
 
     def _place_code(self, answer: str, replace: bool, run: bool) -> None:
         code = extract_code(answer)
@@ -328,6 +343,27 @@ class GLMMagics(Magics):
         from workbench.widgets import show_routing
 
         show_routing(RoutingTrace.from_dict(data))
+
+
+def _local_model_words(words: list[str]) -> tuple[str, str]:
+    """PATH [--quantize FORMAT] (or --quantize=FORMAT) of `%glm use local`."""
+    from workbench.magics.session import Settings
+
+    usage = "usage: %glm use local PATH [--quantize int8|int4]"
+    path, quantize = None, ""
+    rest = iter(words)
+    for word in rest:
+        if word == "--quantize" or word.startswith("--quantize="):
+            quantize = word.partition("=")[2] if "=" in word else next(rest, "")
+            if quantize not in Settings.CHOICES["quantize"] or not quantize:
+                raise GLMError(f"--quantize {quantize!r}: choose int8 or int4 ({usage})")
+        elif word.startswith("-") or path is not None:
+            raise GLMError(f"unexpected {word!r}: {usage}")
+        else:
+            path = word
+    if path is None:
+        raise GLMError(f"no checkpoint folder given: {usage}")
+    return path, quantize
 
 
 def _shorten(text: str, limit: int = 200) -> str:

@@ -35,12 +35,14 @@ class Settings:
     device: str = "cpu"  # in-process local engine
     dtype: str = "auto"  # in-process local engine: auto, float32, bfloat16, float16
     kernels: str = "auto"  # in-process local engine: auto, triton, torch
+    quantize: str = ""  # in-process local engine: int8 or int4 (quantized as it loads); empty: as stored
     api_key_env: str = "ZAI_API_KEY"  # `use remote`: NAME of the environment variable holding the key
     display: str = "auto"  # auto: rich in a Jupyter kernel, text elsewhere; rich; text
     timeout: float = 600.0  # seconds to wait for an answer
 
     CHOICES = {"server": ("auto", "off"), "display": ("auto", "rich", "text"),
-               "dtype": ("auto", "float32", "bfloat16", "float16"), "kernels": ("auto", "triton", "torch")}
+               "dtype": ("auto", "float32", "bfloat16", "float16"), "kernels": ("auto", "triton", "torch"),
+               "quantize": ("", "int8", "int4")}
 
     def set(self, key: str, raw: str) -> None:
         fields = {f.name: f for f in dataclasses.fields(self)}
@@ -85,7 +87,8 @@ class Session:
     """One kernel's `%%glm` state: settings, target, the open connection and the conversation memory."""
 
     settings: Settings = field(default_factory=Settings)
-    target: tuple = ("local",)  # ("local",) | ("remote", url, model) | ("server", ServerInfo)
+    # ("local",) | ("local", "kernel") (in this kernel, never the server's) | ("remote", url, model) | ("server", info)
+    target: tuple = ("local",)
     turns: list[Turn] = field(default_factory=list)
     _connection: Connection | None = None
 
@@ -111,7 +114,7 @@ class Session:
             key = f" (API key from ${settings.api_key_env})" if settings.api_key_env else ""
             return InProcessConnection(backend, f"the remote endpoint {url} (model {model}), called from this "
                                                 f"kernel{key}", settings.timeout)
-        if settings.server == "auto":
+        if settings.server == "auto" and self.target == ("local",):
             server = find_jupyter_server()
             if server is not None:
                 return ServerConnection(server, settings.timeout)
@@ -127,8 +130,10 @@ class Session:
 
         # The setting's "auto" pins nothing: the engine's default (WORKBENCH_KERNELS, else auto) decides.
         backend = LocalBackend(model_path=path, device=settings.device, dtype=settings.dtype,
-                               kernels=None if settings.kernels == "auto" else settings.kernels)
-        return InProcessConnection(backend, f"the local engine in this kernel ({path}, {settings.device})",
+                               kernels=None if settings.kernels == "auto" else settings.kernels,
+                               quantize=settings.quantize or None)
+        quantized = f", {settings.quantize} weights" if settings.quantize else ""
+        return InProcessConnection(backend, f"the local engine in this kernel ({path}, {settings.device}{quantized})",
                                    settings.timeout)
 
     def retarget(self, target: tuple) -> None:

@@ -6,6 +6,7 @@ Owns `GLMWorkbench`, an `ExtensionApp`. Its traitlets are the one place configur
     c.GLMWorkbench.backend = "local"              # or "remote"
     c.GLMWorkbench.model_path = "/models/glm-4.5-air-fp8"
     c.GLMWorkbench.device = "cuda"
+    c.GLMWorkbench.quantize = "int4"              # CPU: int8 or int4 weights, quantized as the model loads
     c.GLMWorkbench.remote_base_url = "https://api.z.ai/api/paas/v4"
     c.GLMWorkbench.remote_model = "glm-4.5-air"
     c.GLMWorkbench.remote_api_key_env = "ZAI_API_KEY"   # the NAME of the variable; the key stays in the env
@@ -24,6 +25,7 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Enum, Float, Int, Unicode, default
 
 from workbench.chat.backends import Backend, LocalBackend, RemoteBackend
+from workbench.engine.int_quant import QUANTIZE_CHOICES
 from workbench.models import bundled_model
 from workbench.server import anthropic_api, handlers
 from workbench.server.conversations import ConversationStore, conversation_handlers
@@ -64,6 +66,10 @@ class GLMWorkbench(ExtensionApp):
                        help="On the CPU: the engine's compiled kernels (decode step, prefill attention and MoE; "
                             "compiled once per machine) where they can run (auto), insisted on, or the torch path. "
                             "Unset: the environment variable WORKBENCH_CPU_KERNELS, else auto.")
+    quantize = Enum(list(QUANTIZE_CHOICES), default_value=None, allow_none=True, config=True,
+                    help="Quantize the local engine's weights as the checkpoint loads: int8 or int4 (CPU: integer "
+                         "weights, 8 or ~4.75 bits; routers, norms and embeddings stay dense), or an FP8 scheme "
+                         "(GPUs: fp8-channel, fp8-block, add -w8a8 for FP8 activations). Default: as stored.")
     max_concurrent_sequences = Int(8, config=True,
                                    help="Sequences the local engine decodes together in one batched step.")
     max_queued_requests = Int(64, config=True,
@@ -102,7 +108,7 @@ class GLMWorkbench(ExtensionApp):
 
     def initialize_settings(self) -> None:
         self._log_into_the_server_log()
-        self.glm_backend = self.make_backend()
+        self.glm_backend: Backend = self.make_backend()
         self._backend_started: asyncio.Task | None = None
         self.settings["glm_workbench"] = self
 
@@ -126,6 +132,7 @@ class GLMWorkbench(ExtensionApp):
                                  thinking_style=self.remote_thinking_style, timeout=self.remote_timeout)
         return LocalBackend(model_path=self.model_path, model_id=self.model_name or None, device=self.device,
                             dtype=self.dtype, kernels=self.kernels, cpu_kernels=self.cpu_kernels,
+                            quantize=self.quantize,
                             max_concurrent_sequences=self.max_concurrent_sequences,
                             max_queued_requests=self.max_queued_requests, context_limit=self.context_limit,
                             kv_cache_tokens=self.kv_cache_tokens,

@@ -13,14 +13,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from workbench.chat.protocol import APIError, ModelList, parse_request, to_json
+from workbench.chat.backends.base import Backend
+from workbench.chat.protocol import APIError, ChatCompletionRequest, ModelList, parse_request, to_json
 from workbench.server.openapi import openapi_spec
+
+if TYPE_CHECKING:  # app.py imports this module to register its routes
+    from workbench.server.app import GLMWorkbench
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,7 @@ def check_body_size(body: bytes, limit: int, what: str = "request body") -> None
                        code="request_too_large")
 
 
-async def off_loop(function: Any, *args: Any, size: int) -> Any:
+async def off_loop(function: Callable[..., T], *args: Any, size: int) -> T:
     """`function(*args)` inline when the input is small, else in a worker thread (the event loop stays free)."""
     if size <= INLINE_PARSE_BYTES:
         return function(*args)
@@ -50,7 +57,7 @@ class GLMHandler(APIHandler):
     """Base: OpenAI-shaped errors for everything, including tornado's own (403 without a token, 405, ...)."""
 
     @property
-    def glm_app(self) -> Any:
+    def glm_app(self) -> GLMWorkbench:
         return self.settings["glm_workbench"]
 
     def send_api_error(self, error: APIError) -> None:
@@ -125,7 +132,7 @@ class ChatCompletionsHandler(GLMHandler):
             self.send_api_error(APIError(500, f"The completion failed ({type(exc).__name__}: {exc}). The server "
                                               "is still running: retry the request.", code="internal_error"))
 
-    async def _stream(self, backend: Any, request: Any) -> None:
+    async def _stream(self, backend: Backend, request: ChatCompletionRequest) -> None:
         chunks = backend.stream(request)
         try:
             first = await chunks.__anext__()  # errors before any output are a plain HTTP error answer

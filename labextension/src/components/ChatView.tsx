@@ -238,7 +238,9 @@ function AssistantMessageView({
                 Regenerate
               </button>
             )}
-            {message.routingRequested && message.completionId && message.status === 'done' && (
+            {(message.routingRequested || message.routingPossible) &&
+              message.completionId &&
+              message.status === 'done' && (
               <button
                 className="glm-Button glm-ShowRouting"
                 aria-label="Show expert routing of this answer"
@@ -501,7 +503,7 @@ function Header({
         {state.models.map(m => (
           <option key={m.id} value={m.id}>
             {m.id}
-            {model.isDemoModel(m.id) ? ' · 10M demo' : m.backend ? ` (${m.backend})` : ''}
+            {model.isDemoModel(m.id) ? ' · 10M demo' : ''}
           </option>
         ))}
       </select>

@@ -16,8 +16,12 @@ const SCRIPTED_MODEL = 'scripted-glm';
 const QUESTION = 'Write a function that reverses a string';
 
 test.use({
-  // Short answers, no tool definitions to prefill: these tests are about the routing of whatever comes back.
-  mockSettings: { ...galata.DEFAULT_SETTINGS, 'glm-workbench:plugin': { maxTokens: 24, enableTools: false } },
+  // Short answers, no tool definitions to prefill: these tests are about the routing of whatever comes back, so
+  // every answer records it (without keepRouting only answers given while a routing view is open do).
+  mockSettings: {
+    ...galata.DEFAULT_SETTINGS,
+    'glm-workbench:plugin': { maxTokens: 24, enableTools: false, keepRouting: true }
+  },
   viewport: { width: 1400, height: 900 },
   // The machines are small and shared: give JupyterLab longer than galata's 15 s to start.
   waitForApplication: async ({}, use) => {

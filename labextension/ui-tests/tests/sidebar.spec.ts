@@ -344,9 +344,13 @@ test.describe('GLM Workbench sidebar', () => {
 
 test.describe('Routing panel (local engine) @local', () => {
   // Short answers from the tiny random-weight model, and no tool definitions to prefill: the test is about
-  // the routing of whatever it says, and the machines are slow.
+  // the routing of whatever it says, and the machines are slow. keepRouting: the first answer records its routing
+  // (by default only answers given while a routing view is open do; test/chatModel.test.ts covers that).
   test.use({
-    mockSettings: { ...galata.DEFAULT_SETTINGS, 'glm-workbench:plugin': { maxTokens: 24, enableTools: false } }
+    mockSettings: {
+      ...galata.DEFAULT_SETTINGS,
+      'glm-workbench:plugin': { maxTokens: 24, enableTools: false, keepRouting: true }
+    }
   });
 
   test('shows the expert routing of a local answer', async ({ page }) => {

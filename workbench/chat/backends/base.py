@@ -1,6 +1,7 @@
 """The one interface every backend offers: OpenAI-shaped chat completions, streamed or whole.
 
-Owns the `Backend` contract and the folding of a chunk stream into a whole completion. A backend is async (it
+Owns the `Backend` contract and the folding of a chunk stream into a whole completion (with fold.py's
+`MessageFold`). A backend is async (it
 lives on the server's event loop and keeps heavy work off it); `stream()` is an async generator of
 `ChatCompletionChunk`s, and closing it early (`aclose()`, or cancelling the task that iterates it) cancels the
 generation. Errors are `APIError`s; one raised before the first chunk is the whole answer, one raised later
@@ -15,6 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
+from workbench.chat.fold import MessageFold, ToolCallFragment
 from workbench.chat.protocol import (
     APIError,
     ChatCompletion,
@@ -80,33 +82,28 @@ class Backend(ABC):
 async def fold_chunks(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletion:
     """Fold a chunk stream into the completion a non-streaming request returns (what a client does)."""
     completion_id, model, created = "", "", int(time.time())
-    reasoning, content, finish_reason, stop_reason, usage = [], [], None, None, None
-    calls: dict[int, dict[str, Any]] = {}
+    usage = stop_reason = None
+    fold = MessageFold()
     try:
         async for chunk in chunks:
             completion_id, model, created = chunk.id, chunk.model, chunk.created
             usage = chunk.usage or usage
             for choice in chunk.choices:
                 delta = choice.delta
-                reasoning.append(delta.reasoning_content or "")
-                content.append(delta.content or "")
-                for call in delta.tool_calls or []:
-                    slot = calls.setdefault(call.index, {"id": None, "name": "", "arguments": ""})
-                    slot["id"] = call.id or slot["id"]
-                    if call.function is not None:
-                        slot["name"] += call.function.name or ""
-                        slot["arguments"] += call.function.arguments or ""
-                finish_reason = choice.finish_reason or finish_reason
+                fragments = [ToolCallFragment(call.index, call.id, call.function and call.function.name,
+                                              call.function and call.function.arguments)
+                             for call in delta.tool_calls or []]
+                fold.add(delta.reasoning_content, delta.content, fragments, choice.finish_reason)
                 stop_reason = getattr(choice, "stop_reason", None) or stop_reason
     finally:
         await chunks.aclose()
-    tool_calls = [ToolCallOut(id=c["id"] or f"call_{i}", function=FunctionCallOut(name=c["name"],
-                                                                                  arguments=c["arguments"]))
-                  for i, c in sorted(calls.items())]
-    message = ResponseMessage(content="".join(content) or None, reasoning_content="".join(reasoning) or None,
+    tool_calls = [ToolCallOut(id=c["id"] or f"call_{c['index']}",
+                              function=FunctionCallOut(name=c["name"], arguments=c["arguments"]))
+                  for c in fold.tool_calls]
+    message = ResponseMessage(content=fold.content, reasoning_content=fold.reasoning_content,
                               tool_calls=tool_calls or None)
     return ChatCompletion(id=completion_id, model=model, created=created, usage=usage,
-                          choices=[Choice(message=message, finish_reason=finish_reason, stop_reason=stop_reason)])
+                          choices=[Choice(message=message, finish_reason=fold.finish_reason, stop_reason=stop_reason)])
 
 
 class Throughput:

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -48,6 +48,9 @@ from workbench.chat.protocol import (
     new_completion_id,
 )
 
+if TYPE_CHECKING:  # for the annotations only: the engine module is imported when the model loads
+    from workbench.engine import Engine, SamplingParams
+
 log = logging.getLogger(__name__)
 
 # Prompts up to this many characters are rendered and tokenized on the event loop: a thread hop costs more than
@@ -59,23 +62,24 @@ INLINE_PREPARE_CHARS = 8192
 class _Prepared:
     prompt_ids: list[int]
     forced_text: str  # text forced after the generation prompt (tool_choice required / named), fed to the parser
-    params: Any  # SamplingParams
+    params: SamplingParams
     parse_tools: list[Any] | None
 
 
 class LocalBackend(Backend):
     kind = "local"
 
-    def __init__(self, engine: Any = None, *, model_path: str | Path | None = None, model_id: str | None = None,
-                 device: str = "cpu", dtype: str = "auto", kernels: str | None = None, cpu_kernels: str | None = None,
-                 max_concurrent_sequences: int = 8,
-                 max_queued_requests: int = 64, context_limit: int = 0, default_max_tokens: int = 0,
-                 kv_cache_tokens: int = 0, routing_history: int = 32,
+    def __init__(self, engine: Engine | None = None, *, model_path: str | Path | None = None,
+                 model_id: str | None = None, device: str = "cpu", dtype: str = "auto", kernels: str | None = None,
+                 cpu_kernels: str | None = None, max_concurrent_sequences: int = 8, max_queued_requests: int = 64,
+                 context_limit: int = 0, default_max_tokens: int = 0, kv_cache_tokens: int = 0,
+                 routing_history: int = 32, quantize: str | None = None,
                  unconfigured_message: str | None = None) -> None:
         self.engine = engine
         self.model_path = Path(model_path).expanduser() if model_path else None
         self._model_id = model_id
         self.device, self.dtype, self.kernels, self.cpu_kernels = device, dtype, kernels, cpu_kernels
+        self.quantize = quantize or None  # int8 | int4 (CPU) or an FP8 scheme, applied as the model loads
         self.max_concurrent_sequences = max_concurrent_sequences
         self.max_queued_requests = max_queued_requests
         self.context_limit_setting = context_limit
@@ -125,15 +129,16 @@ class LocalBackend(Backend):
         self.state = "ready"
         self._ready.set_result(None)
 
-    def _load(self) -> Any:
+    def _load(self) -> Engine:
         from workbench.engine import Engine
 
-        log.info("loading %s (%s, dtype %s)", self.model_path, self.device, self.dtype)
+        quantized = f", quantize {self.quantize}" if self.quantize else ""
+        log.info("loading %s (%s, dtype %s%s)", self.model_path, self.device, self.dtype, quantized)
         started = time.perf_counter()
         engine = Engine.from_pretrained(self.model_path, dtype=self.dtype, device=self.device, kernels=self.kernels,
                                         cpu_kernels=self.cpu_kernels, max_batch_size=self.max_concurrent_sequences,
                                         max_context=self.context_limit_setting or None,
-                                        cache_tokens=self.kv_cache_tokens or None)
+                                        cache_tokens=self.kv_cache_tokens or None, quantize=self.quantize)
         # What runs, in api/status's words (the CLI prints the same line).
         log.info("loaded %s in %.1f s: %s", engine.name, time.perf_counter() - started, engine.describe())
         return engine
@@ -158,7 +163,7 @@ class LocalBackend(Backend):
             await asyncio.to_thread(self._thread.join, 5.0)
             self._thread = None
 
-    async def _wait_ready(self) -> Any:
+    async def _wait_ready(self) -> Engine:
         if self._ready is None:  # used without start(): an engine handed in, the scheduler starts on demand
             if self.engine is None:
                 raise APIError(503, "The local backend was not started.", code="backend_not_ready")
@@ -227,7 +232,7 @@ class LocalBackend(Backend):
         enable_thinking = request.enable_thinking
         forced_text = _tool_choice_forced_text(request, enable_thinking)
         # text inside messages is text: only the template's own special tokens are tokens
-        _, prompt_ids = render_prompt_ids(engine.tokenizer, request.messages, request.tools_for_prompt(),
+        _, prompt_ids = render_prompt_ids(engine.tokenizer, request.prompt_messages(), request.tools_for_prompt(),
                                           enable_thinking=enable_thinking, suffix=forced_text)
         limit = self.context_limit
         room = limit - len(prompt_ids)
@@ -250,17 +255,14 @@ class LocalBackend(Backend):
                                     stop_token_ids=[] if request.ignore_eos else None)
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_value") from exc
-        parse_tools = [t.model_dump() for t in request.tools] if request.tools and request.tool_choice != "none" \
-            else None
-        return _Prepared(prompt_ids, forced_text, params, parse_tools)
+        return _Prepared(prompt_ids, forced_text, params, request.tools_for_prompt())
 
     def _check_size(self, request: ChatCompletionRequest) -> None:
         """Refuse a prompt that cannot fit the context before rendering or tokenizing it: no token of the model
         stands for more than `max_token_chars` characters, so its messages' text is at least that many tokens."""
-        per_token = getattr(self.engine.tokenizer, "max_token_chars", None)
+        per_token = getattr(self.engine.tokenizer, "longest_token_chars", None)  # computed once per tokenizer
         if not per_token:
             return
-        per_token = max(per_token, *(len(t) for t in getattr(self.engine.tokenizer, "added_tokens", {}) or [""]))
         chars = sum(len(m.content) if isinstance(m.content, str) else sum(len(part.text) for part in m.content)
                     for m in request.messages if m.role != "assistant")  # text the template always shows
         at_least = -(-chars // per_token)
@@ -409,6 +411,7 @@ class LocalBackend(Backend):
             # Until the engine has started: what was asked ("auto": not pinned; the engine's start decides, with
             # WORKBENCH_KERNELS and WORKBENCH_CPU_KERNELS as defaults); then the engine's kernel choice.
             "dtype": self.dtype, "kernels": self.kernels or "auto", "cpu_kernels": self.cpu_kernels or "auto",
+            "quantize": self.quantize,
             "max_concurrent_sequences": self.max_concurrent_sequences,
             "max_queued_requests": self.max_queued_requests, "active_requests": 0,
             "queued_requests": self._preparing, "recent_tokens_per_second": self.throughput.rate(),
@@ -425,7 +428,9 @@ class LocalBackend(Backend):
                         context_limit=self.context_limit,
                         active_requests=engine.num_running,
                         queued_requests=engine.num_waiting + self._preparing)
-            memory["model_bytes"] = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+            weights = _safe(lambda: engine.weights) or {}
+            memory["model_bytes"] = weights.get("weight_bytes")
+            info["weights"] = {key: weights.get(key) for key in ("format", "bits_per_weight", "bytes_per_token")}
             memory["kv_cache_blocks_free"] = _safe(lambda: engine.cache.num_free_blocks)
             memory["kv_cache_blocks_total"] = _safe(lambda: engine.cache.num_blocks)
             memory["kv_cache_blocks_used"] = _safe(lambda: engine.cache.num_blocks - engine.cache.num_free_blocks)

@@ -18,7 +18,7 @@ and the held-out "write a function that ..." prompts come from modules the model
 
 Documents are returned as `Document`s: a list of (text, trained) segments whose boundaries sit next to special
 tokens, so tokenizing the segments one by one gives the same ids as tokenizing the joined text. Chat prompts are
-rendered with the engine's GLM-4.5 template (`workbench.engine.chat_template.render_chat`).
+rendered with the chat layer's GLM-4.5 template (`workbench.chat.template.render_chat`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workbench.engine.chat_template import render_chat
+from workbench.chat.template import render_chat
 
 # Stop tokens the assistant learns to emit: the turn goes back to the user, or waits for a tool result.
 END_OF_TURN = "<|user|>"

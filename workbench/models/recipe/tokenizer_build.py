@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from workbench.engine.chat_template import GLM45_CHAT_TEMPLATE
+from workbench.chat.template import GLM45_CHAT_TEMPLATE
 
 # GLM45_FORMAT.md section 2, in the order of their ids in the real vocabulary.
 CONTROL_TOKENS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",

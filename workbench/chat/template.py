@@ -1,7 +1,7 @@
 """The GLM-4.5 chat template and a renderer that runs any checkpoint's template the way Hugging Face does.
 
-Owns the text of the prompt format (GLM45_FORMAT.md section 3). `render_chat` is used by the engine's tokenizer
-for checkpoints that ship no `chat_template`, and by `workbench.chat.render_prompt`, so there is one renderer.
+Owns the text of the prompt format (GLM45_FORMAT.md section 3) and `render_chat`, the one renderer: prompt.py
+builds every prompt with it (the checkpoint's own template when it ships one, else this one).
 """
 
 from __future__ import annotations
