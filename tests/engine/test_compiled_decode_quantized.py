@@ -49,9 +49,10 @@ def _quantize(w: torch.Tensor, fmt: str):
     return blockquant.quantize(w.float(), fmt)
 
 
-# (case, dtype, formats), sampled (CI has 2 cores): the engine's models below cover plain int8 and int4.
-RUNS = [("tiny_hidden_96", "float32", "mixed"), ("tiny_hidden_96", "bfloat16", "mixed"),
-        ("grouped_qk_norm", "float32", "int4")]
+# (case, dtype, formats, q/k/v and gate/up in parts), sampled (CI has 2 cores): the engine's models below cover
+# plain int8 and int4 with fused q/k/v and gate/up.
+RUNS = [("tiny_hidden_96", "float32", "mixed", False), ("tiny_hidden_96", "bfloat16", "mixed", True),
+        ("grouped_qk_norm", "float32", "int4", True)]
 ENGINE_RUNS = [("tiny_hidden_96", "float32", "int8"), ("tiny_hidden_96", "float32", "int4"),
                ("tiny_hidden_96", "bfloat16", "int4"), ("grouped_qk_norm", "float32", "int4"),
                ("grouped_qk_norm", "bfloat16", "int8")]
@@ -131,25 +132,46 @@ def _quantize_torch_path(monkeypatch, model, layers, lm_head) -> None:
     model.ops = dataclasses.replace(model.ops, fused_moe=fused_moe)
 
 
-def _quantized_decode_step(engine, layers, lm_head):
-    """A compiled decode step of `engine`'s model with these quantized weights in place of its float ones."""
+def _rows(qw, start: int, stop: int):
+    """Rows [start, stop) of a quantized [N, K] weight: its own weight (rows are quantized independently)."""
+    return dataclasses.replace(qw, **{f.name: getattr(qw, f.name)[start:stop].contiguous()
+                                      for f in dataclasses.fields(qw) if isinstance(getattr(qw, f.name), torch.Tensor)})
+
+
+def _quantized_decode_step(engine, layers, lm_head, in_parts: bool = False):
+    """A compiled decode step of `engine`'s model with these quantized weights in place of its float ones; with
+    `in_parts`, q/k/v and gate/up go in as their parts (decode_model.cpp's q_weight/k_weight/v_weight and
+    mlp_gate/mlp_up), each computed into its columns."""
+    config = engine.model.config
+    q_rows, kv_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     tensors = engine.model.decode_step_tensors(engine.cache.layers, engine.cache.block_size)
     for layer_tensors, weights in zip(tensors["layers"], layers, strict=True):
         for key, qw in weights.items():
             del layer_tensors[key]
-            layer_tensors |= decode_step_weight(key, qw)
+            if in_parts and key == "qkv_weight":
+                bounds = {"q_weight": (0, q_rows), "k_weight": (q_rows, q_rows + kv_rows),
+                          "v_weight": (q_rows + kv_rows, q_rows + 2 * kv_rows)}
+            elif in_parts and key == "mlp_gate_up":
+                half = qw.shape[0] // 2
+                bounds = {"mlp_gate": (0, half), "mlp_up": (half, 2 * half)}
+            else:
+                layer_tensors |= decode_step_weight(key, qw)
+                continue
+            for part, (start, stop) in bounds.items():
+                layer_tensors |= decode_step_weight(part, _rows(qw, start, stop))
     tensors["lm_head"], tensors["quantized"] = None, decode_step_weight("lm_head", lm_head)
     return cpu_compiled.load().DecodeModel(**tensors)
 
 
-@pytest.mark.parametrize("case, dtype, formats", RUNS, ids=["-".join(run) for run in RUNS])
-def test_quantized_decode_steps_match_the_torch_path(checkpoints, case, dtype, formats, monkeypatch):
+@pytest.mark.parametrize("case, dtype, formats, in_parts", RUNS,
+                         ids=["-".join(run[:3]) + ("-parts" if run[3] else "") for run in RUNS])
+def test_quantized_decode_steps_match_the_torch_path(checkpoints, case, dtype, formats, in_parts, monkeypatch):
     checkpoint = checkpoints(case)
     kwargs = dict(dtype=dtype, kernels="torch", block_size=4, cache_tokens=256)
     compiled = Engine.from_pretrained(checkpoint, cpu_kernels="compiled", **kwargs)
     reference = Engine.from_pretrained(checkpoint, cpu_kernels="torch", **kwargs)
     layers, lm_head = _quantized_layers(reference.model, FORMATS[formats])
-    compiled.runner.decode_step = _quantized_decode_step(compiled, layers, lm_head)
+    compiled.runner.decode_step = _quantized_decode_step(compiled, layers, lm_head, in_parts=in_parts)
     # The float model's logits, to show the quantized paths agree with each other far more than with it.
     float_decode = Engine.from_pretrained(checkpoint, cpu_kernels="torch", **kwargs)
     _quantize_torch_path(monkeypatch, reference.model, layers, lm_head)
