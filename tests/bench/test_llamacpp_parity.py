@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the bench extra) is not installed")
 
 import workbench  # noqa: E402
-import workbench.chat  # noqa: E402, F401  (gives the engine's Tokenizer apply_chat_template)
+from workbench.chat.prompt import encode_chat  # noqa: E402
 from workbench.engine import Engine  # noqa: E402
 
 BUNDLED = Path(workbench.__file__).resolve().parent / "models" / "glm45-air-mini"
@@ -52,7 +52,7 @@ def test_llamacpp_decodes_our_greedy_tokens_from_our_f32_export(f32_gguf, llama_
     try:
         assert llama.vocab == engine.config.vocab_size
         for messages in MESSAGES:
-            prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            _, prompt = encode_chat(engine.tokenizer, messages)
             ours = list(engine.generate(prompt, max_new_tokens=NEW_TOKENS, temperature=0.0,
                                         stop_token_ids=[]).token_ids)
             theirs, _ = llama.greedy(prompt, NEW_TOKENS)
@@ -74,7 +74,7 @@ def test_llamacpp_tokenizes_text_as_our_tokenizer(f32_gguf, llama_runner):
     llama = llama_runner(f32_gguf, threads=1, n_ctx=256, n_batch=64)
     try:
         for messages in MESSAGES:
-            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text, _ = encode_chat(engine.tokenizer, messages)
             theirs = llama.llm.tokenize(text.encode(), add_bos=False, special=True)
             assert theirs == engine.tokenizer.encode(text), text
     finally:
