@@ -115,6 +115,13 @@ def test_bundled_quantized_round_trip_equals_the_engine_on_dequantized_weights(b
     expected = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors
                 if t.name in ("blk.1.ffn_down_exps.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight")}
     experts = loaded.model.layers[1].mlp.experts  # Int8Weight / Int4Weight kept packed
+    # named by the format most of its bytes are in; a q4_k export mixes formats (Q8_0 output, Q5_0 fallbacks)
+    weights = loaded.weights
+    if gguf_type == "q4_k":
+        assert set(weights["format_bytes"]) == {"int4", "int8"}
+        assert weights["format"] == max(weights["format_bytes"], key=weights["format_bytes"].get)
+    else:
+        assert weights["format"] == "int8" and "format_bytes" not in weights
     down, gate_up = dequantize(experts.down), dequantize(experts.gate_up)
     assert np.array_equal(down.detach().numpy(), expected["blk.1.ffn_down_exps.weight"])
     assert np.array_equal(gate_up.detach().numpy(), np.concatenate(

@@ -392,7 +392,7 @@ def build_quantized_model(config: GLMConfig, tensors: Iterable[tuple[str, torch.
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:  # pragma: no cover - every parameter was either filled or replaced above
         raise CheckpointError(f"parameter {leftover[0]!r} was never filled")
-    weight_format = quantize or (format_of(next(iter(quantized.values()))) if quantized else None)
+    weight_format = quantize or _dominant_format(quantized.values())
     dense.clear(), quantized.clear()  # the modules hold them now: fusing must not find the unfused copies alive
     fuse_quantized(model)
     model.materialize_buffers(torch.device("cpu"))
@@ -493,6 +493,14 @@ def checkpoint_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]
 
 
 # --- what a model reads -------------------------------------------------------------------------------------------
+def _dominant_format(weights) -> str | None:
+    """The format most of the quantized bytes are in (a GGUF Q4_K_M is "int4", though its lm_head is int8)."""
+    totals: dict[str, int] = {}
+    for weight in weights:
+        totals[format_of(weight)] = totals.get(format_of(weight), 0) + weight.nbytes
+    return max(totals, key=totals.get) if totals else None
+
+
 def weight_summary(model: nn.Module) -> dict[str, Any]:
     """The weights' format, average bits per weight of the matrices, bytes in all, and bytes read per token.
 
@@ -525,8 +533,17 @@ def weight_summary(model: nn.Module) -> dict[str, Any]:
     fmt = getattr(model, "weight_format", None) or getattr(getattr(model, "quant_scheme", None), "name", None)
     if fmt is None:
         fmt = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    return {"format": fmt, "bits_per_weight": round(matrix_bits / max(matrix_elements, 1), 3),
-            "weight_bytes": int(total), "bytes_per_token": int(per_token)}
+    formats: dict[str, int] = {}  # bytes per quantized format (a GGUF mixes them: Q4_K experts, a Q8_0 lm_head)
+    for module in model.modules():
+        for weight in [getattr(module, "qweight", None), getattr(module, "gate_up", None),
+                       getattr(module, "down", None)]:
+            if is_quantized(weight):
+                formats[format_of(weight)] = formats.get(format_of(weight), 0) + weight.nbytes
+    summary = {"format": fmt, "bits_per_weight": round(matrix_bits / max(matrix_elements, 1), 3),
+               "weight_bytes": int(total), "bytes_per_token": int(per_token)}
+    if len(formats) > 1:
+        summary["format_bytes"] = formats
+    return summary
 
 
 def _matrix_elements(module: nn.Module) -> int:

@@ -234,14 +234,26 @@ def _decode_linear(name: str, linear: nn.Module) -> dict[str, torch.Tensor]:
     return {name: linear.weight}
 
 
-def _decode_matrix(name: str, fused, fused_quantized) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """A fused matrix (q/k/v, or gate/up) for the decode step: (its tensors, its bias)."""
+def _decode_matrix(name: str, fused, fused_quantized, parts: dict[str, nn.Module]) -> tuple[
+        dict[str, torch.Tensor], torch.Tensor | None]:
+    """A fused matrix (q/k/v, or gate/up) for the decode step: (its tensors, its bias). Quantized projections that
+    could not be fused (formats differ: a GGUF's Q6_K v beside Q4_K q and k) go as their parts, each in its own
+    format, which the decode step computes into their columns; their biases are joined (a small copy)."""
     if fused_quantized is not None:
         return decode_step_weight(name, fused_quantized[0]), fused_quantized[1]
-    if fused is None:
-        raise ValueError("the compiled decode step needs q/k/v and gate/up fused by fuse_projections() (float "
-                         "matrices of one dtype, or int8/int4 ones of one format)")
-    return {name: fused[0]}, fused[1]
+    if fused is not None:
+        return {name: fused[0]}, fused[1]
+    if all(getattr(module, "qweight", None) is not None for module in parts.values()):
+        tensors: dict[str, torch.Tensor] = {}
+        for part_name, module in parts.items():
+            tensors |= decode_step_weight(part_name, module.qweight)
+        biases = [module.bias for module in parts.values()]
+        bias = None if all(b is None for b in biases) else torch.cat([
+            b if b is not None else torch.zeros(m.out_features, dtype=next(x for x in biases if x is not None).dtype)
+            for b, m in zip(biases, parts.values(), strict=True)])
+        return tensors, bias
+    raise ValueError("the compiled decode step needs q/k/v and gate/up fused by fuse_projections() (float "
+                     "matrices of one dtype), or int8/int4 ones")
 
 
 class Router(nn.Module):
@@ -374,7 +386,8 @@ class GLMForCausalLM(nn.Module):
             dense_mlps = [mlp] if isinstance(mlp, MLP) else [m for m in [mlp.shared_experts] if m is not None]
             tensors = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
                        "k_cache": k_cache, "v_cache": v_cache}
-            qkv, qkv_bias = _decode_matrix("qkv_weight", attn.fused_qkv, getattr(attn, "fused_qkv_quantized", None))
+            qkv, qkv_bias = _decode_matrix("qkv_weight", attn.fused_qkv, getattr(attn, "fused_qkv_quantized", None),
+                                           {"q_weight": attn.q_proj, "k_weight": attn.k_proj, "v_weight": attn.v_proj})
             tensors |= qkv | _decode_linear("o_weight", attn.o_proj)
             if qkv_bias is not None:
                 tensors["qkv_bias"] = qkv_bias
@@ -391,7 +404,8 @@ class GLMForCausalLM(nn.Module):
                     raise ValueError("the compiled decode step needs float or int8/int4 experts (not FP8)")
             if dense_mlps:
                 gate_up, _ = _decode_matrix("mlp_gate_up", dense_mlps[0].fused_gate_up,
-                                            getattr(dense_mlps[0], "fused_gate_up_quantized", None))
+                                            getattr(dense_mlps[0], "fused_gate_up_quantized", None),
+                                            {"mlp_gate": dense_mlps[0].gate_proj, "mlp_up": dense_mlps[0].up_proj})
                 tensors |= gate_up | _decode_linear("mlp_down", dense_mlps[0].down_proj)
             layers.append({name: t.detach() for name, t in tensors.items()})
         config = self.config
