@@ -535,3 +535,19 @@ def test_loading_a_gguf_keeps_the_resident_set_near_the_weights(tmp_path, tiny_c
     weights = figures["weights"] - fixed["weights"]
     assert weights > 40 * 2**20, "the model must be big enough to measure"
     assert figures["growth"] - fixed["growth"] <= 1.3 * weights, (figures, fixed)
+
+
+def test_a_gguf_is_served_under_one_name_before_and_after_it_loads(bundled_ggufs, tmp_path):
+    """The server lists its model before the engine has loaded: a GGUF's id is its file's stem both times (a
+    split set's without -0000k-of-0000N), and `%glm config model_path=` takes a .gguf file."""
+    from workbench.chat import LocalBackend
+    from workbench.magics.session import Session
+
+    path = bundled_ggufs["f32"]
+    assert LocalBackend(model_path=path).model_id == "mini-f32" == engine(path).name
+    split = export_gguf(BUNDLED, tmp_path / "mini.gguf", "f32", split_max_bytes=8 * 2**20)
+    assert len(split) > 1 and LocalBackend(model_path=split[1]).model_id == "mini"
+    session = Session()
+    session.settings.model_path = str(path)
+    session.settings.server = "off"
+    assert "mini-f32" in session.connection().describe()
