@@ -1,6 +1,8 @@
 // DecodeModel: one decode step of a whole GLM-4.5 MoE model, for one or many sequences, in one call from Python
 // (the engine's CompiledCPURunner, workbench/engine/runner.py, feeds it the model's weights and cache pools).
 //
+// (Over 600 lines: one decode step of the whole model, float and quantized, read top to bottom as the torch path.)
+//
 // Why the decode step exists: at decode sizes (a few tokens, hidden 256 to 4096) a torch op costs a few
 // microseconds of Python and dispatch whatever its size, and a decoder layer is ~40 of them; the arithmetic of a
 // small model is less than that. Here a step is a handful of matrix-vector products per layer (our AVX2 loops for
