@@ -284,7 +284,7 @@ def build_quantized_model(config: GLMConfig, tensors: Iterable[tuple[str, torch.
     (None keeps them dense: a GGUF's F16 matrices, say); `lm_head` overrides the lm_head's format (default:
     `LM_HEAD_FORMAT[quantize]`). `dtype` is the engine's activation dtype, which the dense tensors take."""
     from workbench.engine.model import Experts, GLMForCausalLM
-    from workbench.engine.weights import FP32_PARAMS, CheckpointError, map_name
+    from workbench.engine.weights import FP32_PARAMS, CheckpointError, check_expert_coverage, map_name
 
     if quantize is not None and quantize not in QUANTIZE_FORMATS:
         raise QuantizeError(f"quantize={quantize!r}: choose {' or '.join(QUANTIZE_FORMATS)} (or None)")
@@ -348,7 +348,7 @@ def build_quantized_model(config: GLMConfig, tensors: Iterable[tuple[str, torch.
             covered.setdefault(param, set()).add((placement.expert, placement.part))
         del value  # the caller's tensor is dropped here (see the peak-memory test)
 
-    _check_experts(config, covered)
+    check_expert_coverage(config, covered)
     if tied and lm_head is not None and "embed_tokens.weight" in dense:
         quantized["lm_head.weight"] = quantize_weight(dense["embed_tokens.weight"], lm_head)
     elif tied and "embed_tokens.weight" in dense:
@@ -461,20 +461,6 @@ def _store_dense(dense: dict, param: str, placement, value, meta: torch.Tensor, 
     if param not in dense:
         dense[param] = torch.empty(meta.shape, dtype=dtype)
     dense[param][_slot_index(meta.shape, placement)].copy_(source)
-
-
-def _check_experts(config: GLMConfig, covered: dict[str, set]) -> None:
-    from workbench.engine.weights import CheckpointError
-
-    for param, slots in covered.items():
-        parts = ("gate", "up") if "gate_up_proj" in param else ("all",)
-        want = {(e, p) for e in range(config.n_routed_experts) for p in parts}
-        if slots != want:
-            first = sorted(want - slots)[0]
-            layer_id = param.split(".")[1]
-            proj = "down_proj" if first[1] == "all" else f"{first[1]}_proj"
-            raise CheckpointError(f"missing tensor 'model.layers.{layer_id}.mlp.experts.{first[0]}.{proj}.weight' "
-                                  f"(and {len(want - slots) - 1} more expert tensors of layer {layer_id})")
 
 
 # --- reading a safetensors checkpoint -------------------------------------------------------------------------------
