@@ -44,6 +44,8 @@ def fixtures_dir() -> Path:
 def check_chat_fixtures(fixtures_dir):
     """A check that a tokenizer's `apply_chat_template` (ours or Hugging Face's) renders every case of the
     chat-format fixtures byte for byte; it returns the rendered texts."""
+    import workbench.chat  # noqa: F401  (gives the engine's Tokenizer apply_chat_template)
+
     cases = json.loads((fixtures_dir / "glm45_chat_format.json").read_text())["cases"]
     assert len(cases) >= 10
 

@@ -98,11 +98,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from workbench.chat.template import GLM45_CHAT_TEMPLATE
     from workbench.engine.gguf_export import export_gguf
 
     started = time.perf_counter()
-    files = export_gguf(args.checkpoint, args.out, args.gguf_type,
-                        split_max_bytes=(args.split_max_mb or 0) * 2**20)
+    # a checkpoint without a chat template of its own (the engine's tiny ones) gets GLM-4.5's, as the engine uses
+    files = export_gguf(args.checkpoint, args.out, args.gguf_type, split_max_bytes=(args.split_max_mb or 0) * 2**20,
+                        fallback_chat_template=GLM45_CHAT_TEMPLATE)
     size = sum(f.stat().st_size for f in files)
     print(f"[wrote {', '.join(str(f) for f in files)}: {args.gguf_type}, {size / 2**20:.1f} MiB in "
           f"{time.perf_counter() - started:.1f} s]")

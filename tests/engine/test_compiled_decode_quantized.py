@@ -1,14 +1,15 @@
 """The compiled CPU decode step (glm_kernels/csrc/decode_model.cpp) with quantized weights against the engine's
 torch path with the same quantized weights.
 
-The model is quantized here by hand (until the engine holds quantized modules itself): every linear of a tiny
-checkpoint -- fused q/k/v, o_proj, the dense MLP and the shared expert, the stacked routed experts and the
-lm_head -- is quantized once; the compiled step is given those weights under decode_model.cpp's key suffixes
-(`quant_linear.decode_step_weight`), and the torch path computes each of those linears with
-`quant_linear.quantized_linear` (F.linear swapped for the test) and its routed experts with
-`quantized_fused_moe`. Both then quantize activations the same way, so they agree up to fp32 rounding (and the
-odd activation that lands on the other side of a rounding tie), and far more closely than either agrees with the
-float model.
+Two ways in: the engine's own int8/int4 models (`Engine.from_pretrained(..., quantize=...)`: q/k/v and gate/up
+reach the step as quantized parts, the lm_head int8), and a model quantized here by hand, which reaches the
+formats and layouts the engine does not make (fused q/k/v and gate/up matrices quantized whole, int8 in groups
+of 16, an int4 lm_head): every linear of a tiny checkpoint is quantized once, the compiled step is given those
+weights under decode_model.cpp's key suffixes (`quant_linear.decode_step_weight`), and the torch path computes
+each of those linears with `quant_linear.quantized_linear` (F.linear swapped for the test) and its routed experts
+with `quantized_fused_moe`. Both paths quantize activations the same way, so they agree up to fp32 rounding (and
+the odd activation that lands on the other side of a rounding tie), and far more closely than either agrees with
+the float model.
 """
 
 from __future__ import annotations
@@ -48,10 +49,13 @@ def _quantize(w: torch.Tensor, fmt: str):
     return blockquant.quantize(w.float(), fmt)
 
 
-# (case, dtype, formats): every format in fp32 on the first case, and the rest sampled (CI has 2 cores).
-RUNS = [("tiny_hidden_96", "float32", "int8"), ("tiny_hidden_96", "float32", "int4"),
-        ("tiny_hidden_96", "float32", "mixed"), ("tiny_hidden_96", "bfloat16", "mixed"),
-        ("grouped_qk_norm", "float32", "mixed"), ("grouped_qk_norm", "bfloat16", "int4")]
+# (case, dtype, formats, q/k/v and gate/up in parts), sampled (CI has 2 cores): the engine's models below cover
+# plain int8 and int4 with fused q/k/v and gate/up.
+RUNS = [("tiny_hidden_96", "float32", "mixed", False), ("tiny_hidden_96", "bfloat16", "mixed", True),
+        ("grouped_qk_norm", "float32", "int4", True)]
+ENGINE_RUNS = [("tiny_hidden_96", "float32", "int8"), ("tiny_hidden_96", "float32", "int4"),
+               ("tiny_hidden_96", "bfloat16", "int4"), ("grouped_qk_norm", "float32", "int4"),
+               ("grouped_qk_norm", "bfloat16", "int8")]
 
 
 @pytest.fixture(scope="module")
@@ -128,25 +132,46 @@ def _quantize_torch_path(monkeypatch, model, layers, lm_head) -> None:
     model.ops = dataclasses.replace(model.ops, fused_moe=fused_moe)
 
 
-def _quantized_decode_step(engine, layers, lm_head):
-    """A compiled decode step of `engine`'s model with these quantized weights in place of its float ones."""
+def _rows(qw, start: int, stop: int):
+    """Rows [start, stop) of a quantized [N, K] weight: its own weight (rows are quantized independently)."""
+    return dataclasses.replace(qw, **{f.name: getattr(qw, f.name)[start:stop].contiguous()
+                                      for f in dataclasses.fields(qw) if isinstance(getattr(qw, f.name), torch.Tensor)})
+
+
+def _quantized_decode_step(engine, layers, lm_head, in_parts: bool = False):
+    """A compiled decode step of `engine`'s model with these quantized weights in place of its float ones; with
+    `in_parts`, q/k/v and gate/up go in as their parts (decode_model.cpp's q_weight/k_weight/v_weight and
+    mlp_gate/mlp_up), each computed into its columns."""
+    config = engine.model.config
+    q_rows, kv_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     tensors = engine.model.decode_step_tensors(engine.cache.layers, engine.cache.block_size)
     for layer_tensors, weights in zip(tensors["layers"], layers, strict=True):
         for key, qw in weights.items():
             del layer_tensors[key]
-            layer_tensors |= decode_step_weight(key, qw)
-    tensors["lm_head"] = None
-    return cpu_compiled.load().DecodeModel(**tensors, quantized=decode_step_weight("lm_head", lm_head))
+            if in_parts and key == "qkv_weight":
+                bounds = {"q_weight": (0, q_rows), "k_weight": (q_rows, q_rows + kv_rows),
+                          "v_weight": (q_rows + kv_rows, q_rows + 2 * kv_rows)}
+            elif in_parts and key == "mlp_gate_up":
+                half = qw.shape[0] // 2
+                bounds = {"mlp_gate": (0, half), "mlp_up": (half, 2 * half)}
+            else:
+                layer_tensors |= decode_step_weight(key, qw)
+                continue
+            for part, (start, stop) in bounds.items():
+                layer_tensors |= decode_step_weight(part, _rows(qw, start, stop))
+    tensors["lm_head"], tensors["quantized"] = None, decode_step_weight("lm_head", lm_head)
+    return cpu_compiled.load().DecodeModel(**tensors)
 
 
-@pytest.mark.parametrize("case, dtype, formats", RUNS, ids=["-".join(run) for run in RUNS])
-def test_quantized_decode_steps_match_the_torch_path(checkpoints, case, dtype, formats, monkeypatch):
+@pytest.mark.parametrize("case, dtype, formats, in_parts", RUNS,
+                         ids=["-".join(run[:3]) + ("-parts" if run[3] else "") for run in RUNS])
+def test_quantized_decode_steps_match_the_torch_path(checkpoints, case, dtype, formats, in_parts, monkeypatch):
     checkpoint = checkpoints(case)
     kwargs = dict(dtype=dtype, kernels="torch", block_size=4, cache_tokens=256)
     compiled = Engine.from_pretrained(checkpoint, cpu_kernels="compiled", **kwargs)
     reference = Engine.from_pretrained(checkpoint, cpu_kernels="torch", **kwargs)
     layers, lm_head = _quantized_layers(reference.model, FORMATS[formats])
-    compiled.runner.decode_step = _quantized_decode_step(compiled, layers, lm_head)
+    compiled.runner.decode_step = _quantized_decode_step(compiled, layers, lm_head, in_parts=in_parts)
     # The float model's logits, to show the quantized paths agree with each other far more than with it.
     float_decode = Engine.from_pretrained(checkpoint, cpu_kernels="torch", **kwargs)
     _quantize_torch_path(monkeypatch, reference.model, layers, lm_head)
@@ -184,6 +209,36 @@ def test_quantized_decode_steps_match_the_torch_path(checkpoints, case, dtype, f
         assert quant_gap < float_gap / 4, (quant_gap, float_gap)
 
 
+@pytest.mark.parametrize("case, dtype, quantize", ENGINE_RUNS, ids=["-".join(run) for run in ENGINE_RUNS])
+def test_quantized_engine_decode_steps_match_the_torch_path(checkpoints, case, dtype, quantize):
+    kwargs = dict(dtype=dtype, kernels="torch", block_size=4, cache_tokens=256, quantize=quantize)
+    compiled = Engine.from_pretrained(checkpoints(case), cpu_kernels="compiled", **kwargs)
+    reference = Engine.from_pretrained(checkpoints(case), cpu_kernels="torch", **kwargs)
+    assert compiled.compiled_decode is not None and reference.compiled_decode is None
+    prompt = torch.randint(3, 500, (13,), generator=torch.Generator().manual_seed(2)).tolist()
+    params = SamplingParams(max_new_tokens=30, temperature=0.0, stop_token_ids=[])
+    ours = compiled.add_request(prompt, params, routing=True)
+    theirs = reference.add_request(prompt, params, routing=True)
+    compiled.step(), reference.step()
+    tolerance, rerouted = TOLERANCE[getattr(torch, dtype)], 0
+    for _ in range(20):
+        for (k, v), (k_ref, v_ref) in zip(compiled.cache.layers, reference.cache.layers, strict=True):
+            k.copy_(k_ref), v.copy_(v_ref)
+        compiled.scheduler._reserve_decode_slots([ours]), reference.scheduler._reserve_decode_slots([theirs])
+        logits = compiled.runner.decode([ours])
+        expected = reference.runner.decode([theirs])
+        if not torch.equal(ours.routing_chunks[-1][0], theirs.routing_chunks[-1][0]):
+            rerouted += 1
+        else:
+            scale = max(expected.abs().max().item(), 1.0)
+            assert (logits - expected).abs().max().item() <= tolerance * scale
+        token = int(expected.argmax())
+        for request in (ours, theirs):
+            request.num_cached += 1
+            request.output_ids.append(token)
+    assert rerouted <= (1 if dtype == "float32" else 6)
+
+
 def test_lm_head_given_twice_or_a_part_missing_is_an_error(checkpoints):
     engine = Engine.from_pretrained(checkpoints("tiny_hidden_96"), dtype="float32", kernels="torch",
                                     cpu_kernels="torch", block_size=4, cache_tokens=64)
@@ -191,7 +246,7 @@ def test_lm_head_given_twice_or_a_part_missing_is_an_error(checkpoints):
     head = decode_step_weight("lm_head", blockquant.quantize_int8(engine.model.lm_head.weight.detach()))
     module = cpu_compiled.load()
     with pytest.raises(RuntimeError, match="either as a float tensor or quantized"):
-        module.DecodeModel(**tensors, quantized=head)
+        module.DecodeModel(**(tensors | {"quantized": head}))
     layer = tensors["layers"][0]
     qkv = decode_step_weight("qkv_weight", blockquant.quantize_int8(layer.pop("qkv_weight")))
     del qkv["qkv_weight.scales"]

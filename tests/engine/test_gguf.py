@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as T
 from glm_kernels.blockquant import dequantize
 from safetensors.torch import load_file, save_file
 
+import workbench.chat  # noqa: F401  (gives the engine's Tokenizer apply_chat_template)
 from workbench.engine import Engine, GLMConfig, gguf_blocks
 from workbench.engine.gguf_export import export_gguf, tensor_type
 from workbench.engine.gguf_file import (
@@ -114,6 +115,13 @@ def test_bundled_quantized_round_trip_equals_the_engine_on_dequantized_weights(b
     expected = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors
                 if t.name in ("blk.1.ffn_down_exps.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight")}
     experts = loaded.model.layers[1].mlp.experts  # Int8Weight / Int4Weight kept packed
+    # named by the format most of its bytes are in; a q4_k export mixes formats (Q8_0 output, Q5_0 fallbacks)
+    weights = loaded.weights
+    if gguf_type == "q4_k":
+        assert set(weights["format_bytes"]) == {"int4", "int8"}
+        assert weights["format"] == max(weights["format_bytes"], key=weights["format_bytes"].get)
+    else:
+        assert weights["format"] == "int8" and "format_bytes" not in weights
     down, gate_up = dequantize(experts.down), dequantize(experts.gate_up)
     assert np.array_equal(down.detach().numpy(), expected["blk.1.ffn_down_exps.weight"])
     assert np.array_equal(gate_up.detach().numpy(), np.concatenate(
@@ -420,6 +428,13 @@ def test_cli_export_gguf(tmp_path, tiny_checkpoint, capsys):
     assert main(["export-gguf", str(tiny_checkpoint), str(out), "--type", "q8_0"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert engine(out).config == GLMConfig.from_json(tiny_checkpoint).replace(num_nextn_predict_layers=0)
+    # the tiny checkpoint ships no chat template: the CLI writes GLM-4.5's (the library call, none)
+    from workbench.chat.template import GLM45_CHAT_TEMPLATE
+
+    assert open_gguf(out).get("tokenizer.chat_template") == GLM45_CHAT_TEMPLATE
+    plain = export_gguf(tiny_checkpoint, tmp_path / "plain.gguf", "f16")[0]
+    assert open_gguf(plain).get("tokenizer.chat_template") is None
+    assert tokenizer_from_gguf(open_gguf(plain)).chat_template is None
     assert main(["export-gguf", str(tmp_path / "nowhere"), str(out)]) == 2
     assert "no config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -520,3 +535,19 @@ def test_loading_a_gguf_keeps_the_resident_set_near_the_weights(tmp_path, tiny_c
     weights = figures["weights"] - fixed["weights"]
     assert weights > 40 * 2**20, "the model must be big enough to measure"
     assert figures["growth"] - fixed["growth"] <= 1.3 * weights, (figures, fixed)
+
+
+def test_a_gguf_is_served_under_one_name_before_and_after_it_loads(bundled_ggufs, tmp_path):
+    """The server lists its model before the engine has loaded: a GGUF's id is its file's stem both times (a
+    split set's without -0000k-of-0000N), and `%glm config model_path=` takes a .gguf file."""
+    from workbench.chat import LocalBackend
+    from workbench.magics.session import Session
+
+    path = bundled_ggufs["f32"]
+    assert LocalBackend(model_path=path).model_id == "mini-f32" == engine(path).name
+    split = export_gguf(BUNDLED, tmp_path / "mini.gguf", "f32", split_max_bytes=8 * 2**20)
+    assert len(split) > 1 and LocalBackend(model_path=split[1]).model_id == "mini"
+    session = Session()
+    session.settings.model_path = str(path)
+    session.settings.server = "off"
+    assert "mini-f32" in session.connection().describe()

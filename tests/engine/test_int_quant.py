@@ -179,16 +179,36 @@ def test_projections_of_one_format_are_fused_into_views_of_one_matrix():
     assert attn.k_proj.qweight.packed.data_ptr() == fused.packed[64:].data_ptr()  # a view, not a copy
     assert attn.v_proj.bias.data_ptr() == bias[96:].data_ptr()
     assert mlp.fused_gate_up_quantized[0].shape == (2 * 128, 64)
-    # A v of another format (a GGUF's Q6_K beside Q4_K) stays apart, and the compiled decode step says why it
-    # cannot run that model (the engine then takes the torch path).
+    # A v of another format (a GGUF's Q6_K beside Q4_K) stays apart, and goes to the compiled decode step as the
+    # parts of q/k/v, each in its format, with the three biases joined.
     mixed = [(n, blockquant.quantize_int8(t, group=16)) if n == "model.layers.0.self_attn.v_proj.weight" else (n, t)
              for n, t in state]
     model = build_quantized_model(config, mixed, "int4")
-    assert model.layers[0].self_attn.fused_qkv_quantized is None
+    attn = model.layers[0].self_attn
+    assert attn.fused_qkv_quantized is None
     assert model.layers[1].self_attn.fused_qkv_quantized is not None
     cache = [(torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16)) for _ in range(config.num_hidden_layers)]
-    with pytest.raises(ValueError, match="fused by fuse_projections"):
-        model.decode_step_tensors(cache, 16)
+    first = model.decode_step_tensors(cache, 16)["layers"][0]
+    assert {"q_weight.packed", "k_weight.packed", "v_weight.q", "v_weight.scales"} <= set(first)
+    assert not any(key.startswith("qkv_weight") for key in first)
+    assert torch.equal(first["qkv_bias"], torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+
+
+def test_a_model_of_mixed_formats_decodes_compiled_as_on_the_torch_path(compiled_cpu_kernels):
+    """q and k in int4 beside v in int8 (groups of 16), as a Q4_K_M GGUF holds them: the compiled decode step runs
+    the model (its q/k/v in parts) and decodes the torch path's greedy tokens."""
+    if compiled_cpu_kernels is None:
+        pytest.skip("the compiled CPU kernels could not be built here")
+    config = CONFIGS["tiny"]
+    state = [(n, blockquant.quantize_int8(t.float(), group=16)) if n.endswith("v_proj.weight") else (n, t)
+             for n, t in hf_tensors(random_model(config, seed=1))]
+    engines = [Engine(build_quantized_model(config, state, "int4").eval(), None, device=torch.device("cpu"),
+                      dtype=torch.float32, cpu_kernels=choice) for choice in ("compiled", "torch")]
+    assert engines[0].compiled_decode is not None and engines[1].compiled_decode is None
+    prompt = list(range(3, 40, 2))
+    ours, theirs = (e.generate(prompt, max_new_tokens=16, temperature=0.0, stop_token_ids=[]).token_ids
+                    for e in engines)
+    assert ours[:8] == theirs[:8] and sum(a == b for a, b in zip(ours, theirs)) >= 13, (ours, theirs)
 
 
 def test_decode_step_tensors_hand_over_the_quantized_weights():
@@ -309,3 +329,22 @@ def test_a_failed_quantized_load_leaves_nothing_behind(tiny_checkpoint, tmp_path
         Engine.from_pretrained(folder, quantize="int4")
     gc.collect()
     assert sum(isinstance(o, blockquant.Int4Weight) for o in gc.get_objects()) == before
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_compiled_decode_step_runs_a_quantized_engine(fmt, compiled_cpu_kernels):
+    """Engine.from_pretrained(quantize=...) hands its quantized weights to the compiled decode step
+    (decode_step_tensors), which then decodes the bundled model's greedy tokens as the torch path does."""
+    from workbench.models import default_model_path
+
+    if compiled_cpu_kernels is None:
+        pytest.skip("the compiled CPU kernels could not be built here")
+    path = default_model_path()
+    compiled = Engine.from_pretrained(path, dtype="float32", quantize=fmt, cpu_kernels="compiled")
+    torch_path = Engine.from_pretrained(path, dtype="float32", quantize=fmt, cpu_kernels="torch")
+    assert compiled.compiled_decode is not None and torch_path.compiled_decode is None
+    prompt = compiled.tokenizer.encode("def merge_sorted(a, b):\n    ")
+    ours, theirs = (e.generate(prompt, max_new_tokens=24, temperature=0.0, stop_token_ids=[]).token_ids
+                    for e in (compiled, torch_path))
+    # The same weights and the same 8-bit activations on both paths: only fp32 summation order differs.
+    assert ours[:8] == theirs[:8] and sum(a == b for a, b in zip(ours, theirs)) >= 20, (ours, theirs)

@@ -28,7 +28,7 @@ def scripted_checkpoint(request, tmp_path_factory) -> Path:
     from workbench.engine import testing
 
     key = hashlib.sha256(repr((SCRIPTS, inspect.getsource(train_scripted), torch.__version__)).encode())
-    for module in ("model.py", "testing.py", "tokenizer.py", "../chat/template.py", "weights.py"):
+    for module in ("model.py", "testing.py", "tokenizer.py", "glm45_template.py", "../chat/template.py", "weights.py"):
         key.update((Path(testing.__file__).parent / module).read_bytes())
     name = f"glm-scripted-{key.hexdigest()[:16]}"
     cache = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`: train into a temp dir

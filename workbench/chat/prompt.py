@@ -2,8 +2,8 @@
 
 `render_prompt` gives the prompt text and `prompt_ids` the text and its token ids, both with `APIError`s for
 messages that cannot be rendered; they accept OpenAI-style messages and tools as dicts or as the protocol's
-pydantic models. The format itself (the template and its renderer) is template.py's; the template text is the
-checkpoint's own when it ships one (`Tokenizer.chat_template`), else GLM-4.5's.
+pydantic models. The renderer is template.py's; the template text is the checkpoint's own when it ships one, else
+GLM-4.5's (`Tokenizer.chat_template` holds whichever).
 
 `encode_chat` is how a prompt is tokenized: text inside a message is text (a user who writes `<|assistant|>` or
 `</tool_response>` gets the characters, never the token id); special and added tokens come only from the

@@ -113,31 +113,22 @@ class Engine:
             note = int_quant.cpu_note()
             if note:
                 log.warning(note)
-            model = None
-            try:
-                model = int_quant.build_quantized_model(config, int_quant.checkpoint_tensors(folder), quantize,
-                                                        dtype=torch_dtype)
-                model.fuse_projections()
-            except BaseException:
-                model = None
-                gc.collect()  # nothing partially loaded stays in memory
-                raise
-            return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=folder.name,
-                       kernels=request.kernels, cpu_kernels=request.cpu_kernels, **engine_kwargs)
-        if quantize is not None:
-            scheme = quant.scheme_from_name(quantize)
-        try:
-            with torch.device("meta"):
-                model = GLMForCausalLM(config)
-                if scheme is not None:
-                    quant.quantize_model(model, scheme)  # FP8 shells, filled (or quantised into) by the loader
-            load_weights(model, config, folder, torch_dtype, torch_device)
-            model.materialize_buffers(torch_device)
-            model.fuse_projections()
-        except BaseException:
-            model = None
-            gc.collect()  # nothing partially loaded stays in memory
-            raise
+            model = _built(lambda: int_quant.build_quantized_model(
+                config, int_quant.checkpoint_tensors(folder), quantize, dtype=torch_dtype))
+        else:
+            if quantize is not None:
+                scheme = quant.scheme_from_name(quantize)
+
+            def build() -> GLMForCausalLM:
+                with torch.device("meta"):
+                    model = GLMForCausalLM(config)
+                    if scheme is not None:
+                        quant.quantize_model(model, scheme)  # FP8 shells, filled (or quantised into) by the loader
+                load_weights(model, config, folder, torch_dtype, torch_device)
+                model.materialize_buffers(torch_device)
+                return model
+
+            model = _built(build)
         return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=folder.name,
                    kernels=request.kernels, cpu_kernels=request.cpu_kernels, **engine_kwargs)
 
@@ -288,6 +279,17 @@ def _binary_size(nbytes: float) -> str:
         if nbytes < 1024 or unit == "GiB":
             break
     return f"{nbytes:.1f} {unit}"
+
+
+def _built(build) -> GLMForCausalLM:
+    """`build()`'s model with its projections fused; if anything fails, nothing partially loaded stays in memory."""
+    try:
+        model = build()
+        model.fuse_projections()
+        return model
+    except BaseException:
+        gc.collect()  # the failed build's tensors go now, not at some later collection
+        raise
 
 
 def _resolved_kernels(request: KernelRequest, device: str | torch.device) -> str:

@@ -23,6 +23,7 @@ version (older ones require the nextn tensors a nonzero count announces) loads t
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,8 @@ from workbench.engine.gguf_file import (
     GGUFError,
 )
 from workbench.engine.weights import iter_checkpoint_tensors
+
+log = logging.getLogger(__name__)
 
 EXPORT_TYPES = ("f32", "f16", "q8_0", "q4_k")
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -195,8 +198,10 @@ def _looks_special(token: str) -> bool:  # convert_hf_to_gguf's does_token_look_
     return token.startswith("<|") and token.endswith("|>")
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
-    """tokenizer.ggml.* and tokenizer.chat_template as the converter's _set_vocab_glm writes them."""
+def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int,
+                  fallback_chat_template: str | None = None) -> None:
+    """tokenizer.ggml.* and tokenizer.chat_template as the converter's _set_vocab_glm writes them: the checkpoint's
+    own template, else `fallback_chat_template` (the CLI gives the chat layer's GLM-4.5 template), else none."""
     from tokenizers import Tokenizer as HFTokenizer
 
     from workbench.engine.tokenizer import Tokenizer
@@ -243,7 +248,12 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> Non
     for key, value in ids.items():
         if value is not None:
             adders[key](value)
-    writer.add_chat_template(ours.chat_template)
+    template = ours.chat_template or fallback_chat_template
+    if template:
+        writer.add_chat_template(template)
+    else:
+        log.warning("%s ships no chat template, so the GGUF has none: llama.cpp will format chats its own way",
+                    folder)
 
 
 def add_hparams(writer: gguf.GGUFWriter, config: GLMConfig, nextn: int, gguf_type: str, name: str) -> None:
@@ -277,11 +287,13 @@ def add_hparams(writer: gguf.GGUFWriter, config: GLMConfig, nextn: int, gguf_typ
 
 
 def export_gguf(checkpoint: str | Path, out: str | Path, gguf_type: str = "f16", *,
-                split_max_bytes: int = 0, name: str | None = None) -> list[Path]:
+                split_max_bytes: int = 0, name: str | None = None,
+                fallback_chat_template: str | None = None) -> list[Path]:
     """Write the HF-layout checkpoint folder `checkpoint` (config.json, safetensors, tokenizer files; any
     GLM-4.5-architecture config) as a glm4moe GGUF at `out`, of type f32, f16, q8_0 or q4_k. With
     `split_max_bytes`, the tensors go into split files `OUT-00001-of-0000N.gguf` of at most that many bytes each
-    (as llama.cpp's gguf-split names them). Returns the files written."""
+    (as llama.cpp's gguf-split names them). The chat template is the checkpoint's own, else
+    `fallback_chat_template`. Returns the files written."""
     folder = Path(checkpoint).expanduser()
     out = Path(out).expanduser()
     if gguf_type not in EXPORT_TYPES:
@@ -296,7 +308,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, gguf_type: str = "f16",
     writer = _Writer(out, ARCH, split_max_size=split_max_bytes)
     writer.add_custom_alignment(ALIGNMENT)
     add_hparams(writer, config, nextn, gguf_type, name or folder.name)
-    add_tokenizer(writer, folder, config.vocab_size)
+    add_tokenizer(writer, folder, config.vocab_size, fallback_chat_template)
     for gguf_name, (parts, shape) in tensors.items():
         qtype = tensor_type(gguf_name, shape, gguf_type)
         lazy = _LazyTensor(parts, shape, qtype)

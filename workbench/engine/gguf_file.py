@@ -93,6 +93,17 @@ def _has_magic(path: Path) -> bool:
         return False
 
 
+def _model_name(first_file: Path) -> str:
+    match = _SPLIT.match(first_file.name)
+    return match["stem"] if match else first_file.name.removesuffix(".gguf")
+
+
+def gguf_model_name(path: str | Path) -> str:
+    """The name a GGUF model is served under (its file's stem, without a split's -0000k-of-0000N), known without
+    reading it."""
+    return _model_name(gguf_files(path)[0])
+
+
 def gguf_files(path: str | Path) -> list[Path]:
     """The file(s) of one GGUF model: a file (with its sibling splits), or the one model in a folder."""
     path = Path(path).expanduser()
@@ -223,9 +234,7 @@ class GGUFModel:
 
     @property
     def name(self) -> str:
-        stem = self.files[0].name.removesuffix(".gguf")
-        match = _SPLIT.match(self.files[0].name)
-        return match["stem"] if match else stem
+        return _model_name(self.files[0])
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -454,7 +463,15 @@ def describe_types(model: GGUFModel) -> str:
         entry = counts.setdefault(info.tensor_type.name, [0, 0])
         entry[0] += 1
         entry[1] += int(info.n_bytes)
-    return ", ".join(f"{name} x{n} ({size / 2**20:.1f} MiB)" for name, (n, size) in sorted(counts.items()))
+
+    def fate(name: str) -> str:
+        qtype = T[name]
+        if qtype in gguf_blocks.EXACT_TYPES:
+            return gguf_blocks.EXACT_TYPES[qtype]
+        return "as is" if qtype in gguf_blocks.FLOAT_TYPES else "dequantized"
+
+    return ", ".join(f"{name} x{n} ({size / 2**20:.1f} MiB) -> {fate(name)}"
+                     for name, (n, size) in sorted(counts.items()))
 
 
 def _dequantize_note(model: GGUFModel, dtype: torch.dtype) -> str | None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from glm_kernels.attention import gather_kv
+from glm_kernels.quant_linear import decode_step_weight
 from glm_kernels.rotary import rotary_cos_sin
 
 from workbench.engine.config import GLMConfig
@@ -225,29 +226,34 @@ def _gemv_layout(weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous().t() if weight.device.type == "cpu" else weight
 
 
-def _decode_weight(name: str, qw) -> dict[str, torch.Tensor]:
-    """An Int8Weight / Int4Weight as the compiled decode step takes it in place of the float tensor `name`: its
-    tensors under `name` plus their suffix (.q/.scales, or .packed/.d/.dmin/.sc/.mn), as decode_model.cpp reads."""
-    suffixes = ("q", "scales") if qw.format == "int8" else ("packed", "d", "dmin", "sc", "mn")
-    return {f"{name}.{suffix}": getattr(qw, suffix).contiguous() for suffix in suffixes}
-
-
 def _decode_linear(name: str, linear: nn.Module) -> dict[str, torch.Tensor]:
     if getattr(linear, "qweight", None) is not None:  # int_quant.QuantLinear
-        return _decode_weight(name, linear.qweight)
+        return decode_step_weight(name, linear.qweight)
     if type(linear) is not nn.Linear:
         raise ValueError("the compiled decode step needs float or int8/int4 linears (not FP8)")
     return {name: linear.weight}
 
 
-def _decode_matrix(name: str, fused, fused_quantized) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """A fused matrix (q/k/v, or gate/up) for the decode step: (its tensors, its bias)."""
+def _decode_matrix(name: str, fused, fused_quantized, parts: dict[str, nn.Module]) -> tuple[
+        dict[str, torch.Tensor], torch.Tensor | None]:
+    """A fused matrix (q/k/v, or gate/up) for the decode step: (its tensors, its bias). Quantized projections that
+    could not be fused (formats differ: a GGUF's Q6_K v beside Q4_K q and k) go as their parts, each in its own
+    format, which the decode step computes into their columns; their biases are joined (a small copy)."""
     if fused_quantized is not None:
-        return _decode_weight(name, fused_quantized[0]), fused_quantized[1]
-    if fused is None:
-        raise ValueError("the compiled decode step needs q/k/v and gate/up fused by fuse_projections() (float "
-                         "matrices of one dtype, or int8/int4 ones of one format)")
-    return {name: fused[0]}, fused[1]
+        return decode_step_weight(name, fused_quantized[0]), fused_quantized[1]
+    if fused is not None:
+        return {name: fused[0]}, fused[1]
+    if all(getattr(module, "qweight", None) is not None for module in parts.values()):
+        tensors: dict[str, torch.Tensor] = {}
+        for part_name, module in parts.items():
+            tensors |= decode_step_weight(part_name, module.qweight)
+        biases = [module.bias for module in parts.values()]
+        bias = None if all(b is None for b in biases) else torch.cat([
+            b if b is not None else torch.zeros(m.out_features, dtype=next(x for x in biases if x is not None).dtype)
+            for b, m in zip(biases, parts.values(), strict=True)])
+        return tensors, bias
+    raise ValueError("the compiled decode step needs q/k/v and gate/up fused by fuse_projections() (float "
+                     "matrices of one dtype), or int8/int4 ones")
 
 
 class Router(nn.Module):
@@ -380,7 +386,8 @@ class GLMForCausalLM(nn.Module):
             dense_mlps = [mlp] if isinstance(mlp, MLP) else [m for m in [mlp.shared_experts] if m is not None]
             tensors = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
                        "k_cache": k_cache, "v_cache": v_cache}
-            qkv, qkv_bias = _decode_matrix("qkv_weight", attn.fused_qkv, getattr(attn, "fused_qkv_quantized", None))
+            qkv, qkv_bias = _decode_matrix("qkv_weight", attn.fused_qkv, getattr(attn, "fused_qkv_quantized", None),
+                                           {"q_weight": attn.q_proj, "k_weight": attn.k_proj, "v_weight": attn.v_proj})
             tensors |= qkv | _decode_linear("o_weight", attn.o_proj)
             if qkv_bias is not None:
                 tensors["qkv_bias"] = qkv_bias
@@ -391,13 +398,14 @@ class GLMForCausalLM(nn.Module):
                 if type(mlp.experts) is Experts:
                     tensors |= {"experts_gate_up": mlp.experts.gate_up_proj, "experts_down": mlp.experts.down_proj}
                 elif hasattr(mlp.experts, "gate_up"):  # int_quant.QuantExperts
-                    tensors |= _decode_weight("experts_gate_up", mlp.experts.gate_up)
-                    tensors |= _decode_weight("experts_down", mlp.experts.down)
+                    tensors |= decode_step_weight("experts_gate_up", mlp.experts.gate_up)
+                    tensors |= decode_step_weight("experts_down", mlp.experts.down)
                 else:
                     raise ValueError("the compiled decode step needs float or int8/int4 experts (not FP8)")
             if dense_mlps:
                 gate_up, _ = _decode_matrix("mlp_gate_up", dense_mlps[0].fused_gate_up,
-                                            getattr(dense_mlps[0], "fused_gate_up_quantized", None))
+                                            getattr(dense_mlps[0], "fused_gate_up_quantized", None),
+                                            {"mlp_gate": dense_mlps[0].gate_proj, "mlp_up": dense_mlps[0].up_proj})
                 tensors |= gate_up | _decode_linear("mlp_down", dense_mlps[0].down_proj)
             layers.append({name: t.detach() for name, t in tensors.items()})
         config = self.config
@@ -410,7 +418,7 @@ class GLMForCausalLM(nn.Module):
                "lm_head": None if head_q is not None else self.lm_head.weight.detach(), "inv_freq": self.inv_freq,
                "config": sizes}
         if head_q is not None:
-            out["quantized"] = _decode_weight("lm_head", head_q)
+            out["quantized"] = decode_step_weight("lm_head", head_q)
         return out
 
     def materialize_buffers(self, device: torch.device) -> None:

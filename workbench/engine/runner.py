@@ -148,9 +148,9 @@ def start_runner(model: GLMForCausalLM, cache: PagedKVCache, device: torch.devic
                 raise RuntimeError(f"they could not be compiled here ({cpu_compiled.build_error()})")
             try:
                 step = module.DecodeModel(**tensors)
-            except TypeError as exc:  # pybind's message lists every tensor: say it in one line instead
-                raise ValueError("this build of the decode step does not take this model's weights (int8/int4 "
-                                 "ones need the quantized decode step of glm_kernels' csrc/decode_model.cpp)") from exc
+            except TypeError as exc:  # pybind's message goes on to list every tensor: its first line says enough
+                raise ValueError(f"the decode step does not take this model's weights "
+                                 f"({str(exc).splitlines()[0]})") from exc
         except (ValueError, RuntimeError) as exc:
             if request.cpu_kernels == "compiled":
                 raise ValueError(f"cpu_kernels='compiled' is not possible: {exc}") from exc

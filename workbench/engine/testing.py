@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from workbench.engine.config import GLMConfig
+from workbench.engine.glm45_template import GLM45_CHAT_TEMPLATE
 from workbench.engine.model import GLMForCausalLM
 from workbench.engine.weights import save_checkpoint
 
@@ -53,12 +54,11 @@ def build_tokenizer(vocab_size: int, corpus: list[str] | None = None):
 
 
 def write_tokenizer_files(folder: Path, tokenizer) -> None:
-    """tokenizer.json, tokenizer_config.json and generation_config.json. No chat template: the chat layer renders
-    GLM-4.5's for a checkpoint that ships none (the engine renders nothing)."""
+    """tokenizer.json, tokenizer_config.json (with GLM-4.5's chat template) and generation_config.json."""
     tokenizer.save(str(folder / "tokenizer.json"))
     added = {str(tokenizer.token_to_id(t)): {"content": t, "special": True} for t in GLM_SPECIAL_TOKENS}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-              "pad_token": "<|endoftext|>", "added_tokens_decoder": added,
+              "pad_token": "<|endoftext|>", "chat_template": GLM45_CHAT_TEMPLATE, "added_tokens_decoder": added,
               "model_max_length": 131072}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     stop_ids = [tokenizer.token_to_id(t) for t in STOP_TOKENS]

@@ -1,7 +1,7 @@
 """Tokenizer: `tokenizers` over the checkpoint's tokenizer.json, its special tokens, stop ids and chat template text.
 
 Owns text <-> token ids (`encode`; `encode_text`, which reads every added token's string as plain text;
-`encode_with_offsets`), the stop ids, the chat template text the checkpoint ships (None when it ships none), and
+`encode_with_offsets`), the stop ids, the chat template text the checkpoint ships (GLM-4.5's when it ships none), and
 incremental detokenisation for streaming. Reads tokenizer_config.json and generation_config.json.
 
 Renders nothing: messages become a prompt in the chat layer (`workbench.chat.render_prompt`, and
@@ -19,6 +19,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from workbench.engine.glm45_template import GLM45_CHAT_TEMPLATE
+
 # The tokens that end a GLM-4.5 turn (GLM45_FORMAT.md section 2), used when generation_config.json is absent.
 GLM_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
@@ -31,7 +33,7 @@ class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, chat_template: str | None = None,
                  stop_token_ids: list[int] | None = None, special_tokens: dict[str, int] | None = None) -> None:
         self._tok = tokenizer
-        self.chat_template = chat_template  # the checkpoint's own; None: the chat layer's GLM-4.5 template
+        self.chat_template = chat_template or GLM45_CHAT_TEMPLATE  # the checkpoint's own, else GLM-4.5's (text)
         self.special_tokens = special_tokens or {}
         if stop_token_ids is None:
             stop_token_ids = [i for t in GLM_STOP_TOKENS if (i := tokenizer.token_to_id(t)) is not None]

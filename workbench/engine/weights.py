@@ -209,6 +209,20 @@ def iter_checkpoint_tensors(folder: Path) -> Iterator[tuple[str, SafetensorsFile
             yield name, file
 
 
+def check_expert_coverage(config: GLMConfig, covered: dict[str, set]) -> None:
+    """Every routed expert's every part was read: `covered` maps a stacked expert parameter to the (expert, part)
+    slots filled; the first missing tensor is named as a checkpoint names it."""
+    for param, slots in covered.items():
+        parts = ("gate", "up") if "gate_up_proj" in param else ("all",)
+        want = {(e, p) for e in range(config.n_routed_experts) for p in parts}
+        if slots != want:
+            first = sorted(want - slots)[0]
+            layer_id = param.split(".")[1]
+            proj = "down_proj" if first[1] == "all" else f"{first[1]}_proj"
+            raise CheckpointError(f"missing tensor 'model.layers.{layer_id}.mlp.experts.{first[0]}.{proj}.weight' "
+                                  f"(and {len(want - slots) - 1} more expert tensors of layer {layer_id})")
+
+
 def load_weights(model: nn.Module, config: GLMConfig, folder: Path | None, dtype: torch.dtype,
                  device: torch.device, tensors: Iterable[tuple[str, TensorSource]] | None = None) -> None:
     """Assign every parameter of `model` (built on the meta device) from the checkpoint in `folder`, or from
@@ -260,15 +274,7 @@ def load_weights(model: nn.Module, config: GLMConfig, folder: Path | None, dtype
 
     if tied:
         filled["lm_head.weight"] = filled.get("embed_tokens.weight")
-    for param, slots in covered.items():
-        parts = ("gate", "up") if "gate_up_proj" in param else ("all",)
-        want = {(e, p) for e in range(config.n_routed_experts) for p in parts}
-        if slots != want:
-            first = sorted(want - slots)[0]
-            layer_id = param.split(".")[1]
-            proj = "down_proj" if first[1] == "all" else f"{first[1]}_proj"
-            raise CheckpointError(f"missing tensor 'model.layers.{layer_id}.mlp.experts.{first[0]}.{proj}.weight' "
-                                  f"(and {len(want - slots) - 1} more expert tensors of layer {layer_id})")
+    check_expert_coverage(config, covered)
     missing = [p for p in params if filled.get(p) is None]
     if missing:
         raise CheckpointError(f"missing tensor for parameter {missing[0]!r} (shape {list(params[missing[0]].shape)})"

@@ -123,9 +123,9 @@ class Session:
             raise GLMError(f"no model to run in this kernel ({why_not}). Set a checkpoint with "
                            "`%glm config model_path=/path/to/checkpoint`, or `%glm use remote URL MODEL` for a "
                            "hosted GLM endpoint")
-        if not Path(path).expanduser().is_dir():
-            raise GLMError(f"model_path {path} is not a checkpoint folder (config.json, *.safetensors, "
-                           "tokenizer.json): `%glm config model_path=/path/to/checkpoint`")
+        if not Path(path).expanduser().is_dir() and Path(path).suffix != ".gguf":
+            raise GLMError(f"model_path {path} is neither a checkpoint folder (config.json, *.safetensors, "
+                           "tokenizer.json) nor a .gguf file: `%glm config model_path=/path/to/checkpoint`")
         from workbench.chat import LocalBackend
 
         # The setting's "auto" pins nothing: the engine's default (WORKBENCH_KERNELS, else auto) decides.

@@ -20,7 +20,7 @@ from tornado.iostream import StreamClosedError
 
 from workbench.chat.anthropic import MessageEvents, error_body, parse_count_tokens_request, parse_messages_request
 from workbench.chat.protocol import APIError
-from workbench.server.handlers import GLMHandler, check_body_size, off_loop
+from workbench.server.handlers import GenerationHandler, GLMHandler, check_body_size, off_loop
 
 log = logging.getLogger(__name__)
 
@@ -65,26 +65,8 @@ class AnthropicHandler(GLMHandler):
         return await off_loop(parse, body, size=len(body))
 
 
-class MessagesHandler(AnthropicHandler):
+class MessagesHandler(AnthropicHandler, GenerationHandler):
     """`POST anthropic/v1/messages`: a whole message, or its events with `"stream": true`."""
-
-    _task: asyncio.Task | None = None
-    _disconnected = False
-
-    def on_connection_close(self) -> None:
-        self._disconnected = True
-        if self._task is not None and not self._task.done():
-            self._task.cancel()  # the generation stops at the engine's next step
-
-    @web.authenticated
-    async def post(self) -> None:
-        self._task = asyncio.ensure_future(self._serve())
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            if not self._disconnected:
-                raise
-            log.info("Anthropic API: client disconnected; its generation was cancelled")
 
     async def _serve(self) -> None:
         chunks = None

@@ -90,8 +90,8 @@ class GLMHandler(APIHandler):
         self.finish(json.dumps(APIError(status_code, message, param=param, code=code).to_dict()))
 
 
-class ChatCompletionsHandler(GLMHandler):
-    """`POST v1/chat/completions`."""
+class GenerationHandler(GLMHandler):
+    """A POST whose answer is a generation (`_serve`): a client that disconnects cancels it."""
 
     _task: asyncio.Task | None = None
     _disconnected = False
@@ -109,7 +109,14 @@ class ChatCompletionsHandler(GLMHandler):
         except asyncio.CancelledError:
             if not self._disconnected:
                 raise
-            log.info("GLM API: client disconnected; its generation was cancelled")
+            log.info("%s: client disconnected; its generation was cancelled", self.request.path)
+
+    async def _serve(self) -> None:
+        raise NotImplementedError
+
+
+class ChatCompletionsHandler(GenerationHandler):
+    """`POST v1/chat/completions`."""
 
     async def _serve(self) -> None:
         try:

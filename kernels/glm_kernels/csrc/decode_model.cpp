@@ -1,6 +1,8 @@
 // DecodeModel: one decode step of a whole GLM-4.5 MoE model, for one or many sequences, in one call from Python
 // (the engine's CompiledCPURunner, workbench/engine/runner.py, feeds it the model's weights and cache pools).
 //
+// (Over 600 lines: one decode step of the whole model, float and quantized, read top to bottom as the torch path.)
+//
 // Why the decode step exists: at decode sizes (a few tokens, hidden 256 to 4096) a torch op costs a few
 // microseconds of Python and dispatch whatever its size, and a decoder layer is ~40 of them; the arithmetic of a
 // small model is less than that. Here a step is a handful of matrix-vector products per layer (our AVX2 loops for
@@ -19,15 +21,17 @@
 //
 // Quantized weights (glm_kernels.blockquant; kernels in quant_kernels.cpp): any of the linears' keys below --
 // qkv_weight, o_weight, mlp_gate_up, mlp_down, experts_gate_up, experts_down, and lm_head in the constructor's
-// `quantized` map -- may instead come as the tensors of a quantized weight under the key plus a suffix, contiguous
-// (glm_kernels.quant_linear.decode_step_weight(name, qw) writes them):
+// `quantized` map (then lm_head=None) -- may instead come as the tensors of a quantized weight under the key plus
+// a suffix, contiguous (glm_kernels.quant_linear.decode_step_weight(name, qw) writes them):
 //   Int8Weight:  NAME.q int8 [.., N, K], NAME.scales fp32 [.., N, K / group]            (group 32 or 16)
 //   Int4Weight:  NAME.packed uint8 [.., N, K / 2], NAME.d and NAME.dmin fp32 [.., N, ceil(K / 256)],
 //                NAME.sc and NAME.mn uint8 [.., N, K / 32]
-// (experts stacked [E, N, K]). A quantized linear quantizes its input rows to 8 bits per block of 32, computes
-// in fp32 and rounds once to the model dtype, as glm_kernels.quant_linear.quantized_linear does; quantized routed
-// experts follow quantized_fused_moe (gate_up in fp32, hidden and expert outputs rounded to the dtype). The
-// router, norms, embeddings and biases stay float.
+// (experts stacked [E, N, K]). The fused matrices may also come in their parts, so that nothing is copied to fuse
+// them: q_weight, k_weight, v_weight for qkv_weight (the bias stays one fused qkv_bias), mlp_gate and mlp_up for
+// mlp_gate_up; each part may be of its own format. A quantized linear quantizes its input rows to 8 bits per block
+// of 32 once, computes every part in fp32 into its columns, adds the bias and rounds once to the model dtype;
+// quantized routed experts follow glm_kernels.quant_linear.quantized_fused_moe (gate_up in fp32, hidden and expert
+// outputs rounded to the dtype). The router, norms, embeddings and biases stay float.
 
 #pragma once  // compiled as part of module.cpp
 
@@ -39,6 +43,18 @@ using namespace glm_cpu;
 
 using at::Tensor;
 using TensorMap = std::map<std::string, Tensor>;
+
+// One quantized linear, as one matrix or as several stacked along N (q, k, v; gate, up), each computed into its
+// columns of the output.
+struct QLinear {
+  std::vector<glm_quant::QMat> parts;
+  bool defined() const { return !parts.empty(); }
+  int64_t n() const {
+    int64_t total = 0;
+    for (const auto& part : parts) total += part.n;
+    return total;
+  }
+};
 
 // A quantized weight under `key` (its tensors at key + ".q" etc., see the top), or an undefined QMat; its tensors
 // are kept alive in `keep`.
@@ -62,6 +78,27 @@ glm_quant::QMat take_quantized(const TensorMap& map, const std::string& key, int
   return glm_quant::make_qmat(parts, lead, ("cpu_decode: " + key).c_str());
 }
 
+// The quantized linear `fused` (one matrix), or its parts `split` (each its own matrix, stacked along N in this
+// order), or an undefined QLinear where neither is given.
+QLinear take_quantized_linear(const TensorMap& map, const std::string& fused, const std::vector<std::string>& split,
+                              std::vector<Tensor>& keep) {
+  QLinear linear;
+  const glm_quant::QMat whole = take_quantized(map, fused, 0, keep);
+  if (whole.defined()) {
+    linear.parts.push_back(whole);
+    return linear;
+  }
+  for (const auto& key : split) {
+    const glm_quant::QMat part = take_quantized(map, key, 0, keep);
+    if (part.defined()) linear.parts.push_back(part);
+  }
+  TORCH_CHECK(linear.parts.empty() || linear.parts.size() == split.size(), "cpu_decode: quantized '", fused,
+              "' given in parts needs all of them (", split.size(), "), got ", linear.parts.size());
+  for (const auto& part : linear.parts)
+    TORCH_CHECK(part.k == linear.parts[0].k, "cpu_decode: the parts of '", fused, "' differ in K");
+  return linear;
+}
+
 Tensor take(const TensorMap& map, const std::string& key, bool required = true) {
   auto it = map.find(key);
   if (it == map.end() || !it->second.defined()) {
@@ -74,7 +111,7 @@ Tensor take(const TensorMap& map, const std::string& key, bool required = true) 
 struct Mlp {  // SwiGLU: dense layers and the shared expert
   Tensor gate_up;  // [2I, D]: gate rows then up rows
   Tensor down;     // [D, I]
-  glm_quant::QMat gate_up_q, down_q;  // quantized instead, where given
+  QLinear gate_up_q, down_q;  // quantized instead, where given
 };
 
 struct Layer {
@@ -88,7 +125,8 @@ struct Layer {
   Tensor router_weight, router_bias;          // [E, D] fp32, [E] fp32
   Tensor experts_gate_up, experts_down;       // [E, 2I, D], [E, D, I]
   Tensor k_cache, v_cache;                    // [blocks, block_size, Hk, Dh]
-  glm_quant::QMat qkv_q, o_q, experts_gate_up_q, experts_down_q;  // quantized instead, where given
+  QLinear qkv_q, o_q;                                   // quantized instead, where given
+  glm_quant::QMat experts_gate_up_q, experts_down_q;  // quantized instead, where given
   std::vector<Tensor> quantized;  // the tensors the QMats point into
 };
 
@@ -98,7 +136,7 @@ class DecodeModel {
               Tensor inv_freq, const std::map<std::string, double>& config, const TensorMap& quantized)
       : embed_(std::move(embed)), final_norm_(std::move(final_norm)), lm_head_(lm_head.value_or(Tensor())),
         inv_freq_(inv_freq.to(at::kFloat).contiguous()) {
-    lm_head_q_ = take_quantized(quantized, "lm_head", 0, lm_head_parts_);
+    lm_head_q_ = take_quantized_linear(quantized, "lm_head", {}, lm_head_parts_);
     TORCH_CHECK(lm_head_.defined() != lm_head_q_.defined(),
                 "cpu_decode: give the lm_head either as a float tensor or quantized (lm_head.q / lm_head.packed in "
                 "`quantized`), not both or neither");
@@ -131,12 +169,13 @@ class DecodeModel {
       Layer layer;
       layer.input_norm = take(map, "input_norm");
       layer.post_norm = take(map, "post_norm");
-      layer.qkv_q = take_quantized(map, "qkv_weight", 0, layer.quantized);
+      layer.qkv_q =
+          take_quantized_linear(map, "qkv_weight", {"q_weight", "k_weight", "v_weight"}, layer.quantized);
       layer.qkv_weight = take(map, "qkv_weight", !layer.qkv_q.defined());
       layer.qkv_bias = take(map, "qkv_bias", false);
       layer.q_norm = take(map, "q_norm", false);
       layer.k_norm = take(map, "k_norm", false);
-      layer.o_q = take_quantized(map, "o_weight", 0, layer.quantized);
+      layer.o_q = take_quantized_linear(map, "o_weight", {}, layer.quantized);
       layer.o_weight = take(map, "o_weight", !layer.o_q.defined());
       layer.k_cache = take(map, "k_cache");
       layer.v_cache = take(map, "v_cache");
@@ -163,14 +202,15 @@ class DecodeModel {
         num_experts_ = layer.router_weight.size(0);
         num_moe_layers_ += 1;
       }
-      layer.mlp.gate_up_q = take_quantized(map, "mlp_gate_up", 0, layer.quantized);
+      layer.mlp.gate_up_q =
+          take_quantized_linear(map, "mlp_gate_up", {"mlp_gate", "mlp_up"}, layer.quantized);
       layer.mlp.gate_up = take(map, "mlp_gate_up", !layer.is_moe && !layer.mlp.gate_up_q.defined());
       layer.has_mlp = layer.mlp.gate_up.defined() || layer.mlp.gate_up_q.defined();
       if (layer.has_mlp) {
-        layer.mlp.down_q = take_quantized(map, "mlp_down", 0, layer.quantized);
+        layer.mlp.down_q = take_quantized_linear(map, "mlp_down", {}, layer.quantized);
         layer.mlp.down = take(map, "mlp_down", !layer.mlp.down_q.defined());
         widest_ = std::max(widest_,
-                           layer.mlp.gate_up_q.defined() ? layer.mlp.gate_up_q.n : layer.mlp.gate_up.size(0));
+                           layer.mlp.gate_up_q.defined() ? layer.mlp.gate_up_q.n() : layer.mlp.gate_up.size(0));
       }
       for (const Tensor* t : {&layer.input_norm, &layer.post_norm, &layer.qkv_weight, &layer.o_weight,
                               &layer.mlp.gate_up, &layer.mlp.down, &layer.experts_gate_up, &layer.experts_down,
@@ -282,7 +322,7 @@ class DecodeModel {
       }
     }
     add_norm<T>(final_norm_, false);
-    const int64_t vocab = lm_head_q_.defined() ? lm_head_q_.n : lm_head_.size(0);
+    const int64_t vocab = lm_head_q_.defined() ? lm_head_q_.n() : lm_head_.size(0);
     Tensor logits = at::empty({batch, vocab}, at::TensorOptions().dtype(lm_head_q_.defined() ? dtype_
                                                                                               : lm_head_.scalar_type()));
     linear<T>(logits, lm_head_, lm_head_q_, Tensor(), normed_.narrow(0, 0, batch));
@@ -297,13 +337,23 @@ class DecodeModel {
   // The same with a quantized weight where `q` is defined: in's rows quantized per block of 32, integer dot
   // products over torch's threads (quant_kernels.cpp), fp32, then the bias and one rounding to out's dtype.
   template <typename T>
-  void linear(Tensor out, const Tensor& w, const glm_quant::QMat& q, const Tensor& bias, const Tensor& in) {
+  void linear(Tensor out, const Tensor& w, const QLinear& q, const Tensor& bias, const Tensor& in) {
     if (!q.defined()) return linear<T>(out, w, bias, in);
-    const int64_t rows = in.size(0), n_out = q.n;
-    TORCH_CHECK(in.size(1) == q.k && in.stride(1) == 1 && out.is_contiguous(),
-                "cpu_decode: a quantized linear's input does not fit its weight");
+    const int64_t rows = in.size(0), n_out = q.n(), n_in = q.parts[0].k;
+    TORCH_CHECK(in.size(1) == n_in && in.stride(1) == 1 && out.is_contiguous() && out.size(1) == n_out,
+                "cpu_decode: a quantized linear's input or output does not fit its weight");
     y_out_.resize(rows * n_out);
-    glm_quant::qlinear_rows<T>(q, in.data_ptr<T>(), in.stride(0), rows, y_out_.data(), n_out, qact_);
+    // The input rows quantized once for every part; each part fills its columns of y_out_.
+    const int isa = glm_quant::isa_setting().load();
+    glm_quant::quantize_rows<T>(in.data_ptr<T>(), in.stride(0), rows, n_in, qact_);
+    bool pairs = false;
+    for (const auto& part : q.parts) pairs = pairs || glm_quant::needs_pairs(part, isa);
+    if (pairs) qact_.pair_order(rows);
+    int64_t column = 0;
+    for (const auto& part : q.parts) {
+      glm_quant::qgemm(part, qact_.view(), rows, y_out_.data() + column, n_out, isa);
+      column += part.n;
+    }
     for (int64_t b = 0; b < rows; ++b) {
       const float* yb = y_out_.data() + b * n_out;
       T* o = out.data_ptr<T>() + b * n_out;
@@ -473,8 +523,8 @@ class DecodeModel {
 
   template <typename T>
   void swiglu(const Tensor& w_gate_up, const Tensor& w_down, const Tensor& in, Tensor out,
-              const glm_quant::QMat& gate_up_q = {}, const glm_quant::QMat& down_q = {}) {
-    const int64_t rows = in.size(0), width = (gate_up_q.defined() ? gate_up_q.n : w_gate_up.size(0)) / 2;
+              const QLinear& gate_up_q = {}, const QLinear& down_q = {}) {
+    const int64_t rows = in.size(0), width = (gate_up_q.defined() ? gate_up_q.n() : w_gate_up.size(0)) / 2;
     // Contiguous [rows, 2I] and [rows, I] views at the start of the (widest-sized) buffers.
     Tensor gate_up = gate_up_.view(-1).narrow(0, 0, rows * 2 * width).view({rows, 2 * width});
     linear<T>(gate_up, w_gate_up, gate_up_q, Tensor(), in);
@@ -628,7 +678,7 @@ class DecodeModel {
       scores_f32_;
   std::vector<int64_t> picked_, picked_all_;
   std::vector<float> picked_weight_all_;
-  glm_quant::QMat lm_head_q_;
+  QLinear lm_head_q_;
   std::vector<Tensor> lm_head_parts_;
   glm_quant::QActBuffer qact_;
   glm_quant::MoeScratch moe_scratch_;

@@ -3,6 +3,9 @@
 // accumulation, for one linear (`quantized_linear`), the routed experts of many tokens (`quantized_fused_moe`),
 // and the decode step (decode_model.cpp calls `qlinear_rows` and `qmoe`).
 //
+// (Over 600 lines: each kernel's scalar, AVX2 and AVX-512-VNNI paths side by side, so they can be read against
+// each other.)
+//
 // The exact model of every kernel here is blockquant.linear_q8a_reference: activations quantized per block of 32
 // and dequantized, weights dequantized, an fp32 matmul. Per group g of a weight row and the matching block b of an
 // activation row the kernels compute, in integers, dot(q_w, q_x) (exact), then in fp32

@@ -106,7 +106,14 @@ class LocalBackend(Backend):
             return self._model_id
         if self.engine is not None:
             return self.engine.name
-        return self.model_path.name if self.model_path else "glm-workbench"
+        if self.model_path is None:
+            return "glm-workbench"
+        from workbench.engine.gguf_file import gguf_model_name, is_gguf_path
+
+        try:  # the name the engine will give a GGUF model once loaded, so that the id never changes
+            return gguf_model_name(self.model_path) if is_gguf_path(self.model_path) else self.model_path.name
+        except (OSError, ValueError):
+            return self.model_path.name
 
     async def start(self) -> None:
         """Load the engine (in a worker thread) and start the scheduler; requests wait for the load."""
