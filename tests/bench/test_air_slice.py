@@ -116,7 +116,7 @@ def test_bandwidth_probe_gives_plausible_figures(air_slice):
 @pytest.mark.slow  # two child processes load the tiny slice: ~20 s
 def test_the_whole_run_at_test_size(air_slice, tmp_path, capsys):
     figures = air_slice.main(["--shape", "tiny", "--layers", "1+1", "--rounds", "2", "--decode-tokens", "8",
-                              "--prefill-tokens", "32", "--contenders", "ours bf16,llama.cpp Q4_K",
+                              "--prefill-tokens", "32", "--contenders", "ours bf16,ours int4,llama.cpp Q4_K",
                               "--workdir", str(tmp_path), "--json", str(tmp_path / "figures.json")])
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("decode_vs_llamacpp_q8=nan decode_vs_llamacpp_q4=")
