@@ -428,13 +428,14 @@ def test_cli_export_gguf(tmp_path, tiny_checkpoint, capsys):
     assert main(["export-gguf", str(tiny_checkpoint), str(out), "--type", "q8_0"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert engine(out).config == GLMConfig.from_json(tiny_checkpoint).replace(num_nextn_predict_layers=0)
-    # the tiny checkpoint ships no chat template: the CLI writes GLM-4.5's (the library call, none)
+    # the tiny checkpoint's tokenizer carries GLM-4.5's template: the CLI writes it
     from workbench.chat.template import GLM45_CHAT_TEMPLATE
 
     assert open_gguf(out).get("tokenizer.chat_template") == GLM45_CHAT_TEMPLATE
+    # the library call writes the checkpoint tokenizer's template (a tiny checkpoint writes GLM-4.5's)
     plain = export_gguf(tiny_checkpoint, tmp_path / "plain.gguf", "f16")[0]
-    assert open_gguf(plain).get("tokenizer.chat_template") is None
-    assert tokenizer_from_gguf(open_gguf(plain)).chat_template is None
+    assert open_gguf(plain).get("tokenizer.chat_template") == GLM45_CHAT_TEMPLATE
+    assert tokenizer_from_gguf(open_gguf(plain)).chat_template == GLM45_CHAT_TEMPLATE
     assert main(["export-gguf", str(tmp_path / "nowhere"), str(out)]) == 2
     assert "no config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):

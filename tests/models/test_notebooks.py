@@ -47,7 +47,7 @@ def test_quickstart():
     assert "thinking: None" in cell(out, 'choice = await ask("Write a function that returns the larger of two numbers'
                                          '.", thinking=False)')
     assert "put into a new cell below" in cell(out, "%%glm")
-    assert re.search(r"\[(stop|length): \d+ tokens", cell(out, "from workbench.chat import prompt_ids"))
+    assert re.search(r"\[(stop|length): \d+ tokens", cell(out, "prompt = engine.tokenizer"))
 
 
 def test_routing_explorer():
