@@ -42,8 +42,9 @@ import torch
 from workbench.chat import render_prompt
 from workbench.server.launch import GLMServer, start_server
 
-# The notebook tools the sidebar offers with every answer by default (labextension/src/tools.ts): a sidebar
-# answer's prompt is mostly their definitions.
+# The notebook tools the sidebar offers with every answer by default (labextension/src/tools.ts; its test,
+# tests/ui/test_tool_demo.py, checks the names against that file and uses this list): a sidebar answer's prompt is
+# mostly their definitions.
 SIDEBAR_TOOLS = [
     {"type": "function", "function": {
         "name": "read_cells",

@@ -5,6 +5,7 @@ the seed. The bundled model never saw the notebook tools, so asked freely it doe
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -15,33 +16,17 @@ from workbench.chat import LocalBackend, parse_request
 
 SRC = Path(__file__).resolve().parents[2] / "labextension" / "src"
 
-# labextension/src/tools.ts's NOTEBOOK_TOOLS, as the sidebar sends them (the names are checked against the file)
-NOTEBOOK_TOOLS = [
-    {"type": "function", "function": {
-        "name": "read_cells",
-        "description": "Read cells of the active notebook: index, type, source and (for code cells) a text summary "
-                       "of the outputs.",
-        "parameters": {"type": "object", "properties": {
-            "start": {"type": "integer", "description": "First cell index to read (0-based). Default 0."},
-            "end": {"type": "integer", "description": "One past the last cell index to read. Default: all cells."}}}}},
-    {"type": "function", "function": {
-        "name": "insert_cell", "description": "Insert a new cell into the active notebook.",
-        "parameters": {"type": "object", "properties": {
-            "source": {"type": "string", "description": "The text of the new cell."},
-            "cell_type": {"type": "string", "enum": ["code", "markdown"], "description": "Default: code."},
-            "index": {"type": "integer",
-                      "description": "Where the new cell goes (0-based). Default: below the active cell."}},
-            "required": ["source"]}}},
-    {"type": "function", "function": {
-        "name": "run_cell", "description": "Run a code cell of the active notebook and return its outputs as text.",
-        "parameters": {"type": "object", "properties": {
-            "index": {"type": "integer", "description": "Index of the cell to run (0-based)."}},
-            "required": ["index"]}}},
-    {"type": "function", "function": {
-        "name": "list_variables",
-        "description": "List the variables defined in the active notebook's kernel: name, type and a short preview.",
-        "parameters": {"type": "object", "properties": {}}}},
-]
+
+def _sidebar_tools() -> list[dict]:
+    """bench/server_load.py's SIDEBAR_TOOLS: the one Python copy of labextension/src/tools.ts's NOTEBOOK_TOOLS, as
+    the sidebar sends them (the names are checked against the file below)."""
+    spec = importlib.util.spec_from_file_location("bench_server_load", SRC.parents[1] / "bench" / "server_load.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SIDEBAR_TOOLS
+
+
+NOTEBOOK_TOOLS = _sidebar_tools()
 
 
 def sidebar_tool_demo() -> tuple[str, str]:
