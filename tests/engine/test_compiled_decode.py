@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from decode_steps import rerouted_decode_steps
 from glm_kernels import fused_moe_compiled, prefill_attention_compiled, rotary_compiled
 
 from workbench.engine import Engine, GLMConfig
@@ -49,31 +50,9 @@ def test_every_decode_step_matches_the_torch_path(checkpoint, dtype):
     compiled, reference = _engines(checkpoint, dtype)
     assert compiled.compiled_decode is not None and reference.compiled_decode is None
     prompt = torch.randint(3, 500, (13,), generator=torch.Generator().manual_seed(1)).tolist()
-    params = SamplingParams(max_new_tokens=40, temperature=0.0, stop_token_ids=[])
-    ours = compiled.add_request(prompt, params, routing=True)
-    theirs = reference.add_request(prompt, params, routing=True)
-    compiled.step(), reference.step()  # prefill: the same torch path on both
-    tolerance, rerouted = TOLERANCE[getattr(torch, dtype)], 0
-    for _ in range(30):
-        # Each step starts from the reference's cache, so a difference cannot carry over into later steps.
-        for (k, v), (k_ref, v_ref) in zip(compiled.cache.layers, reference.cache.layers, strict=True):
-            k.copy_(k_ref), v.copy_(v_ref)
-        compiled.scheduler._reserve_decode_slots([ours]), reference.scheduler._reserve_decode_slots([theirs])
-        logits = compiled.runner.decode([ours])
-        expected = reference.runner.decode([theirs])
-        if not torch.equal(ours.routing_chunks[-1][0], theirs.routing_chunks[-1][0]):
-            # In bf16 (and fp16) a router near-tie can go the other way after one rounding more or less (the scores
-            # differ by ~2e-3 there, bf16's resolution near 0.5; measured: 2-6 steps of 30 in the grouped case),
-            # never in fp32.
-            rerouted += 1
-        else:
-            scale = max(expected.abs().max().item(), 1.0)
-            assert (logits - expected).abs().max().item() <= tolerance * scale
-        # Both continue from the same token, so one near-tie cannot send them down different paths.
-        token = int(expected.argmax())
-        for request in (ours, theirs):
-            request.num_cached += 1
-            request.output_ids.append(token)
+    # In bf16 (and fp16) a router near-tie can go the other way after one rounding more or less (the scores differ
+    # by ~2e-3 there, bf16's resolution near 0.5; measured: 2-6 steps of 30 in the grouped case), never in fp32.
+    rerouted = rerouted_decode_steps(compiled, reference, prompt, 30, TOLERANCE[getattr(torch, dtype)])
     assert rerouted <= (0 if dtype == "float32" else 10)
 
 

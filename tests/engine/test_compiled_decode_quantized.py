@@ -19,6 +19,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from decode_steps import rerouted_decode_steps
 from glm_kernels import blockquant, cpu_compiled
 from glm_kernels.quant_linear import decode_step_weight, quantized_fused_moe, quantized_linear
 
@@ -216,26 +217,7 @@ def test_quantized_engine_decode_steps_match_the_torch_path(checkpoints, case, d
     reference = Engine.from_pretrained(checkpoints(case), cpu_kernels="torch", **kwargs)
     assert compiled.compiled_decode is not None and reference.compiled_decode is None
     prompt = torch.randint(3, 500, (13,), generator=torch.Generator().manual_seed(2)).tolist()
-    params = SamplingParams(max_new_tokens=30, temperature=0.0, stop_token_ids=[])
-    ours = compiled.add_request(prompt, params, routing=True)
-    theirs = reference.add_request(prompt, params, routing=True)
-    compiled.step(), reference.step()
-    tolerance, rerouted = TOLERANCE[getattr(torch, dtype)], 0
-    for _ in range(20):
-        for (k, v), (k_ref, v_ref) in zip(compiled.cache.layers, reference.cache.layers, strict=True):
-            k.copy_(k_ref), v.copy_(v_ref)
-        compiled.scheduler._reserve_decode_slots([ours]), reference.scheduler._reserve_decode_slots([theirs])
-        logits = compiled.runner.decode([ours])
-        expected = reference.runner.decode([theirs])
-        if not torch.equal(ours.routing_chunks[-1][0], theirs.routing_chunks[-1][0]):
-            rerouted += 1
-        else:
-            scale = max(expected.abs().max().item(), 1.0)
-            assert (logits - expected).abs().max().item() <= tolerance * scale
-        token = int(expected.argmax())
-        for request in (ours, theirs):
-            request.num_cached += 1
-            request.output_ids.append(token)
+    rerouted = rerouted_decode_steps(compiled, reference, prompt, 20, TOLERANCE[getattr(torch, dtype)])
     assert rerouted <= (1 if dtype == "float32" else 6)
 
 
