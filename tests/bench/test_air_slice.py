@@ -7,23 +7,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "air_slice.py"
+from bench_scripts import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def air_slice():
-    spec = importlib.util.spec_from_file_location("bench_air_slice", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("air_slice")
 
 
 def test_slice_config_is_glm45_air_with_few_layers(air_slice):

@@ -4,7 +4,6 @@ installed; the benchmarks (bench/air_slice.py, bench/engine_cpu.py) rely on both
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,13 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the bench extra) is not installed")
 
+from bench_scripts import load_bench_script  # noqa: E402
+
 import workbench  # noqa: E402
 from workbench.chat.prompt import encode_chat  # noqa: E402
 from workbench.engine import Engine  # noqa: E402
 
 BUNDLED = Path(workbench.__file__).resolve().parent / "models" / "glm45-air-mini"
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "air_slice.py"
 MESSAGES = [
     [{"role": "user", "content": "Write a function that returns the larger of two numbers."}],
     [{"role": "user", "content": "Return the lines of a file without their line endings. /nothink"}],
@@ -30,11 +30,7 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def llama_runner():
-    spec = importlib.util.spec_from_file_location("bench_air_slice", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.LlamaCpp
+    return load_bench_script("air_slice").LlamaCpp
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ the seed. The bundled model never saw the notebook tools, so asked freely it doe
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 
 from workbench.chat import LocalBackend, parse_request
 
@@ -20,10 +20,7 @@ SRC = Path(__file__).resolve().parents[2] / "labextension" / "src"
 def _sidebar_tools() -> list[dict]:
     """bench/server_load.py's SIDEBAR_TOOLS: the one Python copy of labextension/src/tools.ts's NOTEBOOK_TOOLS, as
     the sidebar sends them (the names are checked against the file below)."""
-    spec = importlib.util.spec_from_file_location("bench_server_load", SRC.parents[1] / "bench" / "server_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SIDEBAR_TOOLS
+    return load_bench_script("server_load").SIDEBAR_TOOLS
 
 
 NOTEBOOK_TOOLS = _sidebar_tools()
