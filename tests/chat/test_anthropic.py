@@ -166,3 +166,13 @@ def test_an_empty_answer_still_starts_and_stops_the_message():
     events = translation.feed(chunk(Delta(role="assistant", content=""))) + translation.finish()
     assert [name for name, _ in events] == ["message_start", "message_delta", "message_stop"]
     assert translation.message()["content"] == []
+
+
+def test_a_stop_token_id_from_vllm_ends_the_turn():
+    """vLLM's stop_reason is the stop string, or the id of a stop token: the chunk validates and the turn ends."""
+    relayed = ChatCompletionChunk.model_validate({"id": "c", "model": "m", "choices": [
+        {"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": 151336}]})
+    translation = MessageEvents("m")
+    translation.feed(relayed)
+    translation.finish()
+    assert translation.message()["stop_reason"] == "end_turn" and translation.message()["stop_sequence"] is None

@@ -365,8 +365,8 @@ class MessageEvents:
                     events.append(self._delta({"type": "input_json_delta", "partial_json": function.arguments}))
             if choice.finish_reason:
                 self._finish_reason = choice.finish_reason
-                self._stop_string = getattr(choice, "stop_reason", None) if \
-                    isinstance(getattr(choice, "stop_reason", None), str) else None
+                # a stop token's id (vLLM's int) ends the turn; only a stop string is a stop_sequence
+                self._stop_string = choice.stop_reason if isinstance(choice.stop_reason, str) else None
         return events
 
     def finish(self) -> list[tuple[str, dict[str, Any]]]:

@@ -632,7 +632,8 @@ class ChunkChoice(_Open):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    stop_reason: str | None = None  # vLLM's field: the stop string that ended the answer (finish_reason "stop")
+    # vLLM's field: the stop string that ended the answer (finish_reason "stop"); vLLM also sends a stop token's id
+    stop_reason: str | int | None = None
 
 
 class ChatCompletionChunk(_Open):

@@ -94,7 +94,7 @@ async def fold_chunks(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatComplet
                                               call.function and call.function.arguments)
                              for call in delta.tool_calls or []]
                 fold.add(delta.reasoning_content, delta.content, fragments, choice.finish_reason)
-                stop_reason = getattr(choice, "stop_reason", None) or stop_reason
+                stop_reason = choice.stop_reason if choice.stop_reason is not None else stop_reason
     finally:
         await chunks.aclose()
     tool_calls = [ToolCallOut(id=c["id"] or f"call_{c['index']}",
