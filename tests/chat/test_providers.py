@@ -344,3 +344,56 @@ def test_prices_and_cost():
     assert prices.cost(1_000_000, 500_000) == {"input": 0.8, "output": 1.0, "total": 1.8, "currency": "CNY"}
     assert Prices.parse({"input": 0, "output": 0}, "t").free
     assert not prices.free
+
+
+class _StubEngineBackend:
+    """What a local provider needs of its engine backend: an id, a state, start, a stream (no model loaded)."""
+
+    kind = "local"
+
+    def __init__(self, name: str) -> None:
+        self.model_id, self.state, self.starts = name, "stopped", 0
+
+    async def start(self) -> None:
+        self.starts += 1
+        self.state = "ready"
+
+    async def close(self) -> None:
+        self.state = "stopped"
+
+    def status(self) -> dict:
+        return {"backend": "local", "model": self.model_id, "state": self.state}
+
+    def routing_trace(self, completion_id: str):
+        return {"completion_id": completion_id} if completion_id == f"{self.model_id}-id" else None
+
+    async def complete(self, request):
+        from workbench.chat.protocol import ChatCompletion, Choice, ResponseMessage
+
+        return ChatCompletion(id=f"{self.model_id}-id", model=request.model,
+                              choices=[Choice(message=ResponseMessage(content=f"from {request.model}"))])
+
+
+@sync
+async def test_a_second_engine_loads_when_first_asked_for():
+    engines: dict[str, _StubEngineBackend] = {}
+
+    def local_backend(options):
+        engines[options["model_path"]] = _StubEngineBackend(options["model_path"])
+        return engines[options["model_path"]]
+
+    reg = ProviderRegistry(build_providers(
+        [provider(), {"name": "local", "kind": "local", "model_path": "small"},
+         {"name": "big", "kind": "local", "model_path": "large"}],
+        local_backend=local_backend, presets=False, environ={}))
+    assert [p.name for p in reg.providers] == ["local", "big", "up"]  # engines first, in their order
+    assert [card.workbench["state"] for card in reg.models()][:2] == ["loading", "idle"]
+    await reg.start()
+    await asyncio.sleep(0)
+    assert engines["small"].starts == 1 and engines["large"].starts == 0
+    answer = await reg.complete(request("big/large"))
+    assert answer.choices[0].message.content == "from large" and answer.model == "big/large"
+    assert engines["large"].starts == 1 and reg.status()["providers"][1]["state"] == "ready"
+    assert answer.usage is None or answer.usage.cost is None
+    assert await reg.fetch_routing_trace("large-id") == {"completion_id": "large-id"}
+    assert reg.status()["provider"] == "local"
