@@ -577,6 +577,8 @@ class ProviderRegistry(Backend):
 
     async def close(self) -> None:
         for provider in self.providers:
+            if provider._started is not None and not provider._started.done():
+                provider._started.cancel()  # a load still under way ends with the server
             with contextlib.suppress(Exception):
                 await provider.close()
 
