@@ -25,6 +25,7 @@ import {
   type ToolMessage
 } from './chatState';
 import { statusFailure, WorkbenchError } from './errors';
+import { hasCapability, modelName, usableModel } from './models';
 import type { ChatCompletionChunk, ChatCompletionRequest, ModelInfo, ServerStatus, ThinkingMode } from './protocol';
 import { approve, createToolMessage, latestToolMessages, NOTEBOOK_TOOLS, readyToContinue, reject, startRun, complete, fail } from './tools';
 
@@ -246,7 +247,7 @@ export class ChatModel {
         this.client.status().catch(() => null),
         this.client.listConversations().catch(() => this._state.history)
       ]);
-      const model = models.some(m => m.id === this._state.model) ? this._state.model : (models[0]?.id ?? '');
+      const model = usableModel(models, status, this._state.model);
       const failure = statusFailure(status);
       this.update({ models, status, history, model, failure });
       const restore = this.restoreConversationId;
@@ -285,9 +286,18 @@ export class ChatModel {
     setTimeout(() => void tick(), this.loadingPollMs);
   }
 
+  /** The model card of a model of the list, if it is there. */
+  modelInfo(modelId: string = this._state.model): ModelInfo | undefined {
+    return this._state.models.find(m => m.id === modelId);
+  }
+
   /** Whether this is the bundled demo model (by its id, or the local engine's checkpoint folder). */
   isDemoModel(modelId: string = this._state.model): boolean {
-    if (modelId === BUNDLED_MODEL_ID) {
+    const info = this.modelInfo(modelId);
+    if (modelId === BUNDLED_MODEL_ID || modelId === `local/${BUNDLED_MODEL_ID}`) {
+      return true;
+    }
+    if (info?.workbench?.provider_kind === 'local' && info.workbench.model === BUNDLED_MODEL_ID) {
       return true;
     }
     const status = this._state.status;
@@ -298,8 +308,8 @@ export class ChatModel {
   /** The model's context length in tokens: from its model card (max_model_len / context_length) or the
    * local engine's status (context_limit); null when the server does not say. */
   contextLength(modelId: string = this._state.model): number | null {
-    const info = this._state.models.find(m => m.id === modelId);
-    const fromCard = info?.max_model_len ?? info?.context_length;
+    const info = this.modelInfo(modelId);
+    const fromCard = info?.workbench?.context_length ?? info?.max_model_len ?? info?.context_length;
     if (typeof fromCard === 'number' && fromCard > 0) {
       return fromCard;
     }
@@ -333,10 +343,18 @@ export class ChatModel {
    */
   routingViewOpen = false;
 
-  /** Whether answers come from the local engine, which can record routing (one backend per server: its status
-   * names it). */
-  supportsRouting(): boolean {
-    return this._state.status?.backend === 'local';
+  /**
+   * Whether the model's answers can record routing: its `routing` capability; for a server that does not list
+   * capabilities (one backend per server), whether that backend is the local engine.
+   */
+  supportsRouting(modelId: string = this._state.model): boolean {
+    return hasCapability(this.modelInfo(modelId), 'routing') ?? this._state.status?.backend === 'local';
+  }
+
+  /** Whether the model takes the thinking switch: its `thinking` capability; assumed where the server does not
+   * say (GLM models think). */
+  supportsThinking(modelId: string = this._state.model): boolean {
+    return hasCapability(this.modelInfo(modelId), 'thinking') ?? true;
   }
 
   /**
@@ -400,10 +418,10 @@ export class ChatModel {
     if (this.preferences.maxTokens > 0) {
       request.max_tokens = this.preferences.maxTokens;
     }
-    if (this._state.thinkingMode !== 'auto') {
+    if (this._state.thinkingMode !== 'auto' && this.supportsThinking(request.model)) {
       request.thinking = { type: this._state.thinkingMode === 'on' ? 'enabled' : 'disabled' };
     }
-    if (this.supportsRouting() && (this.routingViewOpen || this.preferences.keepRouting)) {
+    if (this.supportsRouting(request.model) && (this.routingViewOpen || this.preferences.keepRouting)) {
       request.routing = true;
     }
     if (this.preferences.enableTools || this.forcedTool) {
@@ -423,7 +441,7 @@ export class ChatModel {
     let message = newAssistantMessage(id, Date.now(), {
       model: request.model,
       routingRequested: !!request.routing,
-      routingPossible: this.supportsRouting()
+      routingPossible: this.supportsRouting(request.model)
     });
     this.setMessages([...this._state.conversation.messages, message]);
     this.update({ busy: true, failure: null });
@@ -608,8 +626,13 @@ export class ChatModel {
     }
   }
 
+  /** The conversation's model when it can be chosen now (a bare name saved before provider ids counts where it
+   * names one model), else the current one. */
   private knownModel(model: string | undefined): string {
-    return model && this._state.models.some(m => m.id === model) ? model : this._state.model;
+    const { models, status } = this._state;
+    const usable = models.filter(m => usableModel(models, status, m.id) === m.id);
+    const named = usable.filter(m => m.id === model || (!!model && !model.includes('/') && modelName(m) === model));
+    return named.length === 1 ? named[0].id : this._state.model;
   }
 
   async deleteConversation(id: string): Promise<void> {
