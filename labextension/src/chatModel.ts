@@ -217,8 +217,23 @@ export class ChatModel {
     this.update(thinkingChanged ? { thinkingMode: preferences.thinkingMode } : {});
   }
 
+  /** Choose the model of the next answers; the conversation stays (its history goes to the new model). */
   setModel(model: string): void {
-    this.update({ model });
+    const { failure } = this._state;
+    // the status's loading / error banner follows the chosen model's provider; other failures stay
+    const keep = failure && failure.kind !== 'loading' && failure.kind !== 'backend';
+    this.update({ model, failure: keep ? failure : this.statusFailureFor(this._state.status, model) });
+  }
+
+  /**
+   * The failure the status shows for this model. The status's state is its default provider's (the first of
+   * `providers`): a model of another provider answers whatever that one does (its own state is in the picker).
+   */
+  private statusFailureFor(status: ServerStatus | null, modelId: string, models = this._state.models): WorkbenchError | null {
+    const failure = statusFailure(status);
+    const provider = models.find(m => m.id === modelId)?.workbench?.provider;
+    const defaultProvider = status?.providers?.[0]?.name;
+    return failure && provider && defaultProvider && provider !== defaultProvider ? null : failure;
   }
 
   setThinkingMode(thinkingMode: ThinkingMode): void {
@@ -248,15 +263,15 @@ export class ChatModel {
         this.client.listConversations().catch(() => this._state.history)
       ]);
       const model = usableModel(models, status, this._state.model);
-      const failure = statusFailure(status);
+      const failure = this.statusFailureFor(status, model, models);
       this.update({ models, status, history, model, failure });
       const restore = this.restoreConversationId;
       this.restoreConversationId = null;
       if (restore && !this._state.conversation.messages.length && history.some(h => h.id === restore)) {
         await this.openConversation(restore);
       }
-      if (failure?.kind === 'loading') {
-        this.pollWhileLoading();
+      if (statusFailure(status)?.kind === 'loading') {
+        this.pollWhileLoading(); // also while another model is chosen: the picker shows when this one is ready
       }
     } catch (error) {
       this.reportFailure(error);
@@ -276,7 +291,8 @@ export class ChatModel {
     const tick = async () => {
       const status = await this.client.status().catch(() => null);
       if (status && statusFailure(status)?.kind === 'loading') {
-        this.update({ status, failure: statusFailure(status) }); // the banner says what the load waits for now
+        // the banner says what the load waits for now
+        this.update({ status, failure: this.statusFailureFor(status, this._state.model) });
         setTimeout(() => void tick(), this.loadingPollMs);
         return;
       }

@@ -212,12 +212,14 @@ export function usableModel(models: ModelInfo[], status: ServerStatus | null, cu
   return usable[0]?.id ?? entries[0]?.id ?? '';
 }
 
-/** The picker's text for a model: its name, capabilities and price, or why it cannot be chosen. */
-export function modelOptionText(model: ModelEntry): string {
+/** The picker's text for a model: its name (and `tag`, e.g. "10M demo"), capabilities and price, or why it
+ * cannot be chosen. */
+export function modelOptionText(model: ModelEntry, tag?: string): string {
+  const name = tag ? `${model.name} · ${tag}` : model.name;
   if (model.unavailable) {
-    return `${model.name} · ${model.unavailable}`;
+    return `${name} · ${model.unavailable}`;
   }
-  const parts = [model.name];
+  const parts = [name];
   if (model.capabilities?.length) {
     parts.push(model.capabilities.join(', '));
   }

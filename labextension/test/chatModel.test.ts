@@ -505,6 +505,24 @@ describe('ChatModel', () => {
       expect(lastAssistant(model).usage?.cost).toEqual(cost);
     });
 
+    it('shows the status\'s "loading" banner only while a model of the loading provider is chosen', async () => {
+      const client = new FakeClient([], {
+        state: 'loading',
+        message: 'compiling CPU kernels',
+        providers: [{ name: 'local', state: 'loading' }, { name: 'hosted', state: 'ready' }]
+      });
+      client.modelList = [{ ...LOCAL, workbench: { ...LOCAL.workbench, state: 'loading' } }, REMOTE];
+      const model = new ChatModel(client as unknown as WorkbenchClient, new FakeBridge(), DEFAULT_PREFERENCES);
+      model.loadingPollMs = 60_000; // no second look during the test
+      await model.refresh();
+      expect(model.state.model).toBe('local/glm45-air-mini');
+      expect(model.state.failure?.kind).toBe('loading');
+      model.setModel('hosted/glm-4.5-air');
+      expect(model.state.failure).toBeNull(); // the hosted model answers while the local engine loads
+      model.setModel('local/glm45-air-mini');
+      expect(model.state.failure?.kind).toBe('loading');
+    });
+
     it('reopens a conversation saved under a bare model name on that model', async () => {
       const { client, model } = await providerModel([]);
       model.setModel('hosted/plain-chat');

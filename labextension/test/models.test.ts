@@ -150,6 +150,7 @@ describe('model groups', () => {
   it('names what a model can do in the picker, or why it cannot be chosen', () => {
     const [local, zai, openrouter, vllm] = groupModels(MODELS, STATUS);
     expect(modelOptionText(local.models[0])).toBe('glm45-air-mini · thinking, tools, routing');
+    expect(modelOptionText(local.models[0], '10M demo')).toBe('glm45-air-mini · 10M demo · thinking, tools, routing');
     expect(modelOptionText(zai.models[0])).toBe('glm-4.5-air · thinking, tools · ¥0.8 in · ¥2 out per M tokens');
     expect(modelOptionText(openrouter.models[0])).toBe('z-ai/glm-4.5-air:free · thinking, tools · free');
     expect(modelOptionText(vllm.models[0])).toBe('glm-4.5-air · set VLLM_TOKEN');

@@ -174,15 +174,17 @@ function UsageLine({ message }: { message: AssistantMessage }): JSX.Element | nu
   const rate = tokensPerSecond(message);
   const cost = formatCost(message.usage?.cost);
   const { start, end } = message.timing;
-  // An answer without a cost (the local engine, an unpriced model) says how long it took instead.
-  const took = cost === null && end !== undefined && end > start ? ` in ${((end - start) / 1000).toFixed(1)} s` : '';
-  const parts = [`${tokens} token${tokens === 1 ? '' : 's'}${took}`];
+  const parts = [`${tokens} token${tokens === 1 ? '' : 's'}`];
   if (rate !== null) {
     parts.push(`${rate.toFixed(1)} tok/s`);
   }
   if (message.usage) {
     const seconds = message.usage.prompt_seconds;
     parts.push(`prompt ${message.usage.prompt_tokens}${typeof seconds === 'number' ? ` in ${seconds.toFixed(2)} s` : ''}`);
+  }
+  if (cost === null && end !== undefined && end > start) {
+    // an answer without a cost (the local engine, an unpriced model) says how long it took instead
+    parts.push(`${((end - start) / 1000).toFixed(1)} s total`);
   }
   const measured =
     typeof message.usage?.decode_seconds === 'number'
@@ -530,8 +532,7 @@ function ModelOption({ entry, model }: { entry: ModelEntry; model: ChatModel }):
       disabled={entry.unavailable !== null}
       title={entry.unavailable ? `${entry.id} cannot answer now: ${entry.unavailable}` : entry.id}
     >
-      {modelOptionText(entry)}
-      {model.isDemoModel(entry.id) ? ' · 10M demo' : ''}
+      {modelOptionText(entry, model.isDemoModel(entry.id) ? '10M demo' : undefined)}
     </option>
   );
 }
@@ -700,7 +701,7 @@ function ConversationCost({ state }: { state: ChatState }): JSX.Element | null {
       aria-label="Conversation cost"
       title="What this conversation's priced answers cost so far (local-engine answers cost nothing)"
     >
-      Conversation: {cost}
+      Total: {cost}
     </span>
   );
 }

@@ -41,6 +41,14 @@ async function shot(page: IJupyterLabPageFixture, name: string): Promise<void> {
   await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
 }
 
+/** The picker drawn open (a listbox: the browser's own drop-down is not in screenshots), saved as `name`. */
+async function shotPicker(chat: Locator, name: string): Promise<void> {
+  const picker = chat.locator('.glm-ModelPicker');
+  await picker.evaluate(el => el.setAttribute('size', '8'));
+  await chat.locator('.glm-Header').screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
+  await picker.evaluate(el => el.removeAttribute('size'));
+}
+
 async function send(chat: Locator, text: string): Promise<void> {
   const input = chat.getByRole('textbox', { name: 'Message' });
   await input.fill(text);
@@ -87,6 +95,7 @@ test.describe('Providers side by side @providers', () => {
     ]);
     expect(zai.options).toEqual([{ value: 'zai/glm-4.5-air', text: 'glm-4.5-air · set GLM_UI_UNSET_KEY', disabled: true }]);
     const localId = local.options[0].value;
+    await shotPicker(chat, 'providers-picker-light');
     // the local engine is the first provider: chosen at start
     await expect(picker).toHaveValue(localId);
     const card = chat.getByLabel('Chosen model');
@@ -109,7 +118,7 @@ test.describe('Providers side by side @providers', () => {
     const prompt = Number(/prompt (\d+)/.exec(usageText)![1]);
     const cost = dollars((prompt * PRICES.input + completion * PRICES.output) / 1e6);
     await expect(usage.locator('.glm-Usage-cost')).toHaveText(cost);
-    await expect(chat.getByLabel('Conversation cost')).toHaveText(`Conversation: ${cost}`);
+    await expect(chat.getByLabel('Conversation cost')).toHaveText(`Total: ${cost}`);
     // no routing from a plain OpenAI-compatible endpoint: no Experts button
     await expect(remoteAnswer.getByRole('button', { name: 'Show expert routing of this answer' })).toHaveCount(0);
     await shot(page, 'providers-remote-light');
@@ -121,11 +130,13 @@ test.describe('Providers side by side @providers', () => {
     const localAnswer = chat.locator('.glm-Message.glm-mod-assistant').nth(1);
     await expect(localAnswer.locator('.glm-Usage')).toBeVisible({ timeout: 90 * 1000 });
     await expect(chat.locator('.glm-Message.glm-mod-user')).toHaveCount(2);
-    await expect(localAnswer.locator('.glm-Usage')).toHaveText(/^\d+ tokens? in \d+\.\d s · [\d.]+ tok\/s/);
+    await expect(localAnswer.locator('.glm-Usage')).toHaveText(
+      /^\d+ tokens? · [\d.]+ tok\/s · prompt \d+ in [\d.]+ s · \d+\.\d s total · local\//
+    );
     await expect(localAnswer.locator('.glm-Usage-model')).toHaveText(localId);
     await expect(localAnswer.locator('.glm-Usage-cost')).toHaveCount(0);
     await expect(remoteAnswer.locator('.glm-Usage-model')).toHaveText(HOSTED);
-    await expect(chat.getByLabel('Conversation cost')).toHaveText(`Conversation: ${cost}`);
+    await expect(chat.getByLabel('Conversation cost')).toHaveText(`Total: ${cost}`);
     expect(chatRequests.map(r => r.model)).toEqual([HOSTED, localId]);
     const history = chatRequests[1].messages.filter(m => m.role !== 'system');
     expect(history.map(m => m.role)).toEqual(['user', 'assistant', 'user']);
@@ -155,7 +166,8 @@ test.describe('Providers side by side @providers', () => {
     await expect(freeAnswer.locator('.glm-Usage-model')).toHaveText(FREE);
     expect(chatRequests[2].model).toBe(FREE);
     expect(chatRequests[2]).not.toHaveProperty('thinking'); // never a switch the model does not have
-    await expect(chat.getByLabel('Conversation cost')).toHaveText(`Conversation: ${cost}`);
+    await expect(chat.getByLabel('Conversation cost')).toHaveText(`Total: ${cost}`);
     await shot(page, 'providers-free-dark');
+    await shotPicker(chat, 'providers-picker-dark');
   });
 });
