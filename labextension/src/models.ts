@@ -126,19 +126,20 @@ export function conversationCost(messages: Message[]): string | null {
   return paid.length ? paid.map(([currency, total]) => formatMoney(total, currency)).join(' + ') : 'free';
 }
 
-/** Why a provider in this state cannot answer now, or null when it can (ready or still loading). */
+/**
+ * Why a provider in this state cannot answer now, or null when it can: ready, loading, idle (an engine that loads
+ * when first asked) and states this sidebar does not know yet are left to the server to answer or refuse.
+ */
 export function providerProblem(state: string | undefined, provider: ProviderStatus | undefined): string | null {
   switch (state) {
-    case undefined:
-    case 'ready':
-    case 'loading':
-      return null;
     case 'key_missing':
       return provider?.key_env ? `set ${provider.key_env}` : (provider?.error ?? 'its API key is not set');
     case 'unreachable':
       return provider?.error ? `unreachable: ${provider.error}` : 'unreachable';
+    case 'error':
+      return provider?.error ?? 'error: see the Jupyter server log';
     default:
-      return provider?.error ?? state;
+      return null;
   }
 }
 
@@ -228,6 +229,8 @@ export function modelOptionText(model: ModelEntry, tag?: string): string {
   }
   if (model.state === 'loading') {
     parts.push('loading');
+  } else if (model.state === 'idle') {
+    parts.push('loads when first asked');
   }
   return parts.join(' · ');
 }

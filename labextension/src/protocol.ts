@@ -89,7 +89,8 @@ export interface ChatCompletionChunk {
 
 export type ModelCapability = 'thinking' | 'tools' | 'routing';
 
-export type ProviderState = 'ready' | 'loading' | 'unreachable' | 'key_missing' | 'error';
+/** `idle`: a second local engine, loaded when first asked. */
+export type ProviderState = 'ready' | 'loading' | 'idle' | 'unreachable' | 'key_missing' | 'error';
 
 export interface Prices {
   /** Price of `per_tokens` input tokens. */

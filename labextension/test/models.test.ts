@@ -163,6 +163,28 @@ describe('model groups', () => {
     expect(usableModel([MODELS[3]], STATUS, '')).toBe('vllm/glm-4.5-air'); // nothing usable: still show one
     expect(usableModel([], STATUS, 'x')).toBe('');
   });
+
+  it('lets an idle engine (loaded when first asked) and a loading one be chosen, saying so', () => {
+    const engine = (name: string, state: string): ModelInfo => ({
+      ...MODELS[0],
+      id: `${name}/glm45-air-mini`,
+      workbench: { ...MODELS[0].workbench!, provider: name, state }
+    });
+    const status: ServerStatus = {
+      providers: [
+        { name: 'big', kind: 'local', state: 'idle' },
+        { name: 'local', kind: 'local', state: 'loading' },
+        { name: 'broken', kind: 'local', state: 'error', error: 'no model at /models/x' }
+      ]
+    };
+    const [big, local, broken] = groupModels([engine('big', 'idle'), engine('local', 'loading'), engine('broken', 'error')], status);
+    expect(big.models[0].unavailable).toBeNull();
+    expect(modelOptionText(big.models[0])).toBe('glm45-air-mini · thinking, tools, routing · loads when first asked');
+    expect(local.models[0].unavailable).toBeNull();
+    expect(modelOptionText(local.models[0])).toMatch(/ · loading$/);
+    expect(broken.models[0].unavailable).toBe('no model at /models/x');
+    expect(usableModel([engine('broken', 'error'), engine('big', 'idle')], status, '')).toBe('big/glm45-air-mini');
+  });
 });
 
 describe('money', () => {
