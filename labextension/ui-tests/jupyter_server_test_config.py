@@ -8,8 +8,8 @@ server extension on the backend named by $GLM_UI_BACKEND:
 - ``remote``: the remote backend pointed at $GLM_UI_UPSTREAM_URL, the scripted endpoint of
   tests/ui/scripted_upstream.py (known thinking, code and tool calls);
 - ``providers``: providers side by side: ``local`` (the engine on that tiny checkpoint), ``hosted`` (the scripted
-  endpoint as a priced OpenAI-kind provider, and again as a free model without thinking) and ``zai`` (a preset-like provider whose key variable is not set,
-  so its model is listed but cannot be chosen).
+  endpoint as a priced OpenAI-kind provider, and again as a free model without thinking) and ``zai`` (a
+  preset-like provider whose key variable is not set, so its model is listed but cannot be chosen).
 
 Never use this configuration outside tests: it turns off Jupyter's security.
 """
