@@ -219,10 +219,11 @@ export class ChatModel {
 
   /** Choose the model of the next answers; the conversation stays (its history goes to the new model). */
   setModel(model: string): void {
-    const { failure } = this._state;
+    const { failure, status } = this._state;
     // the status's loading / error banner follows the chosen model's provider; other failures stay
-    const keep = failure && failure.kind !== 'loading' && failure.kind !== 'backend';
-    this.update({ model, failure: keep ? failure : this.statusFailureFor(this._state.status, model) });
+    const fromStatus = statusFailure(status);
+    const statusBanner = !failure || (fromStatus?.kind === failure.kind && fromStatus.message === failure.message);
+    this.update({ model, failure: statusBanner ? this.statusFailureFor(status, model) : failure });
   }
 
   /**
@@ -440,11 +441,15 @@ export class ChatModel {
     if (this.supportsRouting(request.model) && (this.routingViewOpen || this.preferences.keepRouting)) {
       request.routing = true;
     }
-    if (this.preferences.enableTools || this.forcedTool) {
+    // a model its server says cannot call tools gets none (one that does not say gets them, as before)
+    const toolsPossible = hasCapability(this.modelInfo(request.model), 'tools') !== false;
+    if ((this.preferences.enableTools || this.forcedTool) && toolsPossible) {
       request.tools = NOTEBOOK_TOOLS;
     }
     if (this.forcedTool) {
-      request.tool_choice = { type: 'function', function: { name: this.forcedTool } };
+      if (toolsPossible) {
+        request.tool_choice = { type: 'function', function: { name: this.forcedTool } };
+      }
       this.forcedTool = null; // the model answers the tool's result freely
     }
     return request;

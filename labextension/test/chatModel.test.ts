@@ -494,6 +494,21 @@ describe('ChatModel', () => {
       expect(client.requests[1].thinking).toEqual({ type: 'enabled' });
     });
 
+    it('offers the notebook tools only to a model that can call them', async () => {
+      const answer = () => say(chunk({ content: 'x' }), chunk({}, 'stop'));
+      const { client, model } = await providerModel([answer, answer]);
+      const NO_TOOLS = card('hosted/text-only', 'hosted', 'openai', ['thinking']);
+      const withoutTools = new FakeClient([answer], { backend: 'local', providers: [] });
+      withoutTools.modelList = [NO_TOOLS];
+      const plain = new ChatModel(withoutTools as unknown as WorkbenchClient, new FakeBridge(), DEFAULT_PREFERENCES);
+      await plain.refresh();
+      await plain.send('no tools here');
+      expect(withoutTools.requests[0].tools).toBeUndefined();
+      model.setModel('hosted/plain-chat'); // capabilities: tools
+      await model.send('tools here');
+      expect(client.requests[0].tools?.length).toBeGreaterThan(0);
+    });
+
     it('keeps each answer\'s cost from usage.cost', async () => {
       const cost = { input: 0.00012, output: 0.00034, total: 0.00046, currency: 'USD' };
       const usage = { prompt_tokens: 600, completion_tokens: 300, total_tokens: 900, cost };
