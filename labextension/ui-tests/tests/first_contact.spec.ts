@@ -103,6 +103,7 @@ test.describe('First contact with glm-workbench @first-contact', () => {
     await notice.getByRole('button', { name: 'Connect a real model' }).click();
     const dialog = page.locator('.jp-Dialog');
     await expect(dialog).toContainText('--GLMWorkbench.model_path');
+    await expect(dialog).toContainText('export OPENROUTER_API_KEY'); // the hosted model, one variable away
     await expect(dialog).toContainText('05_real_glm45_air.ipynb');
     await shot(page, 'fc-03-connect-a-real-model');
     await dialog.getByRole('button', { name: 'Close' }).click();
