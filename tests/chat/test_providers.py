@@ -397,3 +397,24 @@ async def test_a_second_engine_loads_when_first_asked_for():
     assert answer.usage is None or answer.usage.cost is None
     assert await reg.fetch_routing_trace("large-id") == {"completion_id": "large-id"}
     assert reg.status()["provider"] == "local"
+
+
+@sync
+async def test_an_endpoint_that_comes_back_is_listed_again(monkeypatch):
+    monkeypatch.setattr("workbench.chat.providers.LISTING_RETRY_SECONDS", 0.0)
+    down = {"now": True}
+    upstream = FakeUpstream("vllm")
+    normal = upstream.handle
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if down["now"]:
+            raise httpx.ConnectError("connection refused")
+        return normal(request)
+
+    reg = registry([{**provider("vllm"), "models": "auto"}], FakeUpstream(answer=answer))
+    assert await reg.list_models() == []
+    entry = reg.status()["providers"][0]
+    assert entry["state"] == "unreachable" and "connection refused" in entry["error"]
+    down["now"] = False
+    assert [card.id for card in await reg.list_models()] == ["up/glm-4.5-air"]
+    assert reg.status()["providers"][0]["state"] == "ready" and reg.status()["providers"][0]["error"] is None

@@ -652,7 +652,8 @@ class ModelCard(_Open):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "glm-workbench"
-    # the workbench's own fields (provider, capabilities, prices, state): see workbench.chat.providers
+    # the workbench's own fields: provider, provider_kind, dialect, model (the provider's own name), context_length,
+    # capabilities, prices, free, state (workbench.chat.providers.ModelEntry.card)
     workbench: dict[str, Any] | None = None
 
 

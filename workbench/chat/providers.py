@@ -77,6 +77,7 @@ _REMOTE_KEYS = _COMMON_KEYS | {"base_url", "models", "api_key_env", "dialect", "
 _MODEL_KEYS = {"name", "context_length", "prices", "capabilities"}
 _PRICE_KEYS = {"input", "output", "currency", "per_tokens"}
 LISTING_RETRY_SECONDS = 10.0  # an endpoint whose model list failed is asked again at most this often
+LISTING_WAIT_SECONDS = 10.0  # v1/models waits this long for endpoints still listing their models at start
 ROUTED_IDS_KEPT = 256  # completion ids of remote answers with routing, and where they came from
 
 
@@ -550,6 +551,7 @@ class ProviderRegistry(Backend):
             raise ValueError("no provider is configured: configure at least one (GLMWorkbench.providers)")
         self.providers = providers
         self._routed: OrderedDict[str, Provider] = OrderedDict()  # completion id -> the remote that traced it
+        self._refreshing: asyncio.Task | None = None
 
     @property
     def default(self) -> Provider:
@@ -583,9 +585,22 @@ class ProviderRegistry(Backend):
         return [entry.card() for entry in self.entries()]
 
     async def list_models(self) -> list[ModelCard]:
-        """The model list, after reading again the lists of endpoints whose last reading failed."""
-        await asyncio.gather(*(provider.refresh() for provider in self.providers), return_exceptions=True)
+        """The model list, once the endpoints that list their own models have (briefly) been waited for, and
+        after reading again the lists of those whose last reading failed."""
+        listing = [provider.start() for provider in self.providers
+                   if isinstance(provider, RemoteProvider) and provider.auto]
+        if listing:
+            await asyncio.wait(listing, timeout=LISTING_WAIT_SECONDS)
+        await self.refresh()
         return self.models()
+
+    async def refresh(self) -> None:
+        await asyncio.gather(*(provider.refresh() for provider in self.providers), return_exceptions=True)
+
+    def refresh_in_background(self) -> None:
+        """Read again the model lists that failed (api/status answers at once; its next answer shows the result)."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self.refresh())
 
     def resolve(self, model: str) -> ModelEntry:
         """The model a request names: `provider/model`, or a bare model name that names one model."""

@@ -264,8 +264,8 @@ class GLMMagics(Magics):
         model = connection.resolve_model(model) if model else self._default_model(connection)
         trace = args.trace
         if trace and not connection.supports_routing_for(model):
-            print(f"note: --trace shows routing only for models with the routing capability (a workbench engine); "
-                  f"{model} runs at an endpoint that does not report its experts")
+            print(f"note: --trace shows routing only for the local engine (models with the routing capability); "
+                  f"{model} runs at a remote endpoint, which does not report its experts")
             trace = False
         body: dict[str, Any] = {"model": model, "stream": not args.no_stream}
         if body["stream"]:

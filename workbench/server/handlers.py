@@ -192,6 +192,7 @@ class StatusHandler(GLMHandler):
     @web.authenticated
     async def get(self) -> None:
         self.glm_app.start_backend()  # a server run without the start hook (tests, embedding) starts loading here
+        self.glm_app.glm_providers.refresh_in_background()  # an endpoint that was unreachable may be back
         self.finish(json.dumps(self.glm_app.glm_providers.status()))
 
 
