@@ -29,7 +29,7 @@ def test_store_round_trip_lists_newest_first_and_deletes(tmp_path):
     store.put("ada", "c-2", conversation("c-2", "second", updated=20, text="思考 ✓"))
     assert [s["id"] for s in store.list("ada")] == ["c-2", "c-1"]
     assert store.list("ada")[0] == {
-        "id": "c-2", "title": "second", "created": 1.0, "updated": 20, "model": "glm-tiny"
+        "id": "c-2", "title": "second", "created": 1.0, "updated": 20, "model": "glm-tiny", "text": "思考 ✓"
     }
     assert store.get("ada", "c-2")["messages"][0]["text"] == "思考 ✓"
     store.put("ada", "c-1", conversation("c-1", "first, renamed", updated=30))
@@ -61,6 +61,13 @@ def test_store_keeps_users_apart(tmp_path):
         ("c-1", {"id": "c-1", "title": "x"}, "messages", 400),
         ("c-1", {"id": "c-1", "title": 3, "messages": []}, "title", 400),
         ("c-1", conversation("c-1", "x", 1, text="y" * 2000), "larger than", 413),
+        ("c-1", conversation("c-1", "x", 1) | {"tree": []}, "'tree' must be an object", 400),
+        ("c-1", conversation("c-1", "x", 1) | {"tree": {"nodes": {}, "children": {}}}, "tree.selected", 400),
+        ("c-1", conversation("c-1", "x", 1) | {"tree": {"nodes": {}, "children": {"": ["ghost"]}, "selected": {}}},
+         "ids of 'tree.nodes'", 400),
+        ("c-1", conversation("c-1", "x", 1) | {"tree": {"nodes": {}, "children": {}, "selected": {"": "0"}}},
+         "integers", 400),
+        ("c-1", conversation("c-1", "x", 1) | {"settings": "hot"}, "'settings' must be an object", 400),
     ],
 )
 def test_store_refuses_bad_conversations(tmp_path, cid, body, match, status):
@@ -68,6 +75,43 @@ def test_store_refuses_bad_conversations(tmp_path, cid, body, match, status):
     with pytest.raises(ConversationError, match=match) as refused:
         store.put("ada", cid, body)
     assert refused.value.status == status
+
+
+def branched_conversation(cid: str) -> dict:
+    """The format since branches: the shown path in ``messages``, every message in ``tree``, and ``settings``."""
+    q = {"kind": "user", "id": "u1", "text": "What is 2+2?", "context": []}
+    old = {"kind": "assistant", "id": "a1", "content": "5", "reasoning": "", "toolCalls": [], "status": "done"}
+    new = {**old, "id": "a2", "content": "4"}
+    return {
+        "id": cid, "title": "Sums", "titleEdited": True, "created": 1.0, "updated": 2.0, "model": "remote/glm-4.5-air",
+        "messages": [q, new],
+        "tree": {"nodes": {"u1": q, "a1": old, "a2": new}, "children": {"": ["u1"], "u1": ["a1", "a2"]},
+                 "selected": {"": 0, "u1": 1, "a2": -1}},
+        "settings": {"model": "remote/glm-4.5-air", "thinkingMode": "off", "temperature": 0.2, "maxTokens": 512},
+    }
+
+
+def test_store_keeps_the_tree_and_settings(tmp_path):
+    store = ConversationStore(tmp_path)
+    saved = branched_conversation("c-1")
+    store.put("ada", "c-1", saved)
+    assert store.get("ada", "c-1") == saved  # the store keeps every branch, version and setting as sent
+    assert store.list("ada")[0]["text"] == "What is 2+2? 4"  # the shown branch is what search finds
+
+
+def test_store_reads_conversations_saved_before_the_tree(tmp_path):
+    """A file as the store wrote it before branches (no tree, no settings) is listed, read and can be saved on."""
+    store = ConversationStore(tmp_path)
+    old = conversation("c-old", "old one", updated=5, text="an old question")
+    folder = store._user_dir("ada")
+    folder.mkdir(parents=True)
+    (folder / "c-old.json").write_text(json.dumps(old), encoding="utf-8")
+    assert store.list("ada") == [{"id": "c-old", "title": "old one", "created": 1.0, "updated": 5,
+                                  "model": "glm-tiny", "text": "an old question"}]
+    assert store.get("ada", "c-old") == old
+    # the sidebar then saves it in the new format (its one branch as the tree)
+    store.put("ada", "c-old", branched_conversation("c-old"))
+    assert store.get("ada", "c-old")["tree"]["children"]["u1"] == ["a1", "a2"]
 
 
 def test_store_caps_the_number_of_conversations(tmp_path):

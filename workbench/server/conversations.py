@@ -3,16 +3,20 @@
 Owns the storage (one JSON file per conversation under ``<root>/<user>/``, written atomically) and the
 handlers under ``{base_url}glm/api/conversations``:
 
-- ``GET    glm/api/conversations``       -> ``{"conversations": [{id, title, created, updated, model}, ...]}``
-  newest first
+- ``GET    glm/api/conversations``       -> ``{"conversations": [{id, title, created, updated, model, text}, ...]}``
+  newest first (``text``: the first characters of the shown messages, for the sidebar's search)
 - ``GET    glm/api/conversations/{id}``  -> the conversation as the sidebar saved it
 - ``PUT    glm/api/conversations/{id}``  <- a conversation object (``id`` must match the URL) -> its summary
 - ``DELETE glm/api/conversations/{id}``  -> 204
 
 Knows nothing of models or the engine: a conversation is an opaque JSON document to it, checked only for
-shape and size (and, as every GLM API body, for depth, huge literals and lone surrogates; a large body is parsed
-and written off the event loop). Errors are the GLM API's OpenAI-shaped ones, ``{"error": {"message", "type",
-"param", "code"}}``, tornado's own (403, 405) included.
+shape and size. Its format: ``{id, title, created, updated, model, messages}`` (``messages``: the messages the
+sidebar shows, one branch), and since branches and versions also ``tree`` (every message: ``{nodes, children,
+selected}``, see labextension/src/conversationTree.ts) and ``settings`` (the conversation's model, thinking mode,
+temperature, max tokens). Conversations saved before ``tree`` have only ``messages``: they are read as one branch.
+The store checks the shape of ``tree`` and ``settings`` where present (and, as every GLM API body, for depth,
+huge literals and lone surrogates; a large body is parsed and written off the event loop). Errors are the GLM
+API's OpenAI-shaped ones, ``{"error": {"message", "type", "param", "code"}}``, tornado's own (403, 405) included.
 
 Register with ``self.handlers.extend(conversation_handlers(ConversationStore(...)))`` in the server
 ExtensionApp's ``initialize_handlers`` (patterns are relative to the server's base_url).
@@ -40,6 +44,33 @@ from workbench.server.handlers import GLMHandler, check_body_size, off_loop
 
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # whole ids only: fullmatch ("abc\n" is not "abc")
 SUMMARY_FIELDS = ("id", "title", "created", "updated", "model")
+SEARCH_TEXT_CHARS = 2000  # per conversation in the list: enough to find it by a word of its questions and answers
+
+
+def search_text(data: dict[str, Any]) -> str:
+    """The shown messages' text (questions and answers), shortened: what the history's search filters on."""
+    parts = []
+    for message in data.get("messages") or []:
+        if isinstance(message, dict):
+            text = message.get("text") if message.get("kind") == "user" else message.get("content")
+            if isinstance(text, str) and text:
+                parts.append(text)
+    return " ".join(" ".join(parts).split())[:SEARCH_TEXT_CHARS]
+
+
+def check_tree(tree: Any) -> None:
+    """The ``tree`` of a conversation: three objects (nodes by id, children lists, selected indices)."""
+    if not isinstance(tree, dict):
+        raise ConversationError("'tree' must be an object {nodes, children, selected}.", param="tree")
+    for key, kind in (("nodes", dict), ("children", dict), ("selected", dict)):
+        if not isinstance(tree.get(key), kind):
+            raise ConversationError(f"'tree.{key}' must be an object.", param=f"tree.{key}")
+    for parent, kids in tree["children"].items():
+        if not isinstance(kids, list) or not all(isinstance(k, str) and k in tree["nodes"] for k in kids):
+            raise ConversationError(
+                f"'tree.children[{parent[:40]!r}]' must list ids of 'tree.nodes'.", param="tree.children")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in tree["selected"].values()):
+        raise ConversationError("'tree.selected' must map ids to child indices (integers).", param="tree.selected")
 
 
 def default_conversations_dir() -> Path:
@@ -94,7 +125,8 @@ class ConversationStore:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue  # a file being replaced, or damaged by hand: skip it rather than fail the list
-            summaries.append({key: data.get(key) for key in SUMMARY_FIELDS})
+            if isinstance(data, dict):
+                summaries.append({key: data.get(key) for key in SUMMARY_FIELDS} | {"text": search_text(data)})
         summaries.sort(key=lambda s: s.get("updated") or 0, reverse=True)
         return summaries
 
@@ -118,6 +150,10 @@ class ConversationStore:
             raise ConversationError("A conversation needs a 'messages' list.", param="messages")
         if not isinstance(data.get("title", ""), str):
             raise ConversationError("'title' must be a string.", param="title")
+        if "tree" in data:
+            check_tree(data["tree"])
+        if not isinstance(data.get("settings", {}), dict):
+            raise ConversationError("'settings' must be an object.", param="settings")
         text = json.dumps({**data, "id": conversation_id}, ensure_ascii=False)
         if len(text.encode("utf-8")) > self.max_bytes:
             raise ConversationError(
@@ -138,7 +174,7 @@ class ConversationStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        return {key: data.get(key) for key in SUMMARY_FIELDS} | {"id": conversation_id}
+        return {key: data.get(key) for key in SUMMARY_FIELDS} | {"id": conversation_id, "text": search_text(data)}
 
     def delete(self, user: str, conversation_id: str) -> None:
         path = self._path(user, conversation_id)
