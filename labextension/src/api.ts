@@ -20,6 +20,8 @@ export interface ConversationSummary {
   created: number;
   updated: number;
   model?: string;
+  /** The first characters of the shown messages, for the history's search (servers before it send none). */
+  text?: string;
 }
 
 export class WorkbenchClient {

@@ -16,6 +16,7 @@ import {
   type AssistantMessage,
   type ContextBlock,
   type Conversation,
+  type ConversationSettings,
   conversationTitle,
   finishMessage,
   type Message,
@@ -24,6 +25,7 @@ import {
   toApiMessages,
   type ToolMessage
 } from './chatState';
+import { emptyTree, pathBefore, pathOf, savedTree, selectSibling, treeFromMessages, withPath } from './conversationTree';
 import { statusFailure, WorkbenchError } from './errors';
 import { hasCapability, modelName, usableModel } from './models';
 import type { ChatCompletionChunk, ChatCompletionRequest, ModelInfo, ServerStatus, ThinkingMode } from './protocol';
@@ -151,7 +153,14 @@ const MAX_TOOL_ROUNDS = 8;
 
 function emptyConversation(): Conversation {
   const now = Date.now();
-  return { id: UUID.uuid4(), title: 'New conversation', created: now, updated: now, messages: [] };
+  return { id: UUID.uuid4(), title: 'New conversation', created: now, updated: now, messages: [], tree: emptyTree() };
+}
+
+/** A saved conversation as the sidebar holds it: its tree (one branch for one saved before branches) and the
+ * shown branch of that tree as `messages`. */
+export function openedConversation(saved: Conversation): Conversation {
+  const tree = savedTree(saved);
+  return { ...saved, tree, messages: pathOf(tree) };
 }
 
 export class ChatModel {
@@ -196,15 +205,99 @@ export class ChatModel {
     this._changed.emit();
   }
 
+  /** Show these messages; the tree keeps what they replace as another branch (conversationTree.withPath). */
   private setMessages(messages: Message[]): void {
+    const current = this._state.conversation;
     const conversation = {
-      ...this._state.conversation,
+      ...current,
       messages,
-      title: conversationTitle(messages),
+      tree: withPath(current.tree ?? treeFromMessages(current.messages), messages),
+      title: current.titleEdited ? current.title : conversationTitle(messages),
       updated: Date.now(),
-      model: this._state.model || this._state.conversation.model
+      model: this._state.model || current.model
     };
     this.update({ conversation });
+  }
+
+  /** The conversation's own settings, with its model and thinking mode as chosen now. */
+  private settingsPatch(patch: ConversationSettings): void {
+    const conversation = this._state.conversation;
+    this.update({ conversation: { ...conversation, settings: { ...conversation.settings, ...patch } } });
+  }
+
+  /** Temperature and max tokens of this conversation (saved with it); undefined follows the preferences. */
+  setConversationSettings(patch: Pick<ConversationSettings, 'temperature' | 'maxTokens'>): void {
+    this.settingsPatch(patch);
+    void this.save();
+  }
+
+  /** The temperature and max tokens answers of this conversation are asked with. */
+  effectiveSettings(): { temperature: number; maxTokens: number } {
+    const settings = this._state.conversation.settings ?? {};
+    return {
+      temperature: settings.temperature ?? this.preferences.temperature,
+      maxTokens: settings.maxTokens ?? this.preferences.maxTokens
+    };
+  }
+
+  /**
+   * Edit a sent message and send it again: the path up to it, then the new text, then a new answer. The old
+   * message and everything after it stay as the other branch (‹ 1/2 › on the message).
+   */
+  async editMessage(id: string, text: string): Promise<void> {
+    const trimmed = text.trim();
+    const conversation = this._state.conversation;
+    const old = conversation.messages.find(m => m.id === id);
+    if (!trimmed || this._state.busy || old?.kind !== 'user') {
+      return;
+    }
+    const tree = conversation.tree ?? treeFromMessages(conversation.messages);
+    this.toolRounds = 0;
+    this.stopped = false;
+    this.setMessages([...pathBefore(tree, id), { ...old, id: UUID.uuid4(), text: trimmed }]);
+    await this.generate();
+  }
+
+  /** Show another branch or answer version: the sibling `index` of message `id`. */
+  showSibling(id: string, index: number): void {
+    const conversation = this._state.conversation;
+    if (this._state.busy || !conversation.tree) {
+      return;
+    }
+    const tree = selectSibling(conversation.tree, id, index);
+    if (tree === conversation.tree) {
+      return;
+    }
+    this.update({ conversation: { ...conversation, tree, messages: pathOf(tree) } });
+    void this.save();
+  }
+
+  /** Name a conversation (the current one or one of the history); an empty title follows the first question. */
+  async renameConversation(id: string, title: string): Promise<void> {
+    const name = title.trim().slice(0, 200);
+    try {
+      if (this._state.conversation.id === id) {
+        const conversation = this._state.conversation;
+        this.update({
+          conversation: {
+            ...conversation,
+            title: name || conversationTitle(conversation.messages),
+            titleEdited: !!name
+          }
+        });
+        await this.save();
+      } else {
+        const saved = await this.client.getConversation(id);
+        await this.client.saveConversation({
+          ...saved,
+          title: name || conversationTitle(openedConversation(saved).messages),
+          titleEdited: !!name
+        });
+      }
+      await this.refreshHistory();
+    } catch (error) {
+      this.reportFailure(error);
+    }
   }
 
   private replaceMessage(id: string, replace: (m: Message) => Message): void {
@@ -224,6 +317,7 @@ export class ChatModel {
     const fromStatus = statusFailure(status);
     const statusBanner = !failure || (fromStatus?.kind === failure.kind && fromStatus.message === failure.message);
     this.update({ model, failure: statusBanner ? this.statusFailureFor(status, model) : failure });
+    this.settingsPatch({ model });
   }
 
   /**
@@ -239,6 +333,7 @@ export class ChatModel {
 
   setThinkingMode(thinkingMode: ThinkingMode): void {
     this.update({ thinkingMode });
+    this.settingsPatch({ thinkingMode });
   }
 
   setContext(context: Partial<ContextToggles>): void {
@@ -430,10 +525,11 @@ export class ChatModel {
       messages: toApiMessages(messages, this.preferences.systemPrompt || undefined),
       stream: true,
       stream_options: { include_usage: true },
-      temperature: this.preferences.temperature
+      temperature: this.effectiveSettings().temperature
     };
-    if (this.preferences.maxTokens > 0) {
-      request.max_tokens = this.preferences.maxTokens;
+    const { maxTokens } = this.effectiveSettings();
+    if (maxTokens > 0) {
+      request.max_tokens = maxTokens;
     }
     if (this._state.thinkingMode !== 'auto' && this.supportsThinking(request.model)) {
       request.thinking = { type: this._state.thinkingMode === 'on' ? 'enabled' : 'disabled' };
@@ -640,8 +736,13 @@ export class ChatModel {
       this.stop();
     }
     try {
-      const conversation = await this.client.getConversation(id);
-      this.update({ conversation, model: this.knownModel(conversation.model) });
+      const conversation = openedConversation(await this.client.getConversation(id));
+      const settings = conversation.settings ?? {};
+      this.update({
+        conversation,
+        model: this.knownModel(settings.model ?? conversation.model),
+        thinkingMode: settings.thinkingMode ?? this._state.thinkingMode
+      });
     } catch (error) {
       this.reportFailure(error);
     }
@@ -682,7 +783,9 @@ export class ChatModel {
       return;
     }
     try {
-      await this.client.saveConversation(conversation);
+      // the settings the answers were asked with, the sidebar's as well where the conversation has none of its own
+      const settings = { ...conversation.settings, model: this._state.model || conversation.model, thinkingMode: this._state.thinkingMode };
+      await this.client.saveConversation({ ...conversation, settings });
     } catch (error) {
       this.reportFailure(
         new WorkbenchError(

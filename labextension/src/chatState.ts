@@ -7,7 +7,8 @@
  * JupyterLab, so it is unit-tested directly. Every update returns a new object (React compares identity).
  */
 
-import type { ApiMessage, ChatCompletionChunk, ToolCall, Usage } from './protocol';
+import type { ConversationTree } from './conversationTree';
+import type { ApiMessage, ChatCompletionChunk, ThinkingMode, ToolCall, Usage } from './protocol';
 
 export interface ContextBlock {
   /** What the block is, for the chip above the message, e.g. "Active cell [3]". */
@@ -74,13 +75,28 @@ export interface ToolMessage {
 
 export type Message = UserMessage | AssistantMessage | ToolMessage;
 
+/** What a conversation asks its answers with, saved with it; unset fields follow the sidebar's preferences. */
+export interface ConversationSettings {
+  model?: string;
+  thinkingMode?: ThinkingMode;
+  temperature?: number;
+  /** 0: as much as fits. */
+  maxTokens?: number;
+}
+
 export interface Conversation {
   id: string;
   title: string;
+  /** The user named it: the title no longer follows the first question. */
+  titleEdited?: boolean;
   created: number;
   updated: number;
   model?: string;
+  /** The shown branch (pathOf(tree)); saved too, so readers that know no tree still read it. */
   messages: Message[];
+  /** Every branch and answer version (absent in conversations saved before branches). */
+  tree?: ConversationTree;
+  settings?: ConversationSettings;
 }
 
 export function newAssistantMessage(
