@@ -26,6 +26,7 @@ import { Widget } from '@lumino/widgets';
 
 import { WorkbenchClient } from './api';
 import { ChatModel, type ChatPreferences, DEFAULT_PREFERENCES } from './chatModel';
+import { type ExportTarget, writeExport } from './exportFile';
 import { errorOutput, explainErrorPrompt, NotebookTools } from './notebookTools';
 import { ToolChecklist } from './components/SettingsFields';
 import { ChatSidebar, RoutingPanel } from './widgets';
@@ -177,7 +178,11 @@ const plugin: JupyterFrontEndPlugin<void> = {
       {
         copy: text => Clipboard.copyToSystem(text),
         showRouting: completionId => void app.commands.execute(CommandIDs.showRouting, { completionId }),
-        connectModel: () => void app.commands.execute(CommandIDs.connectModel)
+        connectModel: () => void app.commands.execute(CommandIDs.connectModel),
+        exports: {
+          exportNotebook: conversation => void exportAndOpen(conversation, 'ipynb'),
+          exportMarkdown: conversation => void exportAndOpen(conversation, 'md')
+        }
       }
     );
     sidebar.id = 'glm-workbench-chat';
@@ -186,6 +191,16 @@ const plugin: JupyterFrontEndPlugin<void> = {
     app.shell.add(sidebar, 'right', { rank: 400 });
     sidebar.onShown = () => widenRightArea(app.shell, sidebar.node);
     restorer?.add(sidebar, sidebar.id);
+
+    /** Write the conversation to a new file in the workspace and open it (a notebook opens as one). */
+    async function exportAndOpen(conversation: Parameters<typeof writeExport>[1], target: ExportTarget) {
+      try {
+        const path = await writeExport(app.serviceManager.contents, conversation, target);
+        await app.commands.execute('docmanager:open', { path });
+      } catch (error) {
+        void showErrorMessage('GLM Workbench: cannot export this conversation', error as Error);
+      }
+    }
 
     function runCodeAction(action: () => void): void {
       try {

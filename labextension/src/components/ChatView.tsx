@@ -7,7 +7,6 @@
  * animation frame however fast chunks arrive.
  */
 
-import { deleteIcon } from '@jupyterlab/ui-components';
 import React, { useEffect, useLayoutEffect, useRef, useState } from 'react';
 
 import type { ChatModel, ChatState } from '../chatModel';
@@ -25,6 +24,8 @@ import {
 import type { FailureKind } from '../errors';
 import { conversationCost, formatCost, groupModels, type ModelEntry, modelOptionText } from '../models';
 import type { ThinkingMode } from '../protocol';
+import { ConversationMenu, type ExportActions, SiblingNav } from './ConversationControls';
+import { HistoryPanel } from './HistoryPanel';
 import { Markdown } from './Markdown';
 import { ThinkingBlock } from './ThinkingBlock';
 
@@ -33,6 +34,8 @@ export interface ChatViewActions {
   showRouting(completionId: string): void;
   /** How to point the workbench at a real GLM-4.5-Air (the README's section, notebook 5). */
   connectModel(): void;
+  /** Export the shown branch to a new notebook / Markdown file and open it (absent: no export buttons). */
+  exports?: ExportActions;
 }
 
 /** What the bundled model is, wherever the user meets it. */
@@ -98,57 +101,60 @@ function FailureBanner({ state, model }: { state: ChatState; model: ChatModel })
   );
 }
 
-/** "14:05" today, "3 Dec 14:05" this year, "3 Dec 2025" before. */
-export function historyDate(ms: number, now: Date = new Date()): string {
-  const date = new Date(ms);
-  const time = date.toLocaleTimeString(undefined, { hour: '2-digit', minute: '2-digit' });
-  if (date.toDateString() === now.toDateString()) {
-    return time;
-  }
-  const day = date.toLocaleDateString(undefined, { day: 'numeric', month: 'short' });
-  if (date.getFullYear() === now.getFullYear()) {
-    return `${day} ${time}`;
-  }
-  return date.toLocaleDateString(undefined, { day: 'numeric', month: 'short', year: 'numeric' });
-}
-
-function HistoryList({ state, model, onClose }: { state: ChatState; model: ChatModel; onClose: () => void }) {
-  return (
-    <div className="glm-History" role="region" aria-label="Past conversations">
-      {state.history.length === 0 && <div className="glm-History-empty">No saved conversations yet.</div>}
-      <ul className="glm-History-list">
-        {state.history.map(item => (
-          <li
-            key={item.id}
-            className={`glm-History-item${item.id === state.conversation.id ? ' glm-mod-current' : ''}`}
-          >
-            <button
-              className="glm-History-open"
-              onClick={() => {
-                void model.openConversation(item.id);
-                onClose();
-              }}
-              title={new Date(item.updated).toLocaleString()}
-            >
-              <span className="glm-History-title">{item.title || 'Untitled'}</span>
-              <span className="glm-History-date">{historyDate(item.updated)}</span>
+function UserMessageView({
+  message,
+  state,
+  model
+}: {
+  message: UserMessage;
+  state: ChatState;
+  model: ChatModel;
+}): JSX.Element {
+  const [draft, setDraft] = useState<string | null>(null);
+  if (draft !== null) {
+    const resend = () => {
+      if (draft.trim() && !state.busy) {
+        void model.editMessage(message.id, draft);
+        setDraft(null);
+      }
+    };
+    return (
+      <div className="glm-Message glm-mod-user glm-mod-editing" aria-label="Edit your message">
+        <textarea
+          className="glm-Input glm-EditMessage-input"
+          aria-label="Edited message"
+          autoFocus
+          rows={Math.min(8, Math.max(2, draft.split('\n').length))}
+          value={draft}
+          onChange={e => setDraft(e.target.value)}
+          onKeyDown={e => {
+            if (e.key === 'Enter' && !e.shiftKey && !e.nativeEvent.isComposing) {
+              e.preventDefault();
+              resend();
+            } else if (e.key === 'Escape') {
+              e.stopPropagation();
+              setDraft(null);
+            }
+          }}
+        />
+        <div className="glm-Message-footer">
+          <span className="glm-Note">The answers after it are replaced; the current ones stay as the other branch.</span>
+          <span className="glm-Message-actions">
+            <button className="glm-Button" onClick={() => setDraft(null)}>
+              Cancel
             </button>
             <button
-              className="glm-Button glm-IconButton glm-History-delete"
-              aria-label={`Delete conversation ${item.title}`}
-              title="Delete this conversation"
-              onClick={() => void model.deleteConversation(item.id)}
+              className="glm-Button glm-mod-accept glm-EditMessage-send"
+              disabled={!draft.trim() || state.busy}
+              onClick={resend}
             >
-              <deleteIcon.react tag="span" elementSize="normal" />
+              Send
             </button>
-          </li>
-        ))}
-      </ul>
-    </div>
-  );
-}
-
-function UserMessageView({ message }: { message: UserMessage }): JSX.Element {
+          </span>
+        </div>
+      </div>
+    );
+  }
   return (
     <div className="glm-Message glm-mod-user" aria-label="Your message">
       {message.label && <div className="glm-Message-label">{message.label}</div>}
@@ -162,6 +168,21 @@ function UserMessageView({ message }: { message: UserMessage }): JSX.Element {
         </div>
       )}
       <div className="glm-Message-text">{message.text}</div>
+      <div className="glm-Message-footer glm-mod-user">
+        <SiblingNav id={message.id} state={state} model={model} what="branch" />
+        <span className="glm-Message-actions">
+          {!state.busy && (
+            <button
+              className="glm-Button glm-EditMessage"
+              aria-label="Edit message"
+              title="Edit this message and send it again (the current answers stay as a branch)"
+              onClick={() => setDraft(message.text)}
+            >
+              Edit
+            </button>
+          )}
+        </span>
+      </div>
     </div>
   );
 }
@@ -223,13 +244,15 @@ function AssistantMessageView({
   isLast,
   busy,
   model,
-  actions
+  actions,
+  state
 }: {
   message: AssistantMessage;
   isLast: boolean;
   busy: boolean;
   model: ChatModel;
   actions: ChatViewActions;
+  state: ChatState;
 }): JSX.Element {
   const waiting = message.status === 'streaming' && !message.content && !message.reasoning && !message.toolCalls.length;
   return (
@@ -251,6 +274,7 @@ function AssistantMessageView({
       )}
       {message.status !== 'streaming' && (
         <div className="glm-Message-footer">
+          <SiblingNav id={message.id} state={state} model={model} what="version" />
           <UsageLine message={message} />
           <span className="glm-Message-actions">
             {message.content && (
@@ -466,7 +490,7 @@ function MessageList({
       {messages.length === 0 && <EmptyState state={state} model={model} actions={actions} />}
       {messages.map((m: Message) =>
         m.kind === 'user' ? (
-          <UserMessageView key={m.id} message={m} />
+          <UserMessageView key={m.id} message={m} state={state} model={model} />
         ) : m.kind === 'assistant' ? (
           <AssistantMessageView
             key={m.id}
@@ -475,6 +499,7 @@ function MessageList({
             busy={state.busy}
             model={model}
             actions={actions}
+            state={state}
           />
         ) : (
           <ToolCallView key={m.id} message={m} model={model} />
@@ -488,12 +513,14 @@ function Header({
   state,
   model,
   historyOpen,
-  toggleHistory
+  toggleHistory,
+  exports
 }: {
   state: ChatState;
   model: ChatModel;
   historyOpen: boolean;
   toggleHistory: () => void;
+  exports?: ExportActions;
 }): JSX.Element {
   return (
     <div className="glm-Header">
@@ -519,6 +546,7 @@ function Header({
       <div className="glm-Header-controls">
         <ModelPicker state={state} model={model} />
         <ThinkingControl state={state} model={model} />
+        <ConversationMenu state={state} model={model} exports={exports} />
       </div>
       <ModelCard state={state} model={model} />
     </div>
@@ -649,8 +677,12 @@ function formatContext(tokens: number): string {
   return tokens >= 1024 && tokens % 1024 === 0 ? `${tokens / 1024}K` : String(tokens);
 }
 
-/** How full the conversation is: the last answer's prompt + completion tokens (the server's counts) out of the
- * model's context. */
+/**
+ * How full the conversation is: the last shown answer's prompt + completion tokens, as the server counted them
+ * (`usage`, which every provider sends with the stream), out of the model's context; a warning from 90 %. The
+ * server's count_tokens (glm/anthropic/v1/messages/count_tokens) would also count a draft, but costs a request per
+ * change and speaks the Anthropic format; the usage is exact for what was sent, and free.
+ */
 function ContextMeter({ state, model }: { state: ChatState; model: ChatModel }): JSX.Element | null {
   const last = [...state.conversation.messages]
     .reverse()
@@ -685,6 +717,12 @@ function ContextMeter({ state, model }: { state: ChatState; model: ChatModel }):
         </span>
       )}
       <span className="glm-ContextMeter-text">{text}</span>
+      {limit !== null && fraction >= 0.9 && (
+        <span className="glm-ContextMeter-warning" role="status">
+          {fraction >= 1 ? 'Full' : 'Near the limit'}: start a new conversation, or edit an earlier message to branch
+          off with less
+        </span>
+      )}
     </div>
   );
 }
@@ -779,9 +817,15 @@ export function ChatView({ model, actions }: { model: ChatModel; actions: ChatVi
         }
       }}
     >
-      <Header state={state} model={model} historyOpen={historyOpen} toggleHistory={() => setHistoryOpen(!historyOpen)} />
+      <Header
+        state={state}
+        model={model}
+        historyOpen={historyOpen}
+        toggleHistory={() => setHistoryOpen(!historyOpen)}
+        exports={actions.exports}
+      />
       <FailureBanner state={state} model={model} />
-      {historyOpen && <HistoryList state={state} model={model} onClose={() => setHistoryOpen(false)} />}
+      {historyOpen && <HistoryPanel state={state} model={model} onClose={() => setHistoryOpen(false)} />}
       <MessageList state={state} model={model} actions={actions} />
       <div className="glm-Footer">
         <ContextMeter state={state} model={model} />
