@@ -12,6 +12,9 @@ keyword in the last user message:
 - ``tool``:  a call to ``insert_cell``; after the tool result comes back, a short confirmation;
 - ``cut``:   a short answer that ends at its token limit (``finish_reason: length``), for the cut-off note;
 - ``wide``:  an answer with a code block much wider than the sidebar;
+- ``echo``:  "You said: <the message>", so that branches of an edited message answer differently;
+- ``version``: "Answer version N" (N counts these requests), so that regenerated answers differ;
+- ``crowd``: a one-line answer whose usage says the prompt took 30 000 tokens (the context meter's warning);
 - anything else: a one-line answer.
 
 Run: ``python tests/ui/scripted_upstream.py --port 8911`` (prints ``READY <port>`` when listening).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import sys
 import time
@@ -45,6 +49,16 @@ def _words(text: str) -> list[str]:
     return out + ([word] if word else [])
 
 
+_versions = itertools.count(1)
+CROWDED_PROMPT_TOKENS = 30_000
+
+
+def prompt_tokens_for(messages: list[dict]) -> int:
+    """The prompt's tokens as usage reports them: 12, or 30 000 for a ``crowd`` message."""
+    text = str((messages[-1] if messages else {}).get("content") or "").lower()
+    return CROWDED_PROMPT_TOKENS if "crowd" in text else 12
+
+
 def script_for(messages: list[dict]) -> tuple[list[Delta], float, str]:
     """The deltas to stream, the pause between them (s) and the finish reason."""
     last = messages[-1] if messages else {}
@@ -67,6 +81,13 @@ def script_for(messages: list[dict]) -> tuple[list[Delta], float, str]:
     if "wide" in text:
         line = "result = " + " + ".join(f"value_{i}" for i in range(40))
         return [{"content": f"A wide line:\n\n```python\n{line}\nprint(result)\n```\n\nThat is all."}], 0.02, "stop"
+    if "echo" in text:
+        said = str(last.get("content")).strip().splitlines()[-1]
+        return [{"content": w} for w in _words(f"You said: {said}")], 0.02, "stop"
+    if "version" in text:
+        return [{"content": w} for w in _words(f"Answer version {next(_versions)}.")], 0.02, "stop"
+    if "crowd" in text:
+        return [{"content": w} for w in _words("A crowded context.")], 0.02, "stop"
     if "tool" in text:
         call = {"index": 0, "id": "call_insert_1", "type": "function",
                 "function": {"name": "insert_cell", "arguments": json.dumps({"source": INSERTED_SOURCE})}}
@@ -74,19 +95,21 @@ def script_for(messages: list[dict]) -> tuple[list[Delta], float, str]:
     return [{"content": w} for w in _words("Hello from the scripted model.")], 0.02, "stop"
 
 
-def chunks(completion_id: str, deltas: list[Delta], pause: float, finish: str) -> Iterator[dict]:
+def chunks(completion_id: str, deltas: list[Delta], pause: float, finish: str, prompt_tokens: int = 12
+           ) -> Iterator[dict]:
     base = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": MODEL_ID}
     yield base | {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
     for delta in deltas:
         time.sleep(pause)
         yield base | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
     yield base | {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
-    yield base | {"choices": [], "usage": usage(len(deltas))}
+    yield base | {"choices": [], "usage": usage(len(deltas), prompt_tokens)}
 
 
-def usage(completion_tokens: int) -> dict:
+def usage(completion_tokens: int, prompt_tokens: int = 12) -> dict:
     """Counts, and the timings the workbench's engine sends (scripted: 21 tokens in 2 s of decode is 10 tok/s)."""
-    return {"prompt_tokens": 12, "completion_tokens": completion_tokens, "total_tokens": 12 + completion_tokens,
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
             "prompt_seconds": 0.25, "decode_seconds": DECODE_SECONDS_PER_TOKEN * max(completion_tokens - 1, 0)}
 
 
@@ -138,7 +161,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         try:
-            for chunk in chunks(completion_id, deltas, pause, finish):
+            prompt_tokens = prompt_tokens_for(request.get("messages") or [])
+            for chunk in chunks(completion_id, deltas, pause, finish, prompt_tokens):
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
             self.wfile.write(b"data: [DONE]\n\n")

@@ -1,0 +1,191 @@
+/**
+ * Conversations you can work with, end to end against the scripted model: edit and resend with the old branch
+ * reachable (and still there after a reload), answer versions after Regenerate, the conversation's settings and
+ * export to a notebook, history search, and the context meter's warning near the limit (on the providers
+ * server, whose scripted model has a 32 768-token context). Screenshots in the light and the dark theme.
+ */
+import { expect, galata, test, type IJupyterLabPageFixture } from '@jupyterlab/galata';
+import type { Locator } from '@playwright/test';
+import * as fs from 'fs';
+import * as path from 'path';
+
+const ARTIFACTS = process.env.GLM_UI_ARTIFACTS || path.resolve(__dirname, '..', 'artifacts');
+fs.mkdirSync(ARTIFACTS, { recursive: true });
+
+test.use({
+  waitForApplication: async ({}, use) => {
+    await use(async (page, helpers) => {
+      await page.locator('#jupyterlab-splash').waitFor({ state: 'detached', timeout: 120 * 1000 });
+      await helpers.waitForCondition(() => helpers.activity.isTabActive('Launcher'), 90 * 1000);
+    });
+  },
+  // no tool descriptions in the requests: these flows are about the conversation
+  mockSettings: { ...galata.DEFAULT_SETTINGS, 'glm-workbench:plugin': { enableTools: false } }
+});
+
+/** The state in the light theme, then the same in the dark one (back to light after). */
+async function shots(page: IJupyterLabPageFixture, name: string): Promise<void> {
+  await page.screenshot({ path: path.join(ARTIFACTS, `${name}-light.png`) });
+  await page.theme.setDarkTheme();
+  await page.screenshot({ path: path.join(ARTIFACTS, `${name}-dark.png`) });
+  await page.theme.setLightTheme();
+}
+
+async function openChat(page: IJupyterLabPageFixture, modelId: (id: string) => boolean): Promise<Locator> {
+  await page.evaluate(async () => {
+    await window.jupyterapp.commands.execute('glm-workbench:open-chat');
+  });
+  const chat = page.locator('.glm-Chat');
+  await expect(chat).toBeVisible();
+  await expect(chat.locator('.glm-ModelPicker option').first()).not.toHaveText('no model');
+  const ids = await chat.locator('.glm-ModelPicker option').evaluateAll(options =>
+    options.map(o => (o as HTMLOptionElement).value)
+  );
+  const id = ids.find(modelId);
+  expect(id, `a scripted model among ${ids.join(', ')}`).toBeTruthy();
+  await chat.locator('.glm-ModelPicker').selectOption(id!);
+  return chat;
+}
+
+const scripted = (id: string) => id === 'scripted-glm' || id === 'hosted/scripted-glm';
+
+async function send(chat: Locator, text: string): Promise<void> {
+  const input = chat.getByRole('textbox', { name: 'Message' });
+  await input.fill(text);
+  await input.press('Enter');
+  await expect(chat.getByLabel('Send message')).toBeVisible(); // the answer is over
+}
+
+const users = (chat: Locator) => chat.locator('.glm-Message.glm-mod-user');
+const answers = (chat: Locator) => chat.locator('.glm-Message.glm-mod-assistant');
+
+test.describe('Conversations', () => {
+  test('edit and resend replaces the answers after it and keeps the old branch, across a reload', async ({ page }) => {
+    const chat = await openChat(page, scripted);
+    const tag = Date.now();
+    await send(chat, `echo first ${tag}`);
+    await send(chat, 'echo second');
+    await expect(answers(chat).last()).toHaveText(/You said: echo second/);
+
+    const second = users(chat).nth(1);
+    await second.hover();
+    await second.getByRole('button', { name: 'Edit message' }).click();
+    await chat.getByRole('textbox', { name: 'Edited message' }).fill('echo second, edited');
+    await shots(page, 'conv-01-editing');
+    await chat.locator('.glm-EditMessage-send').click();
+    await expect(chat.getByLabel('Send message')).toBeVisible();
+    await expect(users(chat)).toHaveCount(2);
+    await expect(answers(chat)).toHaveCount(2);
+    await expect(users(chat).nth(1).locator('.glm-Message-text')).toHaveText('echo second, edited');
+    await expect(answers(chat).last()).toContainText('You said: echo second, edited');
+    const nav = users(chat).nth(1).getByRole('group', { name: 'Edit 2 of 2' });
+    await expect(nav).toHaveText(/2\/2/);
+    await shots(page, 'conv-02-edited');
+
+    // ‹ : the old message and its answer, untouched
+    await nav.getByRole('button', { name: 'Previous branch' }).click();
+    await expect(users(chat).nth(1).locator('.glm-Message-text')).toHaveText('echo second');
+    await expect(answers(chat).last()).toContainText('You said: echo second');
+    await expect(answers(chat).last()).not.toContainText('edited');
+    await expect(users(chat).nth(1).getByRole('group', { name: 'Edit 1 of 2' })).toBeVisible();
+
+    // a reload reopens the conversation on the branch shown, with the other one still reachable
+    await page.waitForTimeout(500); // the save after switching is one request; let it reach the server
+    await page.reload();
+    const again = page.locator('.glm-Chat');
+    await page.evaluate(async () => {
+      await window.jupyterapp.commands.execute('glm-workbench:open-chat');
+    });
+    await expect(users(again).first()).toContainText(`echo first ${tag}`);
+    await expect(users(again).nth(1).locator('.glm-Message-text')).toHaveText('echo second');
+    await users(again).nth(1).getByRole('button', { name: 'Next branch' }).click();
+    await expect(users(again).nth(1).locator('.glm-Message-text')).toHaveText('echo second, edited');
+    await expect(answers(again).last()).toContainText('You said: echo second, edited');
+  });
+
+  test('Regenerate keeps every answer as a version; history finds conversations by their text', async ({ page }) => {
+    const chat = await openChat(page, scripted);
+    await send(chat, 'give me a version');
+    const first = (await answers(chat).last().locator('.glm-Markdown').textContent()) ?? '';
+    expect(first).toMatch(/Answer version \d+\./);
+    for (let i = 0; i < 2; i++) {
+      await chat.getByRole('button', { name: 'Regenerate answer' }).click();
+      await expect(chat.getByLabel('Send message')).toBeVisible();
+    }
+    await expect(answers(chat)).toHaveCount(1);
+    const nav = answers(chat).getByRole('group', { name: 'Answer version 3 of 3' });
+    await expect(nav).toHaveText(/3\/3/);
+    const third = (await answers(chat).locator('.glm-Markdown').textContent()) ?? '';
+    expect(third).not.toBe(first);
+    await shots(page, 'conv-03-versions');
+    await nav.getByRole('button', { name: 'Previous version' }).click();
+    await nav.page().getByRole('group', { name: 'Answer version 2 of 3' }).getByRole('button', { name: 'Previous version' }).click();
+    await expect(answers(chat).locator('.glm-Markdown')).toHaveText(first);
+    await expect(answers(chat).getByRole('group', { name: 'Answer version 1 of 3' })).toBeVisible();
+
+    // history: a date beside each title, a search over titles and text
+    await chat.getByLabel('Past conversations').click();
+    const search = chat.getByRole('searchbox', { name: 'Search conversations' });
+    await search.fill('version');
+    await expect(chat.locator('.glm-History-item', { hasText: 'give me a version' })).toBeVisible();
+    await expect(chat.locator('.glm-History-item').first().locator('.glm-History-date')).toHaveText(/\d{1,2}[:.]\d{2}/);
+    await shots(page, 'conv-04-history-search');
+    await search.fill('no conversation says this');
+    await expect(chat.locator('.glm-History-item')).toHaveCount(0);
+    await expect(chat.locator('.glm-History-empty')).toContainText('No conversation matches');
+  });
+
+  test('the conversation popover keeps its settings and exports it to a notebook', async ({ page }) => {
+    const chat = await openChat(page, scripted);
+    await send(chat, 'think, then write an add function');
+    await expect(answers(chat).last()).toContainText('It adds two numbers.');
+    await chat.getByRole('button', { name: 'Conversation settings and export' }).click();
+    const popover = chat.getByRole('dialog', { name: 'This conversation' });
+    await popover.getByLabel('Temperature of this conversation').fill('0.3');
+    await popover.getByLabel('Maximum tokens per answer in this conversation').fill('512');
+    await shots(page, 'conv-05-settings');
+    await popover.getByRole('button', { name: 'To notebook' }).click();
+
+    // the notebook opens: the question as Markdown, the prose as Markdown, the Python block as a code cell
+    await page.waitForFunction(() => (window.jupyterapp.shell.currentWidget as any)?.context?.path?.endsWith('.ipynb'));
+    const cells = await page.evaluate(async () => {
+      const panel = window.jupyterapp.shell.currentWidget as any;
+      await panel.context.ready;
+      const list = panel.content.model.cells;
+      const out: Array<{ type: string; source: string }> = [];
+      for (let i = 0; i < list.length; i++) {
+        out.push({ type: list.get(i).type, source: list.get(i).sharedModel.getSource() });
+      }
+      return out;
+    });
+    expect(cells.map(c => c.type)).toEqual(['markdown', 'markdown', 'markdown', 'code', 'markdown']);
+    expect(cells[1].source).toContain('> think, then write an add function');
+    expect(cells[3].source).toBe('def add(a, b):\n    return a + b');
+    expect(cells[4].source).toBe('It adds two numbers.');
+    await shots(page, 'conv-06-exported-notebook');
+
+    // the next answer is asked with the conversation's settings (the request the sidebar sends)
+    const request = page.waitForRequest(r => r.url().includes('/glm/v1/chat/completions'));
+    await page.evaluate(async () => {
+      await window.jupyterapp.commands.execute('glm-workbench:open-chat');
+    });
+    await send(chat, 'and once more');
+    const body = (await request).postDataJSON();
+    expect(body).toMatchObject({ temperature: 0.3, max_tokens: 512 });
+  });
+});
+
+test.describe('Context meter @providers', () => {
+  test('shows the tokens used of the context as a bar, with a warning near the limit', async ({ page }) => {
+    const chat = await openChat(page, id => id === 'hosted/scripted-glm');
+    await send(chat, 'hello there');
+    const meter = chat.getByRole('meter', { name: 'Context used' });
+    await expect(meter).toHaveText(/^Context: 1\d \/ 32,768 tokens$/);
+    await expect(meter.locator('.glm-ContextMeter-warning')).toHaveCount(0);
+    await send(chat, 'crowd the context');
+    await expect(meter).toContainText(/Context: 30,0\d\d \/ 32,768 tokens/);
+    await expect(meter).toHaveClass(/glm-mod-full/);
+    await expect(meter.locator('.glm-ContextMeter-warning')).toContainText('Near the limit');
+    await shots(page, 'conv-07-context-meter');
+  });
+});
