@@ -57,6 +57,7 @@ export function splitFences(markdown: string): AnswerPiece[] {
 }
 
 interface NotebookCell {
+  id: string;
   cell_type: 'markdown' | 'code';
   metadata: Record<string, unknown>;
   source: string;
@@ -73,17 +74,17 @@ export interface NotebookDocument {
 
 const quote = (text: string) => text.split('\n').map(line => `> ${line}`).join('\n');
 
-function markdownCell(source: string): NotebookCell {
+function markdownCell(source: string): Omit<NotebookCell, 'id'> {
   return { cell_type: 'markdown', metadata: {}, source };
 }
 
-function codeCell(source: string): NotebookCell {
+function codeCell(source: string): Omit<NotebookCell, 'id'> {
   return { cell_type: 'code', metadata: {}, source, outputs: [], execution_count: null };
 }
 
-/** The notebook of a conversation's shown branch (nbformat 4.5; cell ids are added by JupyterLab on open). */
+/** The notebook of a conversation's shown branch (nbformat 4.5: each cell has an id, unique in the notebook). */
 export function toNotebook(conversation: Pick<Conversation, 'title' | 'messages' | 'model'>): NotebookDocument {
-  const cells: NotebookCell[] = [markdownCell(`# ${conversation.title || 'GLM conversation'}`)];
+  const cells: Array<Omit<NotebookCell, 'id'>> = [markdownCell(`# ${conversation.title || 'GLM conversation'}`)];
   for (const message of conversation.messages) {
     if (message.kind === 'user') {
       cells.push(markdownCell(`**You:**\n\n${quote(message.text)}`));
@@ -108,7 +109,7 @@ export function toNotebook(conversation: Pick<Conversation, 'title' | 'messages'
       language_info: { name: 'python' },
       glm_workbench: { exported_from: 'conversation', model: conversation.model ?? null }
     },
-    cells
+    cells: cells.map((cell, i) => ({ id: `glm-${i}`, ...cell }))
   };
 }
 

@@ -24,6 +24,7 @@ describe('export', () => {
     expect(nb.nbformat).toBe(4);
     expect(nb.cells.map(c => c.cell_type)).toEqual(['markdown', 'markdown', 'markdown', 'code', 'markdown', 'markdown', 'markdown']);
     expect(nb.cells[0].source).toBe('# Sines');
+    expect(new Set(nb.cells.map(c => c.id)).size).toBe(nb.cells.length);
     expect(nb.cells[1].source).toBe('**You:**\n\n> Plot a sine\n> please');
     expect(nb.cells[2].source).toBe('**glm-4.5-air:**\n\nHere it is:');
     expect(nb.cells[3]).toMatchObject({ source: 'import numpy as np\nprint(np.sin(1))', outputs: [], execution_count: null });

@@ -23,12 +23,31 @@ test.use({
   mockSettings: { ...galata.DEFAULT_SETTINGS, 'glm-workbench:plugin': { enableTools: false } }
 });
 
+/** Wait until the whole page (the menu bar and the sidebar, not only the main area) wears the theme. */
+async function themeApplied(page: IJupyterLabPageFixture, dark: boolean): Promise<void> {
+  await page.waitForFunction(wantDark => {
+    // whether an element's background is dark; null where it has none of its own (transparent)
+    const dim = (el: Element) => {
+      const rgb = getComputedStyle(el).backgroundColor.match(/[\d.]+/g)?.map(Number) ?? [];
+      return rgb.length < 3 || rgb[3] === 0 ? null : rgb[0] + rgb[1] + rgb[2] < 300;
+    };
+    const checked = ['.lm-MenuBar', '.glm-ChatSidebar', '.jp-SideBar']
+      .map(selector => document.querySelector(selector))
+      .filter((el): el is Element => el !== null)
+      .map(dim)
+      .filter(d => d !== null);
+    return checked.length > 0 && checked.every(d => d === wantDark);
+  }, dark);
+}
+
 /** The state in the light theme, then the same in the dark one (back to light after). */
 async function shots(page: IJupyterLabPageFixture, name: string): Promise<void> {
   await page.screenshot({ path: path.join(ARTIFACTS, `${name}-light.png`) });
   await page.theme.setDarkTheme();
+  await themeApplied(page, true);
   await page.screenshot({ path: path.join(ARTIFACTS, `${name}-dark.png`) });
   await page.theme.setLightTheme();
+  await themeApplied(page, false);
 }
 
 async function openChat(page: IJupyterLabPageFixture, modelId: (id: string) => boolean): Promise<Locator> {
@@ -47,7 +66,7 @@ async function openChat(page: IJupyterLabPageFixture, modelId: (id: string) => b
   return chat;
 }
 
-const scripted = (id: string) => id === 'scripted-glm' || id === 'hosted/scripted-glm';
+const scripted = (id: string) => id === 'scripted-glm' || id.endsWith('/scripted-glm');
 
 async function send(chat: Locator, text: string): Promise<void> {
   const input = chat.getByRole('textbox', { name: 'Message' });
@@ -162,6 +181,8 @@ test.describe('Conversations', () => {
     expect(cells[1].source).toContain('> think, then write an add function');
     expect(cells[3].source).toBe('def add(a, b):\n    return a + b');
     expect(cells[4].source).toBe('It adds two numbers.');
+    await expect(page.locator('.jp-Notebook .jp-MarkdownCell h1').first()).toHaveText(/think, then write an add function/);
+    await expect(page.locator('.jp-Notebook .jp-MarkdownCell blockquote').first()).toBeVisible();
     await shots(page, 'conv-06-exported-notebook');
 
     // the next answer is asked with the conversation's settings (the request the sidebar sends)
