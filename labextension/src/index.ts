@@ -30,6 +30,7 @@ import { errorOutput, explainErrorPrompt, NotebookTools } from './notebookTools'
 import { ToolChecklist } from './components/SettingsFields';
 import { ChatSidebar, RoutingPanel } from './widgets';
 import { routingTitle } from './routingData';
+import { checkWebUrl, webFetch, webFetchToolResult } from './webFetch';
 
 const PLUGIN_ID = 'glm-workbench:plugin';
 
@@ -161,7 +162,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       fieldRenderer: ToolChecklist as unknown as NonNullable<Parameters<IFormRendererRegistry['addRenderer']>[1]['fieldRenderer']>
     });
     const client = new WorkbenchClient(app.serviceManager.serverSettings);
-    const tools = new NotebookTools(notebooks);
+    const tools = new NotebookTools(notebooks, async url => webFetchToolResult(await webFetch(client, checkWebUrl(url))));
     const model = new ChatModel(client, tools);
 
     const routingTracker = new WidgetTracker<MainAreaWidget<RoutingPanel>>({ namespace: 'glm-workbench-routing' });

@@ -26,6 +26,7 @@ import type { FailureKind } from '../errors';
 import type { ThinkingMode } from '../protocol';
 import { Markdown } from './Markdown';
 import { ThinkingBlock } from './ThinkingBlock';
+import { WebFetchCard } from './WebFetchCard';
 
 export interface ChatViewActions {
   copy(text: string): void;
@@ -357,6 +358,7 @@ function ToolCallView({ message, model }: { message: ToolMessage; model: ChatMod
           </button>
         </div>
       )}
+      {name === 'web_fetch' && <WebFetchCard message={message} />}
       {message.result !== undefined && (
         <details className="glm-ToolCall-result">
           <summary>Result</summary>
