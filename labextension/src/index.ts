@@ -19,6 +19,7 @@ import {
   WidgetTracker
 } from '@jupyterlab/apputils';
 import { IEditorLanguageRegistry } from '@jupyterlab/codemirror';
+import { ICompletionProviderManager } from '@jupyterlab/completer';
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IFormRendererRegistry, LabIcon } from '@jupyterlab/ui-components';
@@ -31,6 +32,7 @@ import { ToolChecklist } from './components/SettingsFields';
 import { ChatSidebar, RoutingPanel } from './widgets';
 import { routingTitle } from './routingData';
 import { checkWebUrl, webFetch, webFetchToolResult } from './webFetch';
+import { DEFAULT_INLINE_SETTINGS, GlmInlineCompletionProvider, readInlineSettings } from './inlineCompletion';
 
 const PLUGIN_ID = 'glm-workbench:plugin';
 
@@ -144,7 +146,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
     IEditorLanguageRegistry,
     ISanitizer,
     IThemeManager,
-    IFormRendererRegistry
+    IFormRendererRegistry,
+    ICompletionProviderManager
   ],
   activate: (
     app: JupyterFrontEnd,
@@ -155,7 +158,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
     languages: IEditorLanguageRegistry | null,
     sanitizer: ISanitizer | null,
     themeManager: IThemeManager | null,
-    formRegistry: IFormRendererRegistry | null
+    formRegistry: IFormRendererRegistry | null,
+    completionManager: ICompletionProviderManager | null
   ) => {
     // the settings editor's own rendering of this array has no title: a titled checklist instead
     formRegistry?.addRenderer(`${PLUGIN_ID}.autoApproveTools`, {
@@ -310,11 +314,25 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
     }
 
+    // Ghost text in cells from the sidebar's model (inlineCompletion.ts decides when it may run).
+    let inlineSettings = DEFAULT_INLINE_SETTINGS;
+    completionManager?.registerInlineProvider(
+      new GlmInlineCompletionProvider(
+        client,
+        () => ({ model: model.state.model, models: model.state.models, status: model.state.status }),
+        () => inlineSettings
+      )
+    );
+
     if (settingRegistry) {
       void settingRegistry
         .load(PLUGIN_ID)
         .then(settings => {
           model.setPreferences(readPreferences(settings));
+          inlineSettings = readInlineSettings(key => settings.get(key).composite);
+          settings.changed.connect(() => {
+            inlineSettings = readInlineSettings(key => settings.get(key).composite);
+          });
           settings.changed.connect(() => model.setPreferences(readPreferences(settings)));
           model.autoApproveChanged.connect((_, names) => void settings.set('autoApproveTools', names));
         })
