@@ -184,11 +184,11 @@ class WebFetcher:
                                      f"{max_chars!r}", "web_fetch_bad_request")
         deadline = time.monotonic() + self.timeout
         current = self._parse(url)
-        with httpx.Client(transport=self.transport, trust_env=False, follow_redirects=False,
-                          headers={"User-Agent": USER_AGENT, "Accept": "text/html,application/xhtml+xml,"
-                                   "text/plain;q=0.9,application/json;q=0.8,*/*;q=0.5"}) as client:
-            for _ in range(self.max_redirects + 1):
-                target = self._vet(current)
+        for _ in range(self.max_redirects + 1):
+            target = self._vet(current)
+            # A client per hop: a connection (and its TLS session, checked for one name) is never reused for
+            # another name that happens to share the address, and no cookie follows a redirect.
+            with self._client() as client:
                 response = self._send(client, target, deadline)
                 try:
                     location = response.headers.get("location")
@@ -206,14 +206,19 @@ class WebFetcher:
                     body, cut = self._read(response, current, deadline)
                 finally:
                     response.close()
-                if kind is None:  # no Content-Type: decide by the bytes
-                    kind = _sniff(body, current)
-                return _page(url, str(current), content_type, kind, body, response.charset_encoding, cut,
-                             max_chars)
+            if kind is None:  # no Content-Type: decide by the bytes
+                kind = _sniff(body, current)
+            return _page(url, str(current), content_type, kind, body, response.charset_encoding, cut, max_chars)
         raise WebFetchError(502, f"{url} redirected more than {self.max_redirects} times (last to {current}); "
                                  "open the final address directly", "web_fetch_too_many_redirects")
 
     # -- steps --
+    def _client(self) -> httpx.Client:
+        # trust_env=False: no proxy from the environment (it would resolve names itself, past the check)
+        return httpx.Client(transport=self.transport, trust_env=False, follow_redirects=False,
+                            headers={"User-Agent": USER_AGENT, "Accept": "text/html,application/xhtml+xml,"
+                                     "text/plain;q=0.9,application/json;q=0.8,*/*;q=0.5"})
+
     def _parse(self, url: str, redirected_from: httpx.URL | None = None) -> httpx.URL:
         where = f" (a redirect from {redirected_from})" if redirected_from is not None else ""
         if not isinstance(url, str) or not url.strip():
