@@ -319,7 +319,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
     completionManager?.registerInlineProvider(
       new GlmInlineCompletionProvider(
         client,
-        () => ({ model: model.state.model, models: model.state.models, status: model.state.status }),
+        () => ({
+          model: model.state.model,
+          models: model.state.models,
+          status: model.state.status,
+          demo: model.isDemoModel()
+        }),
         () => inlineSettings
       )
     );

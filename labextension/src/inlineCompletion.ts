@@ -24,7 +24,8 @@ import type { ApiMessage, ChatCompletionChunk, ChatCompletionRequest, ModelInfo,
 export type InlineCompletionMode = 'auto' | 'on' | 'off';
 
 export interface InlineCompletionSettings {
-  /** auto: on for the local engine's models, off for remote ones (each completion is a paid request there). */
+  /** auto: on for the local engine's models (not the bundled demo model), off for remote ones (each completion is
+   * a paid request there). */
   mode: InlineCompletionMode;
   /** Pause after the last keystroke before asking the model (ms). */
   delayMs: number;
@@ -39,6 +40,8 @@ export interface InlineModelChoice {
   model: string;
   models: readonly ModelInfo[];
   status: ServerStatus | null;
+  /** The bundled 10M-parameter demo model (ChatModel.isDemoModel): it writes no useful code. */
+  demo?: boolean;
 }
 
 /**
@@ -76,6 +79,12 @@ export function inlineCompletionAllowed(
   }
   if (settings.mode === 'on') {
     return { allowed: true, reason: 'the inlineCompletion setting is on' };
+  }
+  if (choice.demo) {
+    return {
+      allowed: false,
+      reason: `${choice.model} is the bundled demo model, which writes no useful code: set inlineCompletion to "on" to see it anyway`
+    };
   }
   const provider = modelProvider(choice);
   return provider === 'local'

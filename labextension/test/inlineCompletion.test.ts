@@ -43,6 +43,14 @@ describe('when inline completion runs', () => {
     expect(modelProvider({ model: 'zai/glm-4.5-air', models, status: null })).toBe('zai');
   });
 
+  it('auto leaves the bundled demo model out; on includes it', () => {
+    const demo = { model: 'glm45-air-mini', models: [], status: { backend: 'local' }, demo: true };
+    const auto_ = inlineCompletionAllowed(auto, demo);
+    expect(auto_.allowed).toBe(false);
+    expect(auto_.reason).toMatch(/bundled demo model/);
+    expect(inlineCompletionAllowed({ ...auto, mode: 'on' }, demo).allowed).toBe(true);
+  });
+
   it('on and off override, and no model means no completion', () => {
     const remote = { model: 'scripted-glm', models: [], status: { backend: 'remote' } };
     expect(inlineCompletionAllowed({ ...auto, mode: 'on' }, remote).allowed).toBe(true);
