@@ -203,6 +203,7 @@ test.describe('Inline completion', () => {
     await expect(ghost).toHaveText('urn a + b');
     expect(await cellSource(page, 0), 'ghost text is not in the cell until accepted').toBe('def add(a, b):\n    ret');
     await expect.poll(() => debug.some(line => /first token after \d+ ms, done after \d+ ms/.test(line))).toBe(true);
+    console.log(debug.join('\n')); // the latency the debug log shows, in the test's output
     await shotBothThemes(page, 'web-04-inline-ghost', async () => {
       await expect(ghost).toHaveText('urn a + b');
     });
