@@ -1,0 +1,195 @@
+"""`%%glm --web URL` (pages read and put into the prompt, with a note of what was read) and `%%glm -f html` (the
+answer's page in a new cell that shows it in a sandboxed iframe): the request that left the kernel, the cell's
+source, and what that source displays when run, down to the escaping of quotes, `</script>` and `&`.
+
+Pages come from a page server on loopback; the kernel's fetcher is given a resolver stub that lets one made-up
+name through to it. A guard fails any test that would connect elsewhere than loopback."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+import pytest
+from glm_upstream import SCRIPTED_MODEL, magics_of
+from IPython.core.error import UsageError
+from IPython.utils.capture import capture_output
+from web_pages import LoopbackOnly, PageServer, stub_resolver
+
+from workbench.magics import SYSTEM_PROMPTS
+from workbench.magics.connection import Connection, InProcessConnection
+from workbench.magics.web import html_cell, html_page, python_literal
+from workbench.tools.web_fetch import WebFetcher
+
+
+@pytest.fixture(scope="module")
+def pages():
+    server = PageServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def remote(shell, upstream, monkeypatch):
+    """The shell on the scripted endpoint; the kernel's web fetcher reaches docs.example (the page server)."""
+    assert shell.run_cell("%glm config api_key_env=").success
+    with capture_output():
+        assert shell.run_cell(f"%glm use remote {upstream.url} {SCRIPTED_MODEL}").success
+    upstream.requests.clear()
+    monkeypatch.setattr(InProcessConnection, "web_fetcher", lambda self: WebFetcher(
+        resolver=stub_resolver({"docs.example": ["127.0.0.1"]}), allow_hosts=["docs.example"]))
+    LoopbackOnly(monkeypatch)
+    return shell
+
+
+def run(shell, code: str):
+    with capture_output() as captured:
+        result = shell.run_cell(code, store_history=True)
+    return result, captured
+
+
+# --- --web --------------------------------------------------------------------------------------------
+
+def test_web_pages_go_into_the_prompt_with_a_note_of_what_was_read(remote, upstream, pages):
+    page, text = pages.url("/redirect", "docs.example"), pages.url("/text", "docs.example")
+    result, captured = run(remote, f"%%glm -f markdown --web {page} --web {text}\nsummarise these NOCODE")
+    assert result.success, result.error_in_exec
+    (request,) = upstream.requests
+    prompt = request["messages"][-1]["content"]
+    assert prompt.startswith("Web pages I fetched for this question")
+    assert f"## Quarterly Widgets & Gadgets\nURL: {pages.url('/page', 'docs.example')}\n\n# Widget report" in prompt
+    assert "Widgets grew by **12%** this quarter" in prompt and "plain words, ünïcode" in prompt
+    assert prompt.endswith("---\n\nsummarise these NOCODE")
+    assert "SCRIPT-TEXT" not in prompt
+    out = captured.stdout
+    assert f"read {pages.url('/page', 'docs.example')} (from {page}): 'Quarterly Widgets & Gadgets'" in out
+    assert f"read {text}:" in out
+
+
+def test_a_page_that_cannot_be_read_stops_the_cell_before_the_model_is_asked(remote, upstream, pages):
+    for url, why in ((pages.url("/page"), "loopback"), ("gopher://docs.example/", "http and https"),
+                     (pages.url("/pdf", "docs.example"), "a PDF")):
+        result, captured = run(remote, f"%%glm --web {url}\nwhat does it say")
+        assert isinstance(result.error_in_exec, UsageError)
+        assert f"%%glm: cannot read {url}" in captured.stderr and why in captured.stderr, captured.stderr
+        assert "Traceback" not in captured.stderr
+    assert upstream.requests == []
+
+
+def test_the_kernels_own_fetcher_is_safe_by_default():
+    fetcher = Connection.web_fetcher(None)  # type: ignore[arg-type]
+    assert fetcher.allow_private is False and fetcher.allow_hosts == frozenset()
+
+
+# --- -f html -------------------------------------------------------------------------------------------
+
+TRICKY = """<!DOCTYPE html>
+<html><head><title>It's "quoted" & <b>bold</b></title></head>
+<body><p id='x'>Tom &amp; Jerry's "show" &lt;3 ''' \"\"\" \\ \\n</p>
+<script>
+  const s = "</script>".length + '\\'' + `${1}`;
+  document.getElementById("x").dataset.ran = "yes";
+</script>
+</body></html>"""
+
+
+class SandboxedFrames(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: list[dict[str, str | None]] = []
+
+    def handle_starttag(self, tag, attrs) -> None:
+        if tag == "iframe":
+            self.frames.append(dict(attrs))
+
+
+def shown_frames(source: str) -> list[dict]:
+    """Run a generated cell's source with IPython's display captured; the iframes of what it displayed."""
+    with capture_output() as captured:
+        exec(compile(source, "<cell>", "exec"), {})
+    frames = SandboxedFrames()
+    for output in captured.outputs:
+        frames.feed(output.data["text/html"])
+    return frames.frames
+
+
+@pytest.mark.parametrize("page", [
+    TRICKY, "<p>simple</p>", "<p>ends with a quote'", '<p>ends with a double quote"', "<p>ends with a backslash\\",
+    "<p>both ''' and \"\"\"</p>", "<p>\r\nwindows\r\n</p>", "<p>nul \x00 byte</p>", "<p>tab\tand ünïcode ✓</p>",
+])
+def test_the_html_cell_shows_exactly_the_page_in_a_sandbox(page):
+    source = html_cell(page)
+    (frame,) = shown_frames(source)
+    assert frame["sandbox"] == "allow-scripts"  # scripts run; no allow-same-origin, so no cookie, token, notebook
+    assert frame["srcdoc"] == page
+    assert "</script>" not in source.split("srcdoc")[1]  # the page sits in a Python literal, not in the markup
+
+
+def test_a_page_stays_readable_in_the_cell():
+    page = "<p>it'''s</p>\n<script>x = '\\n'</script>"
+    assert 'glm_page = r"""' + page + '"""\n' in html_cell(page)  # ''' inside: """ it is, and \n stays \n
+    assert "glm_page = '<!DOCTYPE" in html_cell(TRICKY)  # both kinds of triple quote inside: repr()
+    assert python_literal("<p>x</p>") == "r'''<p>x</p>'''"
+    assert python_literal("a'''b\"\"\"c") == repr("a'''b\"\"\"c")
+
+
+def test_html_blocks_css_and_js_make_one_page():
+    answer = ("Here it is:\n```html\n<html><head><title>T</title></head><body><p>hi</p></body></html>\n```\n"
+              "```css\np { color: red; }\n```\n```javascript\nconsole.log(1);\n```\n")
+    page = html_page(answer)
+    assert page.index("<style>\np { color: red; }\n</style>") < page.index("</head>")
+    assert page.index("<script>\nconsole.log(1);\n</script>") < page.index("</body>")
+    assert html_page("<div>unfenced page</div>") == "<div>unfenced page</div>"
+    assert html_page("```\n<p>unlabelled</p>\n```") == "<p>unlabelled</p>"
+    assert html_page("No page here.\n```python\nprint(1)\n```") == ""
+
+
+class ScriptedConnection(Connection):
+    """A connection whose answer is given (the model's side of an -f html turn); it records each request."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer, self.requests = answer, []
+
+    def describe(self) -> str:
+        return "a scripted connection"
+
+    def models(self) -> list[str]:
+        return ["scripted"]
+
+    def status(self) -> dict:
+        return {}
+
+    def chat(self, body):
+        self.requests.append(body)
+        yield {"id": "c1", "choices": [{"index": 0, "message": {"role": "assistant", "content": self.answer},
+                                        "finish_reason": "stop"}]}
+
+
+@pytest.mark.parametrize("flags", ["", "--run", "--replace"])
+def test_an_html_answer_goes_into_a_cell_that_shows_it(shell, flags):
+    connection = ScriptedConnection(f"A page:\n\n```html\n{TRICKY}\n```\n")
+    magics_of(shell).session._connection = connection
+    result, captured = run(shell, f"%%glm -f html --no-stream {flags}\na page with a script")
+    assert result.success, result.error_in_exec
+    assert connection.requests[0]["messages"][0] == {"role": "system", "content": SYSTEM_PROMPTS["html"]}
+    source = shell.rl_next_input
+    assert source == html_cell(TRICKY)
+    (frame,) = shown_frames(source)
+    assert frame == {"sandbox": "allow-scripts", "srcdoc": TRICKY, "style": frame["style"]}
+    where = "this cell" if flags == "--replace" else "a new cell below"
+    assert f"the page ({len(TRICKY):,} characters) put into {where}" in captured.stdout
+    if flags == "--run":  # the cell ran here too: its frame was displayed
+        shown = [output.data["text/html"] for output in captured.outputs if "text/html" in output.data]
+        assert len(shown) == 1 and 'sandbox="allow-scripts"' in shown[0]
+
+
+def test_an_answer_without_html_puts_nothing_in_a_cell(shell):
+    magics_of(shell).session._connection = ScriptedConnection("Sorry, no page.")
+    result, captured = run(shell, "%%glm -f html --no-stream\na page")
+    assert result.success and shell.rl_next_input is None
+    assert "the model gave no HTML: nothing was put into a cell" in captured.stdout
+
+
+def test_help_names_the_new_options(shell):
+    _, captured = run(shell, "%glm --help")
+    assert "--web URL" in captured.stdout and "code|markdown|text|html" in captured.stdout
+    assert "sandboxed" in captured.stdout
