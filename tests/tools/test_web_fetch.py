@@ -301,3 +301,15 @@ def test_links_are_capped():
     page = WebFetcher(resolver=stub_resolver({"many.example": ["93.184.216.34"]}),
                       transport=transport).fetch("http://many.example/")
     assert len(page.links) == MAX_LINKS and page.links[-1]["url"] == f"http://many.example/p{MAX_LINKS - 1}"
+
+
+def test_a_long_page_is_converted_only_as_far_as_it_is_handed_back():
+    """A book-length page: the text past what max_chars can hold is dropped before the Markdown conversion, and
+    the answer says it was cut even when the kept part alone would fit."""
+    from workbench.tools.web_fetch import html_to_markdown
+
+    body = "<main>" + "".join(f"<h2>Part {i}</h2><p>{'word ' * 200}</p>" for i in range(500)) + "</main>"
+    title, text, _, pruned = html_to_markdown(body, "http://book.example/", max_chars=5000)
+    assert pruned and title == "" and text.startswith("## Part 0")
+    assert 5000 < len(text) < 5 * 5000 and "Part 499" not in text
+    assert html_to_markdown(body, "http://book.example/")[3] is False  # no limit: all of it

@@ -366,13 +366,14 @@ def _sniff(body: bytes, url: httpx.URL) -> str:
 
 def _page(url: str, final_url: str, content_type: str, kind: str, body: bytes, charset: str | None, cut: bool,
           max_chars: int) -> WebPage:
+    pruned = False
     if kind == "html":
-        title, text, links = html_to_markdown(body, final_url, charset)
+        title, text, links, pruned = html_to_markdown(body, final_url, charset, max_chars)
     else:
         title, text, links = "", _decode(body, charset), []
     text, shortened = _shorten(text, max_chars)
     return WebPage(url=url, final_url=final_url, title=title, text=text, links=links,
-                   truncated=cut or shortened, content_type=content_type or kind)
+                   truncated=cut or pruned or shortened, content_type=content_type or kind)
 
 
 def _decode(body: bytes, charset: str | None) -> str:
@@ -392,9 +393,9 @@ def _shorten(text: str, max_chars: int) -> tuple[str, bool]:
     return cut.rstrip(), True
 
 
-def html_to_markdown(body: bytes | str, base_url: str, charset: str | None = None
-                     ) -> tuple[str, str, list[dict[str, str]]]:
-    """(title, main text as Markdown, links) of an HTML document."""
+def html_to_markdown(body: bytes | str, base_url: str, charset: str | None = None, max_chars: int | None = None
+                     ) -> tuple[str, str, list[dict[str, str]], bool]:
+    """(title, main text as Markdown, links, whether text past `max_chars` was dropped) of an HTML document."""
     from bs4 import BeautifulSoup
     from markdownify import MarkdownConverter
 
@@ -424,11 +425,35 @@ def html_to_markdown(body: bytes | str, base_url: str, charset: str | None = Non
     if root is soup.body or root is soup:  # the whole body: the site's header and footer are not the page
         for tag in root.find_all(["header", "footer"]):
             tag.decompose()
-    text = MarkdownConverter(heading_style="ATX", bullets="-", strip=["img"]).convert_soup(root)
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    text = re.sub(r"\n{3,}", "\n\n", text).strip()
     if not title:
         heading = root.find("h1")
         title = " ".join(heading.get_text().split()) if heading is not None else ""
-    return title, text, links
+    # Only what can be handed back is converted: a long page's tail is dropped first (converting a whole book
+    # to Markdown takes seconds; its first max_chars need a fraction of that).
+    pruned = max_chars is not None and _prune(root, 2 * max_chars + 1000)
+    text = MarkdownConverter(heading_style="ATX", bullets="-", strip=["img"]).convert_soup(root)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text).strip()
+    return title, text, links, pruned
+
+
+def _prune(root: Any, budget: int) -> bool:
+    """Drop everything after the text node where `root`'s text passes `budget` characters; True if any was."""
+    from bs4 import NavigableString
+
+    seen = 0
+    for node in root.descendants:
+        if isinstance(node, NavigableString):
+            seen += len(node)
+            if seen > budget:
+                break
+    else:
+        return False
+    dropped = False
+    while node is not None and node is not root:  # the later siblings of the node and of each of its parents
+        for later in list(node.next_siblings):
+            later.extract()
+            dropped = True
+        node = node.parent
+    return dropped
 
