@@ -313,3 +313,28 @@ def test_a_long_page_is_converted_only_as_far_as_it_is_handed_back():
     assert pruned and title == "" and text.startswith("## Part 0")
     assert 5000 < len(text) < 5 * 5000 and "Part 499" not in text
     assert html_to_markdown(body, "http://book.example/")[3] is False  # no limit: all of it
+
+
+def test_https_goes_to_the_vetted_address_and_checks_the_certificate_for_the_name(tmp_path, guard):
+    """Over TLS the request goes to the checked IP, and the certificate is verified for the name in the URL
+    (sent as SNI): a name the certificate does not cover fails even though the address is the same."""
+    import ssl
+
+    from web_pages import TLSPageServer, self_signed
+
+    cert, key = self_signed("docs.example", tmp_path)
+    server = TLSPageServer(cert, key)
+    try:
+        trust = ssl.create_default_context(cafile=cert)
+        resolver = stub_resolver({"docs.example": ["127.0.0.1"], "other.example": ["127.0.0.1"]})
+        fetcher = WebFetcher(resolver=resolver, allow_hosts=["docs.example", "other.example"],
+                             transport=httpx.HTTPTransport(verify=trust))
+        page = fetcher.fetch(f"https://docs.example:{server.port}/page")
+        assert page.title == "Quarterly Widgets & Gadgets"
+        assert page.final_url == f"https://docs.example:{server.port}/page"
+        assert server.seen == [("/page", f"docs.example:{server.port}")]
+        error = refused(fetcher, f"https://other.example:{server.port}/page", "web_fetch_unreachable", 502)
+        assert "certificate" in error.message.lower() or "ssl" in error.message.lower()
+        assert all(address[0] == "127.0.0.1" for address in guard.calls)
+    finally:
+        server.close()
