@@ -288,6 +288,9 @@ class WebFetcher:
             except httpx.TimeoutException:
                 raise self._timeout(url) from None
             except httpx.ConnectError as exc:
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "SSL" in str(exc):  # the same at every address
+                    raise WebFetchError(502, f"{url}: the server's TLS certificate could not be verified for "
+                                             f"{target.host} ({exc})", "web_fetch_tls_error") from None
                 last_error = exc
             except httpx.HTTPError as exc:
                 raise WebFetchError(502, f"fetching {url} failed ({type(exc).__name__}: {exc})",
