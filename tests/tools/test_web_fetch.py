@@ -338,3 +338,20 @@ def test_https_goes_to_the_vetted_address_and_checks_the_certificate_for_the_nam
         assert all(address[0] == "127.0.0.1" for address in guard.calls)
     finally:
         server.close()
+
+
+def test_a_resolver_that_hangs_is_a_timeout(guard):
+    import threading
+
+    release = threading.Event()
+
+    def hanging(host: str, port: int) -> list[str]:
+        release.wait(30)
+        return ["93.184.216.34"]
+
+    started = time.monotonic()
+    try:
+        refused(WebFetcher(resolver=hanging, timeout=0.3), "http://slow-dns.example/", "web_fetch_timeout", 504)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 20 and guard.calls == []

@@ -23,6 +23,8 @@ import re
 import socket
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urljoin
@@ -185,7 +187,7 @@ class WebFetcher:
         deadline = time.monotonic() + self.timeout
         current = self._parse(url)
         for _ in range(self.max_redirects + 1):
-            target = self._vet(current)
+            target = self._vet(current, deadline)
             # A client per hop: a connection (and its TLS session, checked for one name) is never reused for
             # another name that happens to share the address, and no cookie follows a redirect.
             with self._client() as client:
@@ -236,7 +238,7 @@ class WebFetcher:
             raise WebFetchError(400, f"{url!r}{where} names no host", "web_fetch_bad_url")
         return parsed.copy_with(fragment=None)
 
-    def _vet(self, url: httpx.URL) -> _Target:
+    def _vet(self, url: httpx.URL, deadline: float) -> _Target:
         """The addresses `url` may be fetched from: resolved once, every one checked."""
         host = url.raw_host.decode("ascii")
         port = url.port or (443 if url.scheme == "https" else 80)
@@ -244,11 +246,17 @@ class WebFetcher:
         if literal is not None:
             addresses = [literal]
         else:
+            # The system resolver has no timeout of its own: it runs in a thread the deadline can walk away from.
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="web_fetch-resolve")
             try:
-                found = list(self.resolver(host, port))
+                found = list(pool.submit(self.resolver, host, port).result(max(0.0, deadline - time.monotonic())))
+            except FutureTimeout:
+                raise self._timeout(url) from None
             except (OSError, UnicodeError) as exc:
                 raise WebFetchError(502, f"cannot resolve {host} ({exc}): check the address",
                                     "web_fetch_unresolved") from None
+            finally:
+                pool.shutdown(wait=False)
             try:
                 addresses = list(dict.fromkeys(ipaddress.ip_address(str(a).split("%", 1)[0]) for a in found))
             except ValueError as exc:
