@@ -12,6 +12,7 @@ from html.parser import HTMLParser
 import pytest
 from glm_upstream import SCRIPTED_MODEL, magics_of
 from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from web_pages import LoopbackOnly, PageServer, stub_resolver
 
@@ -102,13 +103,19 @@ class SandboxedFrames(HTMLParser):
             self.frames.append(dict(attrs))
 
 
-def shown_frames(source: str) -> list[dict]:
-    """Run a generated cell's source with IPython's display captured; the iframes of what it displayed."""
+def displayed_html(source: str) -> list[str]:
+    """Run a generated cell's source in an IPython shell, display captured: the HTML it displayed."""
+    InteractiveShell.instance()  # display() goes to the shell's display publisher, as in a kernel
     with capture_output() as captured:
         exec(compile(source, "<cell>", "exec"), {})
+    return [output.data["text/html"] for output in captured.outputs]
+
+
+def shown_frames(source: str) -> list[dict]:
+    """The iframes of what a generated cell displays."""
     frames = SandboxedFrames()
-    for output in captured.outputs:
-        frames.feed(output.data["text/html"])
+    for html in displayed_html(source):
+        frames.feed(html)
     return frames.frames
 
 
@@ -193,3 +200,80 @@ def test_help_names_the_new_options(shell):
     _, captured = run(shell, "%glm --help")
     assert "--web URL" in captured.stdout and "code|markdown|text|html" in captured.stdout
     assert "sandboxed" in captured.stdout
+
+
+# --- the cell's frame in a real browser -----------------------------------------------------------------
+
+PROBE = """<!DOCTYPE html><html><body><p>probe "page" &amp; </script> text</p><script>
+const seen = {ran: true, origin: location.origin};
+try { seen.parentCookie = parent.document.cookie; } catch (e) { seen.parentCookie = "blocked: " + e.name; }
+try { seen.ownCookie = document.cookie; } catch (e) { seen.ownCookie = "blocked: " + e.name; }
+fetch(PARENT + "/glm/api/status").then(r => r.status).catch(e => "failed: " + e.name).then(status => {
+  seen.glmApi = status; parent.postMessage(JSON.stringify(seen), "*"); });
+</script></body></html>"""
+
+
+def test_the_html_cell_runs_its_script_but_reaches_nothing_of_the_parent_in_chromium(tmp_path):
+    """What the cell displays, in Debian's chromium, inside a page that holds a cookie (as JupyterLab's does):
+    the page's script runs, in the opaque origin "null"; reading the parent's document or any cookie throws, and
+    a request to the parent's glm/ API leaves without the cookie and its answer stays unreadable."""
+    import json
+    import os
+    import subprocess
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if not Path(chromium).exists():
+        if os.environ.get("GLM_UI_REQUIRED") == "1":
+            pytest.fail(f"Debian's chromium is not at {chromium}: apt-get install -y chromium")
+        pytest.skip(f"Debian's chromium is not at {chromium}")
+    glm_requests: list[dict] = []
+    holder: dict[str, str] = {}
+
+    class Parent(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path.startswith("/glm/"):
+                glm_requests.append({"cookie": self.headers.get("Cookie"), "origin": self.headers.get("Origin")})
+                body, kind = b'{"secret": "status"}', "application/json"
+            else:
+                body, kind = holder["page"].encode(), "text/html; charset=utf-8"
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            if not self.path.startswith("/glm/"):
+                self.send_header("Set-Cookie", "_xsrf=SECRET-XSRF; Path=/")
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Parent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{server.server_address[1]}"
+    source = html_cell(PROBE.replace("PARENT", json.dumps(origin)))
+    (frame,) = shown_frames(source)
+    (shown,) = displayed_html(source)
+    holder["page"] = ("<html><body><pre id='seen'>nothing yet</pre><script>addEventListener('message', "
+                      "e => { document.getElementById('seen').textContent = e.data; });</script>"
+                      + shown + "</body></html>")
+    try:
+        result = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--virtual-time-budget=5000",
+             f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", origin + "/"],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    dom = result.stdout
+    assert "<pre id=\"seen\">" in dom, result.stderr[-2000:]
+    seen = json.loads(dom.split("<pre id=\"seen\">", 1)[1].split("</pre>", 1)[0].replace("&quot;", '"')
+                      .replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+    assert seen["ran"] is True and seen["origin"] == "null"
+    assert seen["parentCookie"].startswith("blocked: SecurityError")
+    assert seen["ownCookie"].startswith("blocked: SecurityError")
+    assert seen["glmApi"] == "failed: TypeError"  # CORS: the answer cannot be read from the opaque origin
+    assert all(request["cookie"] is None and request["origin"] == "null" for request in glm_requests)
+    assert frame["sandbox"] == "allow-scripts"
