@@ -28,6 +28,22 @@ class GLMError(Exception):
 
 
 
+def resolve_model(cards: list[dict[str, Any]], name: str, where: str) -> str:
+    """`name` as one id of `cards`: the id itself, or a bare model name (the provider's own) naming one model."""
+    ids = [card["id"] for card in cards]
+    if name in ids:
+        return name
+    exact = [card["id"] for card in cards if (card.get("workbench") or {}).get("model") == name]
+    matches = exact or [model for model in ids if model.endswith("/" + name)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise GLMError(f"the model name {name!r} is served by {' and '.join(matches)}: say which (e.g. "
+                       f"%glm use {matches[0]})")
+    listed = ", ".join(ids) if ids else "no model at all"
+    raise GLMError(f"no model {name!r} at {where}; it has {listed} (%glm models shows them with their providers)")
+
+
 # --- finding the Jupyter server of this kernel --------------------------------------------------------
 
 @dataclass
@@ -89,6 +105,22 @@ class Connection(ABC):
 
     @abstractmethod
     def models(self) -> list[str]: ...
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """The model list's entries (`id`, and from a workbench server `owned_by` and the `workbench` fields)."""
+        return [{"id": model} for model in self.models()]
+
+    def resolve_model(self, name: str) -> str:
+        """The model id `name` means: an id of the list, or a bare model name that names one of its models."""
+        return resolve_model(self.model_cards(), name, self.describe())
+
+    def supports_routing_for(self, model: str) -> bool:
+        """Whether answers of `model` record routing traces (its `routing` capability, where the list says)."""
+        for card in self.model_cards():
+            fields = card.get("workbench")
+            if card.get("id") == model and isinstance(fields, dict):
+                return "routing" in (fields.get("capabilities") or [])
+        return self.supports_routing
 
     @abstractmethod
     def status(self) -> dict[str, Any]: ...
@@ -188,7 +220,10 @@ class ServerConnection(Connection):
         return response.json()
 
     def models(self) -> list[str]:
-        return [m["id"] for m in self._get("glm/v1/models").get("data", [])]
+        return [m["id"] for m in self.model_cards()]
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        return [m for m in self._get("glm/v1/models").get("data", []) if isinstance(m, dict) and "id" in m]
 
     def status(self) -> dict[str, Any]:
         self._status = self._get("glm/api/status")
@@ -325,6 +360,9 @@ class InProcessConnection(Connection):
 
     def models(self) -> list[str]:
         return [card.id for card in self.backend.models()]
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        return [card.model_dump(exclude_none=True) for card in self.backend.models()]
 
     def status(self) -> dict[str, Any]:
         return self.backend.status()

@@ -123,7 +123,7 @@ class ChatCompletionsHandler(GenerationHandler):
             body = self.request.body
             check_body_size(body, self.glm_app.max_request_bytes)
             request = await off_loop(parse_request, body, size=len(body))
-            backend = await self.glm_app.ready_backend()
+            backend = await self.glm_app.ready_providers()
             if request.stream:
                 await self._stream(backend, request)
             else:
@@ -177,34 +177,41 @@ class ChatCompletionsHandler(GenerationHandler):
 
 
 class ModelsHandler(GLMHandler):
-    """`GET v1/models`."""
+    """`GET v1/models`: every provider's models, `provider/model`, with the workbench's fields."""
 
     @web.authenticated
     async def get(self) -> None:
-        backend = self.glm_app.glm_backend
-        self.finish(ModelList(data=backend.models()).model_dump_json())
+        registry = await self.glm_app.ready_providers()
+        self.finish(ModelList(data=await registry.list_models()).model_dump_json())
 
 
 class StatusHandler(GLMHandler):
-    """`GET api/status`: backend, model, device, memory, active and queued requests, recent tok/s."""
+    """`GET api/status`: the default provider's backend, model, device, memory, active and queued requests, recent
+    tok/s; and every provider's state (`providers`)."""
 
     @web.authenticated
     async def get(self) -> None:
         self.glm_app.start_backend()  # a server run without the start hook (tests, embedding) starts loading here
-        self.finish(json.dumps(self.glm_app.glm_backend.status()))
+        self.glm_app.glm_providers.refresh_in_background()  # an endpoint that was unreachable may be back
+        self.finish(json.dumps(self.glm_app.glm_providers.status()))
 
 
 class RoutingHandler(GLMHandler):
-    """`GET api/routing/{completion_id}`: the routing trace of a recent local completion made with routing."""
+    """`GET api/routing/{completion_id}`: the routing trace of a recent completion made with routing, by this
+    server's engines or fetched from the workbench provider that made it."""
 
     @web.authenticated
     async def get(self, completion_id: str) -> None:
-        trace = self.glm_app.glm_backend.routing_trace(completion_id)
+        try:
+            trace = await self.glm_app.glm_providers.fetch_routing_trace(completion_id)
+        except APIError as error:
+            self.send_api_error(error)
+            return
         if trace is None:
             self.send_api_error(APIError(
                 404, f"No routing trace for {completion_id!r}: traces are kept for the most recent "
-                     f"{self.glm_app.routing_history} local completions made with \"routing\": true.",
-                param="completion_id", code="routing_trace_not_found"))
+                     f"{self.glm_app.routing_history} completions made with \"routing\": true by a model with the "
+                     "routing capability.", param="completion_id", code="routing_trace_not_found"))
             return
         self.finish(json.dumps(trace))
 

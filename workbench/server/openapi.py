@@ -101,7 +101,7 @@ def openapi_spec(base_url: str = "/") -> dict[str, Any]:
                     **common_errors,
                 }}},
             "/v1/models": {"get": {
-                "operationId": "listModels", "summary": "The model this server serves",
+                "operationId": "listModels", "summary": "Every model of every provider, as provider/model ids",
                 "responses": {"200": {"description": "models", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/ModelList"}}}}, **common_errors}}},
             "/api/status": {"get": {
