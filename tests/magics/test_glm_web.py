@@ -277,3 +277,25 @@ def test_the_html_cell_runs_its_script_but_reaches_nothing_of_the_parent_in_chro
     assert seen["glmApi"] == "failed: TypeError"  # CORS: the answer cannot be read from the opaque origin
     assert all(request["cookie"] is None and request["origin"] == "null" for request in glm_requests)
     assert frame["sandbox"] == "allow-scripts"
+
+
+def test_the_pages_share_a_budget_that_fits_the_models_context(shell, pages, monkeypatch):
+    """Two pages on a model with a 2,000-token context: together at most ~half of it (3,000 characters), each
+    cut at its share with a note; more than MAX_PAGES --web options are refused before anything is read."""
+    connection = ScriptedConnection("noted")
+    monkeypatch.setattr(ScriptedConnection, "context_limit", lambda self: 2000, raising=False)
+    monkeypatch.setattr(ScriptedConnection, "web_fetcher", lambda self: WebFetcher(
+        resolver=stub_resolver({"docs.example": ["127.0.0.1"]}), allow_hosts=["docs.example"]))
+    LoopbackOnly(monkeypatch)
+    magics_of(shell).session._connection = connection
+    book = pages.url("/forever", "docs.example")  # endless: cut at the byte cap, then at the share
+    result, captured = run(shell, f"%%glm -f text --no-stream --web {book} --web {pages.url('/page', 'docs.example')}"
+                                  "\nsummarise")
+    assert result.success, result.error_in_exec
+    prompt = connection.requests[0]["messages"][-1]["content"]
+    assert len(prompt) < 3000 + 500 and prompt.endswith("summarise")
+    assert "cut at 1,500 characters" in captured.stdout and "[the page goes on; the rest was cut]" in prompt
+    too_many = " ".join(f"--web http://docs.example/{i}" for i in range(9))
+    result, captured = run(shell, f"%%glm {too_many}\nhi")
+    assert isinstance(result.error_in_exec, UsageError) and "at most 8 pages" in captured.stderr
+    assert len(connection.requests) == 1

@@ -13,18 +13,26 @@ import ast
 import re
 
 from workbench.magics.cells import FENCE
-from workbench.magics.connection import Connection
+from workbench.magics.connection import Connection, GLMError
 
 WEB_CONTEXT_CHARS = 24_000  # of page text in one prompt, shared by the pages of one cell
+MAX_PAGES = 8  # --web options in one cell
 IFRAME_HEIGHT = 480  # px; the person can change it in the cell
 
 
 # --- %%glm --web ---------------------------------------------------------------------------------------
 
-def web_context(connection: Connection, urls: list[str], max_chars: int = WEB_CONTEXT_CHARS) -> str:
+def web_context(connection: Connection, urls: list[str], max_chars: int | None = None) -> str:
     """The pages at `urls` as a Markdown block for the prompt; prints one line per page saying what was read.
-    A page that cannot be read stops the cell (GLMError, from the connection) before the model is asked."""
-    share = max(1000, max_chars // len(urls))
+    A page that cannot be read stops the cell (GLMError, from the connection) before the model is asked.
+    The pages share `max_chars` (default: WEB_CONTEXT_CHARS, or about half the model's context if that is less)."""
+    if len(urls) > MAX_PAGES:
+        raise GLMError(f"--web was given {len(urls)} times; at most {MAX_PAGES} pages go into one prompt")
+    if max_chars is None:
+        context = connection.context_limit()
+        # ~3 characters a token (Connection.count_tokens' estimate): the pages take at most half the context
+        max_chars = min(WEB_CONTEXT_CHARS, context * 3 // 2) if context else WEB_CONTEXT_CHARS
+    share = max(500, max_chars // len(urls))
     parts = []
     for url in urls:
         page = connection.web_fetch(url, share)
