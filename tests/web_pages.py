@@ -183,10 +183,12 @@ class LoopbackOnly:
         original_getaddrinfo = socket.getaddrinfo
 
         def no_dns(host, *args, **kwargs):
-            try:  # an address literal (as socket.create_connection passes one) needs no DNS
-                ipaddress.ip_address(str(host).split("%", 1)[0])
-            except ValueError:
-                raise AssertionError(f"a test asked the system resolver for {host!r}: use a stub resolver") from None
+            if host not in (None, "localhost"):  # a server binding to localhost looks it up: /etc/hosts answers
+                try:  # an address literal (as socket.create_connection passes one) needs no DNS
+                    ipaddress.ip_address(str(host).split("%", 1)[0])
+                except ValueError:
+                    raise AssertionError(f"a test asked the system resolver for {host!r}: use a stub "
+                                         "resolver") from None
             return original_getaddrinfo(host, *args, **kwargs)
 
         monkeypatch.setattr(socket.socket, "connect", connect)
@@ -199,3 +201,35 @@ def wait_for(predicate, seconds: float = 10.0) -> bool:
     while not predicate() and time.monotonic() < deadline:
         time.sleep(0.02)
     return predicate()
+
+
+def self_signed(name: str, folder) -> tuple[str, str]:
+    """A certificate (and its key) for `name`, made with the openssl command for one test: (cert, key) paths."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = str(folder / f"{name}.pem"), str(folder / f"{name}.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+class TLSPageServer(PageServer):
+    """The page server over TLS, with a certificate for one name."""
+
+    def __init__(self, cert: str, key: str) -> None:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self._tls = context
+        super().__init__()
+
+    def get_request(self):
+        sock, address = super().get_request()
+        return self._tls.wrap_socket(sock, server_side=True), address

@@ -4,10 +4,11 @@ final_url after a redirect) once `GLMWorkbench.web_fetch_allow_private` is on. T
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
-from web_pages import PageServer
+from web_pages import LoopbackOnly, PageServer
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
@@ -16,6 +17,12 @@ pytest_plugins = ["pytest_jupyter.jupyter_server"]
 def jp_server_config(tmp_path):
     return {"ServerApp": {"jpserver_extensions": {"workbench": True}},
             "GLMWorkbench": {"model_path": None, "conversations_dir": str(tmp_path / "conversations")}}
+
+
+@pytest.fixture(autouse=True)
+def guard(monkeypatch) -> LoopbackOnly:
+    """The server runs in this process: its fetches, like the test's own requests, may go to loopback only."""
+    return LoopbackOnly(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +91,24 @@ async def test_a_local_page_is_read_when_private_addresses_are_allowed(jp_fetch,
     assert page["truncated"] is False
     message = error_of(await fetch(jp_fetch, {"url": pages.url("/pdf")}), 415, "web_fetch_unsupported_content")
     assert "PDF" in message
+
+
+async def test_the_magics_read_pages_through_the_endpoint(jp_fetch, jp_serverapp, jp_http_port, jp_base_url, glm,
+                                                          pages):
+    """`%%glm --web` in a kernel of this server: ServerConnection.web_fetch posts to the endpoint, so the
+    server's settings apply (refused by default, read once allowed), and a refusal is one GLMError line.
+    (jp_fetch: the server listens on its port only while a test asks for it.)"""
+    from workbench.magics.connection import GLMError, ServerConnection, ServerInfo
+
+    connection = ServerConnection(ServerInfo(url=f"http://127.0.0.1:{jp_http_port}{jp_base_url}",
+                                             token=jp_serverapp.identity_provider.token), timeout=60)
+    try:
+        with pytest.raises(GLMError) as refused:
+            await asyncio.to_thread(connection.web_fetch, pages.url("/page"), 1000)
+        assert refused.value.code == "web_fetch_refused_address"
+        assert str(refused.value).startswith(f"cannot read {pages.url('/page')}: refused to fetch")
+        glm.web_fetch_allow_private = True
+        page = await asyncio.to_thread(connection.web_fetch, pages.url("/page"), 1000)
+        assert page["title"] == "Quarterly Widgets & Gadgets" and page["text"].startswith("# Widget report")
+    finally:
+        connection.close()

@@ -301,3 +301,57 @@ def test_links_are_capped():
     page = WebFetcher(resolver=stub_resolver({"many.example": ["93.184.216.34"]}),
                       transport=transport).fetch("http://many.example/")
     assert len(page.links) == MAX_LINKS and page.links[-1]["url"] == f"http://many.example/p{MAX_LINKS - 1}"
+
+
+def test_a_long_page_is_converted_only_as_far_as_it_is_handed_back():
+    """A book-length page: the text past what max_chars can hold is dropped before the Markdown conversion, and
+    the answer says it was cut even when the kept part alone would fit."""
+    from workbench.tools.web_fetch import html_to_markdown
+
+    body = "<main>" + "".join(f"<h2>Part {i}</h2><p>{'word ' * 200}</p>" for i in range(500)) + "</main>"
+    title, text, _, pruned = html_to_markdown(body, "http://book.example/", max_chars=5000)
+    assert pruned and title == "" and text.startswith("## Part 0")
+    assert 5000 < len(text) < 5 * 5000 and "Part 499" not in text
+    assert html_to_markdown(body, "http://book.example/")[3] is False  # no limit: all of it
+
+
+def test_https_goes_to_the_vetted_address_and_checks_the_certificate_for_the_name(tmp_path, guard):
+    """Over TLS the request goes to the checked IP, and the certificate is verified for the name in the URL
+    (sent as SNI): a name the certificate does not cover fails even though the address is the same."""
+    import ssl
+
+    from web_pages import TLSPageServer, self_signed
+
+    cert, key = self_signed("docs.example", tmp_path)
+    server = TLSPageServer(cert, key)
+    try:
+        trust = ssl.create_default_context(cafile=cert)
+        resolver = stub_resolver({"docs.example": ["127.0.0.1"], "other.example": ["127.0.0.1"]})
+        fetcher = WebFetcher(resolver=resolver, allow_hosts=["docs.example", "other.example"],
+                             transport=httpx.HTTPTransport(verify=trust))
+        page = fetcher.fetch(f"https://docs.example:{server.port}/page")
+        assert page.title == "Quarterly Widgets & Gadgets"
+        assert page.final_url == f"https://docs.example:{server.port}/page"
+        assert server.seen == [("/page", f"docs.example:{server.port}")]
+        error = refused(fetcher, f"https://other.example:{server.port}/page", "web_fetch_tls_error", 502)
+        assert "certificate could not be verified for other.example" in error.message
+        assert all(address[0] == "127.0.0.1" for address in guard.calls)
+    finally:
+        server.close()
+
+
+def test_a_resolver_that_hangs_is_a_timeout(guard):
+    import threading
+
+    release = threading.Event()
+
+    def hanging(host: str, port: int) -> list[str]:
+        release.wait(30)
+        return ["93.184.216.34"]
+
+    started = time.monotonic()
+    try:
+        refused(WebFetcher(resolver=hanging, timeout=0.3), "http://slow-dns.example/", "web_fetch_timeout", 504)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 20 and guard.calls == []

@@ -23,6 +23,8 @@ import re
 import socket
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urljoin
@@ -185,7 +187,7 @@ class WebFetcher:
         deadline = time.monotonic() + self.timeout
         current = self._parse(url)
         for _ in range(self.max_redirects + 1):
-            target = self._vet(current)
+            target = self._vet(current, deadline)
             # A client per hop: a connection (and its TLS session, checked for one name) is never reused for
             # another name that happens to share the address, and no cookie follows a redirect.
             with self._client() as client:
@@ -236,7 +238,7 @@ class WebFetcher:
             raise WebFetchError(400, f"{url!r}{where} names no host", "web_fetch_bad_url")
         return parsed.copy_with(fragment=None)
 
-    def _vet(self, url: httpx.URL) -> _Target:
+    def _vet(self, url: httpx.URL, deadline: float) -> _Target:
         """The addresses `url` may be fetched from: resolved once, every one checked."""
         host = url.raw_host.decode("ascii")
         port = url.port or (443 if url.scheme == "https" else 80)
@@ -244,11 +246,17 @@ class WebFetcher:
         if literal is not None:
             addresses = [literal]
         else:
+            # The system resolver has no timeout of its own: it runs in a thread the deadline can walk away from.
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="web_fetch-resolve")
             try:
-                found = list(self.resolver(host, port))
+                found = list(pool.submit(self.resolver, host, port).result(max(0.0, deadline - time.monotonic())))
+            except FutureTimeout:
+                raise self._timeout(url) from None
             except (OSError, UnicodeError) as exc:
                 raise WebFetchError(502, f"cannot resolve {host} ({exc}): check the address",
                                     "web_fetch_unresolved") from None
+            finally:
+                pool.shutdown(wait=False)
             try:
                 addresses = list(dict.fromkeys(ipaddress.ip_address(str(a).split("%", 1)[0]) for a in found))
             except ValueError as exc:
@@ -288,6 +296,9 @@ class WebFetcher:
             except httpx.TimeoutException:
                 raise self._timeout(url) from None
             except httpx.ConnectError as exc:
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "SSL" in str(exc):  # the same at every address
+                    raise WebFetchError(502, f"{url}: the server's TLS certificate could not be verified for "
+                                             f"{target.host} ({exc})", "web_fetch_tls_error") from None
                 last_error = exc
             except httpx.HTTPError as exc:
                 raise WebFetchError(502, f"fetching {url} failed ({type(exc).__name__}: {exc})",
@@ -366,13 +377,14 @@ def _sniff(body: bytes, url: httpx.URL) -> str:
 
 def _page(url: str, final_url: str, content_type: str, kind: str, body: bytes, charset: str | None, cut: bool,
           max_chars: int) -> WebPage:
+    pruned = False
     if kind == "html":
-        title, text, links = html_to_markdown(body, final_url, charset)
+        title, text, links, pruned = html_to_markdown(body, final_url, charset, max_chars)
     else:
         title, text, links = "", _decode(body, charset), []
     text, shortened = _shorten(text, max_chars)
     return WebPage(url=url, final_url=final_url, title=title, text=text, links=links,
-                   truncated=cut or shortened, content_type=content_type or kind)
+                   truncated=cut or pruned or shortened, content_type=content_type or kind)
 
 
 def _decode(body: bytes, charset: str | None) -> str:
@@ -392,9 +404,9 @@ def _shorten(text: str, max_chars: int) -> tuple[str, bool]:
     return cut.rstrip(), True
 
 
-def html_to_markdown(body: bytes | str, base_url: str, charset: str | None = None
-                     ) -> tuple[str, str, list[dict[str, str]]]:
-    """(title, main text as Markdown, links) of an HTML document."""
+def html_to_markdown(body: bytes | str, base_url: str, charset: str | None = None, max_chars: int | None = None
+                     ) -> tuple[str, str, list[dict[str, str]], bool]:
+    """(title, main text as Markdown, links, whether text past `max_chars` was dropped) of an HTML document."""
     from bs4 import BeautifulSoup
     from markdownify import MarkdownConverter
 
@@ -424,11 +436,35 @@ def html_to_markdown(body: bytes | str, base_url: str, charset: str | None = Non
     if root is soup.body or root is soup:  # the whole body: the site's header and footer are not the page
         for tag in root.find_all(["header", "footer"]):
             tag.decompose()
-    text = MarkdownConverter(heading_style="ATX", bullets="-", strip=["img"]).convert_soup(root)
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    text = re.sub(r"\n{3,}", "\n\n", text).strip()
     if not title:
         heading = root.find("h1")
         title = " ".join(heading.get_text().split()) if heading is not None else ""
-    return title, text, links
+    # Only what can be handed back is converted: a long page's tail is dropped first (converting a whole book
+    # to Markdown takes seconds; its first max_chars need a fraction of that).
+    pruned = max_chars is not None and _prune(root, 2 * max_chars + 1000)
+    text = MarkdownConverter(heading_style="ATX", bullets="-", strip=["img"]).convert_soup(root)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text).strip()
+    return title, text, links, pruned
+
+
+def _prune(root: Any, budget: int) -> bool:
+    """Drop everything after the text node where `root`'s text passes `budget` characters; True if any was."""
+    from bs4 import NavigableString
+
+    seen = 0
+    for node in root.descendants:
+        if isinstance(node, NavigableString):
+            seen += len(node)
+            if seen > budget:
+                break
+    else:
+        return False
+    dropped = False
+    while node is not None and node is not root:  # the later siblings of the node and of each of its parents
+        for later in list(node.next_siblings):
+            later.extract()
+            dropped = True
+        node = node.parent
+    return dropped
 
