@@ -50,9 +50,7 @@ export interface InlineModelChoice {
  * the local engine answers.
  */
 export function modelProvider(choice: InlineModelChoice): string | null {
-  const card = choice.models.find(m => m.id === choice.model) as
-    | (ModelInfo & { workbench?: { provider?: unknown; provider_kind?: unknown } })
-    | undefined;
+  const card = choice.models.find(m => m.id === choice.model);
   const provider = card?.workbench?.provider;
   if (typeof provider === 'string' && provider) {
     return provider;
