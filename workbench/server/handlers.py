@@ -249,7 +249,8 @@ class NotFoundHandler(GLMHandler):
         self.send_api_error(APIError(
             404, f"No endpoint {self.request.method} {self.request.path}. The GLM API has POST "
                  "glm/v1/chat/completions, GET glm/v1/models, GET glm/api/status, POST glm/api/count_tokens, GET "
-                 "glm/api/routing/{completion_id} and GET glm/api/openapi.json.", code="not_found"))
+                 "glm/api/routing/{completion_id}, POST glm/api/tools/web_fetch and GET glm/api/openapi.json.",
+            code="not_found"))
 
     get = post = put = patch = delete = _not_found
 
