@@ -108,6 +108,16 @@ def openapi_spec(base_url: str = "/") -> dict[str, Any]:
                 "operationId": "getStatus", "summary": "Backend, model, device, memory, load, recent tok/s",
                 "responses": {"200": {"description": "status", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Status"}}}}, **common_errors}}},
+            "/api/count_tokens": {"post": {
+                "operationId": "countTokens", "summary": "The tokens a chat request's prompt renders to for its model "
+                                                        "(local engines, and workbench or vLLM providers)",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
+                "responses": {"200": {"description": "{model, prompt_tokens}", "content": {"application/json": {
+                    "schema": {"type": "object", "properties": {"model": {"type": "string"},
+                                                                "prompt_tokens": {"type": "integer"}}}}}},
+                    "400": _error("malformed request, or a provider that cannot count tokens"),
+                    "404": _error("unknown model"), **common_errors}}},
             "/api/routing/{completion_id}": {"get": {
                 "operationId": "getRoutingTrace", "summary": "Routing trace of a recent completion made with "
                                                              "\"routing\": true (local backend)",
