@@ -544,6 +544,8 @@ export class ChatModel {
     }
     if (this.forcedTool) {
       if (toolsPossible) {
+        // only the named tool: the demo model's 1024-token context, and its luck at the call format, need a short prompt
+        request.tools = NOTEBOOK_TOOLS.filter(tool => tool.function.name === this.forcedTool);
         request.tool_choice = { type: 'function', function: { name: this.forcedTool } };
       }
       this.forcedTool = null; // the model answers the tool's result freely

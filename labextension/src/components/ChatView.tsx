@@ -28,6 +28,7 @@ import { ConversationMenu, type ExportActions, SiblingNav } from './Conversation
 import { HistoryPanel } from './HistoryPanel';
 import { Markdown } from './Markdown';
 import { ThinkingBlock } from './ThinkingBlock';
+import { WebFetchCard } from './WebFetchCard';
 
 export interface ChatViewActions {
   copy(text: string): void;
@@ -406,6 +407,7 @@ function ToolCallView({ message, model }: { message: ToolMessage; model: ChatMod
           </button>
         </div>
       )}
+      {name === 'web_fetch' && <WebFetchCard message={message} />}
       {message.result !== undefined && (
         <details className="glm-ToolCall-result">
           <summary>Result</summary>
