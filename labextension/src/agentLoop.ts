@@ -151,3 +151,11 @@ export function stepReasoning(messages: readonly Message[]): Map<string, Assista
 export function isToolStep(message: AssistantMessage): boolean {
   return message.status === 'done' && message.toolCalls.length > 0 && !message.content.trim();
 }
+
+/** Tools whose run happens in the user's kernel, so Stop can offer to interrupt it. */
+const KERNEL_TOOLS = new Set(['run_cell', 'list_variables']);
+
+/** Whether a step is running code in the kernel right now (Stop then offers "Stop and interrupt the kernel"). */
+export function kernelStepRunning(messages: readonly Message[]): boolean {
+  return messages.some(m => m.kind === 'tool' && m.status === 'running' && KERNEL_TOOLS.has(m.call.function.name));
+}

@@ -4,6 +4,7 @@ import {
   addSteps,
   DEFAULT_MAX_TOOL_STEPS,
   isToolStep,
+  kernelStepRunning,
   limitNotice,
   needsApproval,
   nextAction,
@@ -151,5 +152,14 @@ describe('step cards', () => {
     expect(isToolStep(s1)).toBe(true);
     expect(isToolStep(s2)).toBe(false);
     expect(isToolStep({ ...s1, status: 'streaming' })).toBe(false);
+  });
+});
+
+describe('Stop and interrupt', () => {
+  it('is offered only while a step runs code in the kernel', () => {
+    expect(kernelStepRunning([tool('a', 'running')])).toBe(true); // run_cell
+    expect(kernelStepRunning([tool('a', 'done')])).toBe(false);
+    const read = tool('b', 'running', { call: { id: 'x', type: 'function', function: { name: 'read_cells', arguments: '{}' } } });
+    expect(kernelStepRunning([read])).toBe(false);
   });
 });

@@ -54,6 +54,19 @@ function lab(backend, port) {
   };
 }
 
+/**
+ * GLM_UI_SERVERS=upstream,remote (any of upstream, remote, local, first-contact) starts only those servers: on a
+ * small shared machine, a run of specs that need only the scripted model (e.g. `jlpm playwright test
+ * tests/agent_loop.spec.ts --project remote`) then skips the local engine and the first-contact server.
+ */
+const SERVER_NAMES = ['upstream', 'remote', 'local', 'first-contact'];
+const wantedServers = (process.env.GLM_UI_SERVERS || SERVER_NAMES.join(',')).split(',').map(s => s.trim());
+for (const name of wantedServers) {
+  if (!SERVER_NAMES.includes(name)) {
+    throw new Error(`GLM_UI_SERVERS names "${name}"; use any of ${SERVER_NAMES.join(', ')}, comma-separated`);
+  }
+}
+
 module.exports = {
   ...baseConfig,
   testDir: './tests',
@@ -90,14 +103,16 @@ module.exports = {
   ],
   webServer: [
     {
+      name: 'upstream',
       command: `${python} ${path.join(repo, 'tests', 'ui', 'scripted_upstream.py')} --port ${UPSTREAM_PORT}`,
       url: `http://127.0.0.1:${UPSTREAM_PORT}/v1/models`,
       timeout: 30 * 1000,
       reuseExistingServer: false
     },
-    lab('remote', REMOTE_PORT),
-    lab('local', LOCAL_PORT),
+    { name: 'remote', ...lab('remote', REMOTE_PORT) },
+    { name: 'local', ...lab('local', LOCAL_PORT) },
     {
+      name: 'first-contact',
       // exactly the README's command, plus the jupyter lab options a test needs (no browser, port, token)
       command:
         `${glmWorkbench} --no-browser --ip 127.0.0.1 --port ${FIRST_PORT} ` +
@@ -117,4 +132,6 @@ module.exports = {
       }
     }
   ]
+    .filter(server => wantedServers.includes(server.name))
+    .map(({ name: _name, ...server }) => server)
 };
