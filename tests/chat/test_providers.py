@@ -418,3 +418,26 @@ async def test_an_endpoint_that_comes_back_is_listed_again(monkeypatch):
     down["now"] = False
     assert [card.id for card in await reg.list_models()] == ["up/glm-4.5-air"]
     assert reg.status()["providers"][0]["state"] == "ready" and reg.status()["providers"][0]["error"] is None
+
+
+@sync
+async def test_vllm_counts_tokens_with_its_tokenize_endpoint():
+    """vLLM serves `POST /tokenize` beside `v1/` (chat messages in, `count` out); other dialects have no such API
+    and say so without sending anything."""
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/tokenize"
+        return httpx.Response(200, json={"count": 42, "max_model_len": 131072, "tokens": list(range(42))})
+
+    upstream = FakeUpstream("vllm", answer=answer)
+    reg = registry([provider("vllm")], upstream)
+    assert await reg.count_prompt_tokens(request()) == 42
+    sent = upstream.bodies[-1]
+    assert sent["model"] == "glm-4.5-air" and sent["messages"][0]["content"] == "Weather in Paris?"
+    assert sent["add_generation_prompt"] is True and sent["tools"][0]["function"]["name"] == "get_weather"
+    broken = registry([provider("vllm")], FakeUpstream("vllm", answer=lambda r: httpx.Response(200, json={})))
+    with pytest.raises(APIError) as missing:
+        await broken.count_prompt_tokens(request())
+    assert missing.value.status == 502 and "count" in missing.value.message
+    with pytest.raises(APIError) as unsupported:
+        await registry([provider("zai")]).count_prompt_tokens(request())
+    assert unsupported.value.status == 400 and "tokenizer" in unsupported.value.message

@@ -143,7 +143,8 @@ async def test_openapi_describes_every_endpoint_and_the_request_schema(jp_fetch,
     spec = json.loads((await jp_fetch("glm", "api", "openapi.json")).body)
     assert spec["openapi"].startswith("3.1")
     assert set(spec["paths"]) == {"/v1/chat/completions", "/v1/models", "/api/status",
-                                  "/api/routing/{completion_id}", "/api/openapi.json"}
+                                  "/api/routing/{completion_id}", "/api/openapi.json", "/api/tools/web_fetch",
+                                  "/api/count_tokens"}
     assert spec["servers"][0]["url"].endswith("/glm")
     registry = referencing.Registry().with_resource("urn:spec", referencing.Resource.from_contents(
         spec, default_specification=referencing.jsonschema.DRAFT202012))

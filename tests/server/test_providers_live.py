@@ -233,3 +233,27 @@ def test_status_shows_every_provider_and_no_key_anywhere(server_a, server_b, hos
              httpx.get(f"{server_b.api}/models", headers=server_b.headers, timeout=30).text]
     for secret in (hosted_key, server_a.token):
         assert all(secret not in text for text in texts)
+
+
+def test_token_counts_through_a_workbench_provider_are_as_own(server_a, server_b):
+    """B counts A's model's prompt by asking A (glm/api/count_tokens), so a context meter or Anthropic's
+    count_tokens on B gives the number A's own tokenizer and template give; a model that cannot count says so."""
+    body = {"messages": TOOL_QUESTION, "tools": TOOLS}
+    at_a = httpx.post(f"{server_a.url}/glm/api/count_tokens", headers=server_a.headers, timeout=30,
+                      json={"model": "local/ckpt", **body})
+    through_b = httpx.post(f"{server_b.url}/glm/api/count_tokens", headers=server_b.headers, timeout=30,
+                           json={"model": "gpu/local/ckpt", **body})
+    assert at_a.status_code == 200 and through_b.status_code == 200, (at_a.text, through_b.text)
+    assert through_b.json() == {"model": "gpu/local/ckpt", "prompt_tokens": at_a.json()["prompt_tokens"]}
+    assert at_a.json()["prompt_tokens"] > 20
+    client = anthropic.Anthropic(base_url=f"{server_b.url}/glm/anthropic", auth_token=server_b.token, api_key=None,
+                                 max_retries=0, timeout=60)
+    counted = client.messages.count_tokens(model="gpu/local/ckpt", messages=THINK_QUESTION)
+    at_a_door = anthropic.Anthropic(base_url=f"{server_a.url}/glm/anthropic", auth_token=server_a.token,
+                                    api_key=None, max_retries=0, timeout=60)
+    # the Anthropic door renders thinking off unless asked (its /nothink turn), so it is compared with A's own door
+    assert counted.input_tokens == at_a_door.messages.count_tokens(model="local/ckpt",
+                                                                   messages=THINK_QUESTION).input_tokens
+    hosted = httpx.post(f"{server_b.url}/glm/api/count_tokens", headers=server_b.headers, timeout=30,
+                        json={"model": "hosted/glm-4.5-air", **body})
+    assert hosted.status_code == 400 and "tokenizer" in hosted.json()["error"]["message"]

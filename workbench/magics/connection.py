@@ -137,6 +137,21 @@ class Connection(ABC):
             return int(limit) if limit else None
         return None
 
+    def web_fetch(self, url: str, max_chars: int) -> dict[str, Any]:
+        """A web page's readable text (the web_fetch tool's answer: url, final_url, title, text, links,
+        truncated), read from this kernel with the safe defaults: public addresses only."""
+        from workbench.tools.web_fetch import WebFetchError
+
+        try:
+            return self.web_fetcher().fetch(url, max_chars).to_dict()
+        except WebFetchError as exc:
+            raise GLMError(f"cannot read {url}: {exc.message}", code=exc.code) from None
+
+    def web_fetcher(self):
+        from workbench.tools.web_fetch import WebFetcher
+
+        return WebFetcher()
+
     def count_tokens(self, text: str) -> int:
         # Without the tokenizer at hand: BPE vocabularies average 3-4 characters a token on code and English;
         # counting 3 errs on the side of keeping the prompt inside the context.
@@ -242,6 +257,25 @@ class ServerConnection(Connection):
                     yield chunk
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
+
+    def web_fetch(self, url: str, max_chars: int) -> dict[str, Any]:
+        """Through the server's web_fetch endpoint: its settings (web_fetch_allow_private, ...) apply."""
+        import httpx
+
+        path = "glm/api/tools/web_fetch"
+        try:
+            response = self.client.post(path, json={"url": url, "max_chars": max_chars})
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code >= 400:
+            try:
+                error = response.json().get("error") or {}
+            except (ValueError, AttributeError):
+                error = {}
+            if isinstance(error, dict) and str(error.get("code") or "").startswith("web_fetch"):
+                raise GLMError(f"cannot read {url}: {error.get('message')}", code=error.get("code"))
+            raise self._fail(response, path)
+        return response.json()
 
     def routing(self, completion_id: str) -> dict[str, Any] | None:
         try:

@@ -5,8 +5,8 @@ nothing of prompts or models: requests are OpenAI-shaped chat completions handed
 through the Jupyter server that started this kernel (its `glm/` API, so every notebook shares one engine) or
 in-process (`workbench.chat` backends) when there is no such server or when asked.
 
-    %%glm [-f code|markdown|text] [--think | --no-think] [-m MODEL] [-t TEMP] [--max-tokens N]
-          [--replace] [--run] [--cells N] [--trace] [--no-stream]
+    %%glm [-f code|markdown|text|html] [--think | --no-think] [-m MODEL] [-t TEMP] [--max-tokens N]
+          [--replace] [--run] [--cells N] [--web URL ...] [--trace] [--no-stream]
     prompt lines, with {variables}, {In[3]} and {Out[3]} from the kernel; {{ and }} for literal braces
 
     %glm status | models | history | reset | use MODEL_ID | use local [PATH [--quantize int8|int4]]
@@ -31,13 +31,16 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from workbench.magics.cells import CellOutputLog, cells_context, empty_glm_cell, extract_code, interpolate
 from workbench.magics.connection import Connection, GLMError, ServerInfo
 from workbench.magics.session import Session, Turn
+from workbench.magics.web import html_cell, html_page, web_context
 
-FORMATS = ("code", "markdown", "text")
+FORMATS = ("code", "markdown", "text", "html")
 SYSTEM_PROMPTS = {
     "code": ("You are a coding assistant inside a Jupyter notebook. Answer with Python code for the next cell, "
              "in one fenced ```python block; explain only in code comments."),
     "markdown": "You are an assistant inside a Jupyter notebook. Answer in Markdown.",
     "text": "You are an assistant inside a Jupyter notebook. Answer in plain text, without Markdown.",
+    "html": ("You are a front-end assistant inside a Jupyter notebook. Answer with one complete, self-contained "
+             "HTML page (CSS and JavaScript inline, no external files) in one fenced ```html block."),
 }
 DEFAULT_CONTEXT_LIMIT = 8192  # memory budget when the backend does not say its context length
 DEFAULT_ANSWER_RESERVE = 1024  # tokens kept free for the answer when --max-tokens is not given
@@ -47,9 +50,11 @@ DEFAULT_ANSWER_RESERVE = 1024  # tokens kept free for the answer when --max-toke
 
 SUBCOMMANDS = ("status", "models", "history", "reset", "use", "config", "help")
 USAGE = """\
-%%glm [-f code|markdown|text] [--think | --no-think] [-m MODEL] [-t TEMP] [--max-tokens N]
-      [--replace] [--run] [--cells N] [--trace] [--no-stream]
+%%glm [-f code|markdown|text|html] [--think | --no-think] [-m MODEL] [-t TEMP] [--max-tokens N]
+      [--replace] [--run] [--cells N] [--web URL ...] [--trace] [--no-stream]
 prompt lines; {name}, {In[3]}, {Out[3]} come from the kernel, {{ and }} are literal braces
+-f html: the answer's page goes into a new cell that shows it in a sandboxed frame (scripts run; no access
+to the notebook, its cookies or the token); --web URL (repeatable): the page's text goes into the prompt
 
 %glm status                   where the model runs, how it is doing, and what this session's answers cost
 %glm models                   every model, by provider, with capabilities and prices
@@ -76,7 +81,8 @@ class GLMMagics(Magics):
 
     @magic_arguments()
     @argument("-f", "--format", choices=FORMATS, default="code",
-              help="code (default: the answer's code goes into a new cell below), markdown or text")
+              help="code (default: the answer's code goes into a new cell below), markdown, text, or html (the "
+                   "answer's page goes into a new cell that shows it in a sandboxed iframe)")
     @argument("--think", action="store_true", help="ask the model to think first")
     @argument("--no-think", action="store_true", help="ask the model to answer without thinking")
     @argument("-m", "--model", help="model id, e.g. local/glm45-air-mini or zai/glm-4.5-air (default: %%glm use, "
@@ -84,9 +90,11 @@ class GLMMagics(Magics):
     @argument("-t", "--temperature", type=float, help="sampling temperature (0 = greedy)")
     @argument("--max-tokens", type=int, help="longest answer, in tokens")
     @argument("--replace", action="store_true", help="put the code into this cell instead of a new one")
-    @argument("--run", action="store_true", help="also run the generated code (format code only)")
+    @argument("--run", action="store_true", help="also run the generated cell (formats code and html)")
     @argument("--cells", type=int, default=0, metavar="N",
               help="send the source and output of the last N cells along")
+    @argument("--web", action="append", metavar="URL",
+              help="read the web page at URL (public addresses) and send its text along; repeatable")
     @argument("--trace", action="store_true", help="show which experts the answer's tokens went to")
     @argument("--no-stream", action="store_true", help="wait for the whole answer instead of streaming")
     @line_cell_magic
@@ -246,9 +254,9 @@ class GLMMagics(Magics):
         settings = self.session.settings
         if args.think and args.no_think:
             raise GLMError("--think and --no-think contradict each other: give one (or neither: the model decides)")
-        if args.run and args.format != "code":
+        if args.run and args.format not in ("code", "html"):
             raise GLMError(f"--run runs code, but --format is {args.format}: drop --run or use --format code")
-        if args.replace and args.format != "code":
+        if args.replace and args.format not in ("code", "html"):
             raise GLMError(f"--replace puts code into this cell, but --format is {args.format}")
         if args.cells < 0:
             raise GLMError(f"--cells {args.cells}: give how many earlier cells to send (0 or more)")
@@ -260,6 +268,8 @@ class GLMMagics(Magics):
         user_text = (cells_context(self.shell, args.cells, self.output_log) if args.cells else "") + prompt
 
         connection = self.session.connection()
+        if args.web:  # read before asking: a page that cannot be read stops the cell here
+            user_text = web_context(connection, args.web) + user_text
         model = args.model or settings.model
         model = connection.resolve_model(model) if model else self._default_model(connection)
         trace = args.trace
@@ -291,6 +301,8 @@ class GLMMagics(Magics):
             print(f"note: the answer was cut off at {max_tokens or 'the default'} tokens (--max-tokens)")
         if args.format == "code":
             self._place_code(answer, replace=args.replace, run=args.run)
+        elif args.format == "html":
+            self._place_html(answer, replace=args.replace, run=args.run)
         if trace and completion_id:
             self._show_trace(connection, completion_id)
 
@@ -371,6 +383,18 @@ class GLMMagics(Magics):
         print(f"↳ {lines} line{'s' if lines != 1 else ''} of code put {where}" + (" and run here:" if run else ""))
         if run:
             self.shell.run_cell(code, store_history=False)
+
+    def _place_html(self, answer: str, replace: bool, run: bool) -> None:
+        page = html_page(answer)
+        if not page.strip():
+            print("the model gave no HTML: nothing was put into a cell")
+            return
+        self.shell.set_next_input(html_cell(page), replace=replace)
+        where = "this cell, replacing the prompt" if replace else "a new cell below"
+        print(f"↳ the page ({len(page):,} characters) put into {where}, shown in a sandboxed frame when run"
+              + (" (running it here):" if run else ""))
+        if run:
+            self.shell.run_cell(html_cell(page), store_history=False)
 
     def _show_trace(self, connection: Connection, completion_id: str) -> None:
         data = connection.routing(completion_id)

@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Dict, Enum, Float, Int, List, Unicode, default
+from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, default, validate
 
 from workbench.chat.backends import Backend, LocalBackend, RemoteBackend
 from workbench.chat.providers import ErrorProvider, LocalProvider, ProviderRegistry, RemoteProvider, build_providers
 from workbench.engine.int_quant import QUANTIZE_CHOICES
 from workbench.models import bundled_model
-from workbench.server import anthropic_api, handlers
+from workbench.server import anthropic_api, handlers, web_fetch_api
 from workbench.server.conversations import ConversationStore, conversation_handlers
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,19 @@ class GLMWorkbench(ExtensionApp):
     conversations_dir = Unicode(None, allow_none=True, config=True,
                                 help="Where the sidebar's saved conversations live (default: in Jupyter's data "
                                      "directory).")
+    web_fetch_allow_private = Bool(False, config=True,
+                                   help="Let the web_fetch tool (glm/api/tools/web_fetch, %%glm --web) read loopback, "
+                                        "private, link-local and other non-public addresses. Off: only public "
+                                        "addresses, checked after DNS and on every redirect.")
+    web_fetch_timeout = Float(20.0, config=True, help="Seconds a web_fetch may take, redirects included.")
+    web_fetch_max_bytes = Int(5 * 2**20, config=True,
+                              help="Most bytes of one page web_fetch reads; a longer body is cut there (truncated).")
+
+    @validate("web_fetch_timeout", "web_fetch_max_bytes")
+    def _positive(self, proposal: Any) -> Any:
+        if proposal["value"] <= 0:
+            raise TraitError(f"GLMWorkbench.{proposal['trait'].name} must be positive, got {proposal['value']}")
+        return proposal["value"]
 
     @default("model_path")
     def _default_model_path(self) -> str | None:
@@ -221,6 +234,7 @@ class GLMWorkbench(ExtensionApp):
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers.ROUTES)
         self.handlers.extend(anthropic_api.ROUTES)
+        self.handlers.extend(web_fetch_api.ROUTES)
         self.handlers.extend(conversation_handlers(ConversationStore(self.conversations_dir)))
         self.handlers.append(handlers.CATCH_ALL)
 

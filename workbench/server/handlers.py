@@ -176,6 +176,23 @@ class ChatCompletionsHandler(GenerationHandler):
         await self.flush()
 
 
+class CountTokensHandler(GLMHandler):
+    """`POST api/count_tokens`: the tokens a chat request's prompt renders to for its model, `{"model",
+    "prompt_tokens"}` (a context meter's count; what a workbench provider asks the server behind it)."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        try:
+            body = self.request.body
+            check_body_size(body, self.glm_app.max_request_bytes)
+            request = await off_loop(parse_request, body, size=len(body))
+            backend = await self.glm_app.ready_providers()
+            tokens = await backend.count_prompt_tokens(request)
+            self.finish(json.dumps({"model": request.model, "prompt_tokens": tokens}))
+        except APIError as error:
+            self.send_api_error(error)
+
+
 class ModelsHandler(GLMHandler):
     """`GET v1/models`: every provider's models, `provider/model`, with the workbench's fields."""
 
@@ -231,8 +248,9 @@ class NotFoundHandler(GLMHandler):
     def _not_found(self, *args: Any) -> None:
         self.send_api_error(APIError(
             404, f"No endpoint {self.request.method} {self.request.path}. The GLM API has POST "
-                 "glm/v1/chat/completions, GET glm/v1/models, GET glm/api/status, GET "
-                 "glm/api/routing/{completion_id} and GET glm/api/openapi.json.", code="not_found"))
+                 "glm/v1/chat/completions, GET glm/v1/models, GET glm/api/status, POST glm/api/count_tokens, GET "
+                 "glm/api/routing/{completion_id}, POST glm/api/tools/web_fetch and GET glm/api/openapi.json.",
+            code="not_found"))
 
     get = post = put = patch = delete = _not_found
 
@@ -241,6 +259,7 @@ ROUTES = [
     (r"/glm/v1/chat/completions", ChatCompletionsHandler),
     (r"/glm/v1/models", ModelsHandler),
     (r"/glm/api/status", StatusHandler),
+    (r"/glm/api/count_tokens", CountTokensHandler),
     (r"/glm/api/routing/([^/]+)", RoutingHandler),
     (r"/glm/api/openapi.json", OpenAPIHandler),
 ]

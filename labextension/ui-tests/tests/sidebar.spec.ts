@@ -51,10 +51,12 @@ async function chooseModel(chat: Locator, match: (id: string) => boolean): Promi
   return id!;
 }
 
+/** Whether a picker id names the scripted model (bare, or `provider/scripted-glm` on a server with providers). */
+const isScripted = (id: string) => id === SCRIPTED_MODEL || id.endsWith(`/${SCRIPTED_MODEL}`);
 /** The remote backend's model: the scripted endpoint. */
-const scripted = (chat: Locator) => chooseModel(chat, id => id === SCRIPTED_MODEL);
+const scripted = (chat: Locator) => chooseModel(chat, isScripted);
 /** The local engine's model (the @local project's server). */
-const local = (chat: Locator) => chooseModel(chat, id => id !== SCRIPTED_MODEL && id !== '');
+const local = (chat: Locator) => chooseModel(chat, id => !isScripted(id) && id !== '');
 
 async function send(chat: Locator, text: string): Promise<void> {
   const input = chat.getByRole('textbox', { name: 'Message' });
@@ -298,7 +300,7 @@ test.describe('GLM Workbench sidebar', () => {
     await page.locator('.jp-PluginList-entry-label-text', { hasText: /^GLM Workbench$/ }).click();
     const tools = page.getByRole('group', { name: 'Auto-approved tools' });
     await expect(tools).toBeVisible();
-    await expect(tools.getByRole('checkbox')).toHaveCount(4);
+    await expect(tools.getByRole('checkbox')).toHaveCount(6);
     await expect(tools).toContainText('read_cells');
     await shot(page, '17-settings-auto-approved-tools');
   });

@@ -334,6 +334,37 @@ class RemoteBackend(Backend):
             raise APIError(502, self._mask(f"The remote endpoint's {what} is not JSON: {response.text[:200]}"),
                            code="bad_upstream_response") from None
 
+    async def count_prompt_tokens(self, request: ChatCompletionRequest) -> int:
+        """The prompt's tokens as the endpoint's own tokenizer and template count them: another workbench's
+        `glm/api/count_tokens`, vLLM's `POST /tokenize` (chat messages in, `count` out; served at the server's
+        root, beside `v1/`). Other endpoints have no counting API: they get the base class's clear 400."""
+        self.check_model(request)
+        if self.dialect == "workbench":
+            url, field = re.sub(r"/v1$", "/api/count_tokens", self.base_url), "prompt_tokens"
+            body = self.payload(request, stream=False)
+        elif self.dialect == "vllm":
+            url, field = re.sub(r"/v1$", "", self.base_url) + "/tokenize", "count"
+            chat = self.payload(request, stream=False)
+            body = {key: chat[key] for key in ("model", "messages", "tools", "chat_template_kwargs") if key in chat}
+            body["add_generation_prompt"] = True
+        else:
+            return await super().count_prompt_tokens(request)
+        client = self._client_or_new()
+        try:
+            response = await client.post(url, json=body, headers=self._headers())
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code >= 400:
+            raise await self._error_from(response)
+        try:
+            count = response.json().get(field)
+        except (ValueError, AttributeError, RecursionError):
+            count = None
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise APIError(502, self._mask(f"The remote endpoint's token count ({url}) has no integer {field!r}: "
+                                           f"{response.text[:200]}"), code="bad_upstream_response")
+        return count
+
     async def list_models(self) -> list[dict[str, Any]]:
         """The endpoint's `GET models` entries (OpenAI's list), for `"models": "auto"`."""
         listing = await self.get_json(f"{self.base_url}/models", "model list")
