@@ -43,7 +43,12 @@ export function StepCard({
   model: ChatModel;
 }): JSX.Element {
   const name = message.call.function.name;
-  const args = message.args ? JSON.stringify(message.args, null, 2) : message.call.function.arguments;
+  // code (insert_cell / edit_cell's source) reads as code, not as one JSON string full of \n
+  const source = typeof message.args?.source === 'string' ? (message.args.source as string) : null;
+  const rest = message.args ? Object.entries(message.args).filter(([key]) => source === null || key !== 'source') : [];
+  const args = message.args
+    ? rest.map(([key, value]) => `${key}: ${JSON.stringify(value)}`).join('\n')
+    : message.call.function.arguments;
   const effect = toolEffect(name);
   const time = stepDuration(message);
   const summary = resultSummary(message.result);
@@ -66,7 +71,12 @@ export function StepCard({
             {time && <span className="glm-StepCard-time"> · {time}</span>}
           </span>
         </div>
-        <pre className="glm-ToolCall-args">{args}</pre>
+        {args && <pre className="glm-ToolCall-args">{args}</pre>}
+        {source !== null && (
+          <pre className="glm-ToolCall-args glm-StepCard-source" aria-label="Cell source">
+            {source}
+          </pre>
+        )}
         {message.status === 'pending' && (
           <div className="glm-ToolCall-actions">
             <button className="glm-Button glm-mod-accept glm-ToolCall-approve" onClick={() => model.approveTool(message.id)}>
