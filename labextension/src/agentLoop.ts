@@ -90,6 +90,12 @@ export function limitNotice(run: Pick<LoopRun, 'steps' | 'limit'>): string {
   );
 }
 
+/** The sentence under the last step when the user stopped the loop. */
+export function stoppedNotice(run: Pick<LoopRun, 'steps'>, interrupted: boolean): string {
+  const steps = `${run.steps} tool step${run.steps === 1 ? '' : 's'}`;
+  return `Stopped by you after ${steps}${interrupted ? '; the running cell was interrupted' : ''}. Nothing more is sent to the model.`;
+}
+
 /** The first line of a tool result, cut to `max` characters, for the card's header. */
 export function resultSummary(result: string | undefined, max = 80): string {
   if (!result) {

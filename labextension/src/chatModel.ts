@@ -28,7 +28,16 @@ import { statusFailure, WorkbenchError } from './errors';
 import { hasCapability, modelName, usableModel } from './models';
 import type { ChatCompletionChunk, ChatCompletionRequest, ModelInfo, ServerStatus, ThinkingMode } from './protocol';
 import { approve, createToolMessage, latestToolMessages, NOTEBOOK_TOOLS, readyToContinue, reject, startRun, complete, fail } from './tools';
-import { addSteps, DEFAULT_MAX_TOOL_STEPS, limitNotice, type LoopRun, nextAction, startLoop, stopLoop } from './agentLoop';
+import {
+  addSteps,
+  DEFAULT_MAX_TOOL_STEPS,
+  limitNotice,
+  type LoopRun,
+  nextAction,
+  startLoop,
+  stoppedNotice,
+  stopLoop
+} from './agentLoop';
 
 export interface ChatPreferences {
   collapseThinkingOnAnswer: boolean;
@@ -82,8 +91,8 @@ export interface ChatState {
   /** A failure that is not tied to one answer (server unreachable, session expired, model loading). */
   failure: WorkbenchError | null;
   status: ServerStatus | null;
-  /** Said under the last step when the agent loop reached its step limit (with Continue); null otherwise. */
-  loopNotice: string | null;
+  /** Said under the last step when the agent loop paused at its step limit (with Continue) or was stopped. */
+  loopNotice: { text: string; canContinue: boolean } | null;
 }
 
 /** The model this package ships: a 10M-parameter demo (workbench/models/glm45-air-mini), not a coding assistant. */
@@ -422,7 +431,7 @@ export class ChatModel {
 
   /** Go on after the loop paused at its step limit: the tool results go back to the model. */
   async continueLoop(): Promise<void> {
-    if (this._state.busy || !this._state.loopNotice) {
+    if (this._state.busy || !this._state.loopNotice?.canContinue) {
       return;
     }
     this.beginLoop();
@@ -435,8 +444,12 @@ export class ChatModel {
    * interrupted too (otherwise it runs to its end, and its result is kept but not sent).
    */
   stop(options: { interruptKernel?: boolean } = {}): void {
+    const inLoop = this._state.busy && this.loop.steps > 0;
     this.loop = stopLoop(this.loop);
     this.abort?.abort();
+    if (inLoop) {
+      this.update({ loopNotice: { text: stoppedNotice(this.loop, !!options.interruptKernel), canContinue: false } });
+    }
     if (options.interruptKernel) {
       void this.bridge.interruptKernel?.().catch(error => this.reportFailure(error));
     }
@@ -648,8 +661,13 @@ export class ChatModel {
     if (decision === 'wait') {
       return;
     }
-    if (decision === 'stopped' || decision === 'limit') {
-      this.update({ busy: false, loopNotice: decision === 'limit' ? limitNotice(this.loop) : null });
+    if (decision === 'stopped') {
+      this.update({ busy: false }); // Stop already said so
+      await this.save();
+      return;
+    }
+    if (decision === 'limit') {
+      this.update({ busy: false, loopNotice: { text: limitNotice(this.loop), canContinue: true } });
       await this.save();
       return;
     }

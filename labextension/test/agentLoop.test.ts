@@ -13,6 +13,7 @@ import {
   stepDuration,
   stepNumbers,
   stepReasoning,
+  stoppedNotice,
   stopLoop,
   toolEffect
 } from '../src/agentLoop';
@@ -71,6 +72,11 @@ describe('stop', () => {
     expect(run.stopped).toBe(true);
     expect(nextAction(run, [tool('a', 'running')])).toBe('stopped');
     expect(nextAction(run, [tool('a', 'done')])).toBe('stopped');
+  });
+
+  it('says plainly that the user stopped it, and whether the cell was interrupted', () => {
+    expect(stoppedNotice({ steps: 1 }, false)).toBe('Stopped by you after 1 tool step. Nothing more is sent to the model.');
+    expect(stoppedNotice({ steps: 3 }, true)).toMatch(/^Stopped by you after 3 tool steps; the running cell was interrupted\./);
   });
 
   it('leaves the previous run untouched (runs are values)', () => {

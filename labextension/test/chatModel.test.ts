@@ -231,7 +231,8 @@ describe('ChatModel', () => {
     await until(() => !model.state.busy, 'the loop to pause');
     expect(client.requests).toHaveLength(2); // two steps, then no third request
     expect(bridge.calls).toHaveLength(2);
-    expect(model.state.loopNotice).toMatch(/^Paused after 2 tool steps: the step limit is 2/);
+    expect(model.state.loopNotice).toMatchObject({ canContinue: true });
+    expect(model.state.loopNotice?.text).toMatch(/^Paused after 2 tool steps: the step limit is 2/);
     const timed = tools(model)[0];
     expect(timed.started).toBeTypeOf('number');
     expect(timed.finished! >= timed.started!).toBe(true);
@@ -277,7 +278,12 @@ describe('ChatModel', () => {
     await new Promise(resolve => setTimeout(resolve, 20));
     expect(client.requests).toHaveLength(1); // the loop did not go on
     expect(model.state.busy).toBe(false);
-    expect(model.state.loopNotice).toBeNull();
+    expect(model.state.loopNotice).toEqual({
+      text: 'Stopped by you after 1 tool step; the running cell was interrupted. Nothing more is sent to the model.',
+      canContinue: false
+    });
+    await model.continueLoop(); // nothing to continue after a Stop
+    expect(client.requests).toHaveLength(1);
   });
 
   it('agent loop: Stop without interrupting leaves the kernel alone', async () => {

@@ -434,11 +434,13 @@ function MessageList({
         )
       )}
       {state.loopNotice && !state.busy && (
-        <div className="glm-Note glm-mod-warning glm-LoopLimit" role="status">
-          <span>{state.loopNotice}</span>
-          <button className="glm-Button glm-LoopContinue" onClick={() => void model.continueLoop()}>
-            Continue
-          </button>
+        <div className="glm-Note glm-mod-warning glm-LoopNotice" role="status">
+          <span>{state.loopNotice.text}</span>
+          {state.loopNotice.canContinue && (
+            <button className="glm-Button glm-LoopContinue" onClick={() => void model.continueLoop()}>
+              Continue
+            </button>
+          )}
         </div>
       )}
     </div>

@@ -170,9 +170,38 @@ test.describe('GLM Workbench agent loop, stopped', () => {
       timeout: 45 * 1000
     });
     await expect(run).toContainText('done');
+    await expect(chat.locator('.glm-LoopNotice')).toHaveText(
+      'Stopped by you after 2 tool steps; the running cell was interrupted. Nothing more is sent to the model.'
+    );
+    await expect(chat.locator('.glm-LoopContinue')).toHaveCount(0);
     await page.waitForTimeout(1000); // a continuation would have started by now
     await expect(chat.locator('.glm-StepCard')).toHaveCount(2);
     await expect(chat).not.toContainText('The cell finished sleeping.');
     await shot(page, '34-agent-loop-stopped');
+  });
+});
+
+test.describe('GLM Workbench agent loop, step limit', () => {
+  test.use(withSettings({ maxToolSteps: 2, autoApproveTools: ['insert_cell', 'run_cell', 'read_output', 'edit_cell'] }));
+
+  test('pauses at the step limit, says so plainly, and Continue goes on', async ({ page }) => {
+    await page.notebook.createNew('agent-limit.ipynb');
+    const chat = await openChat(page);
+    await send(chat, 'Agent fix: print the mean of my values');
+    const notice = chat.locator('.glm-LoopNotice');
+    await expect(notice).toContainText('Paused after 2 tool steps: the step limit is 2');
+    await expect(chat.locator('.glm-StepCard')).toHaveCount(2);
+    await expect(chat.getByRole('button', { name: 'Send message' })).toBeVisible();
+    await shot(page, '35-agent-loop-step-limit');
+    await page.theme.setDarkTheme();
+    await shot(page, '35-agent-loop-step-limit-dark');
+    await page.theme.setLightTheme();
+    await notice.getByRole('button', { name: 'Continue' }).click();
+    await expect(chat.locator('.glm-StepCard')).toHaveCount(4); // steps 3 and 4, then the limit again
+    await expect(notice).toContainText('Paused after 2 tool steps');
+    await notice.getByRole('button', { name: 'Continue' }).click();
+    await expect(chat.locator('.glm-Message.glm-mod-assistant').last()).toContainText('the cell now prints 4.0');
+    await expect(chat.locator('.glm-StepCard')).toHaveCount(5);
+    await expect(notice).toHaveCount(0);
   });
 });
