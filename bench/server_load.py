@@ -84,6 +84,12 @@ SIDEBAR_TOOLS = [
         "name": "list_variables",
         "description": "List the variables defined in the active notebook's kernel: name, type and a short preview.",
         "parameters": {"type": "object", "properties": {}}}},
+    {"type": "function", "function": {
+        "name": "web_fetch",
+        "description": "Fetch a web page (http or https) and return its title, readable text as Markdown and links.",
+        "parameters": {"type": "object", "properties": {
+            "url": {"type": "string", "description": "The http(s) URL of the page."}},
+            "required": ["url"]}}},
 ]
 
 

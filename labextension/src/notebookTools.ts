@@ -1,6 +1,6 @@
 /**
  * The sidebar's reach into notebooks: context for a prompt (active cell, selection, whole notebook),
- * the notebook tools the model may call, code-block actions (insert below, replace the active cell) and
+ * the notebook tools the model may call (web_fetch is handed to the server: webFetch.ts), code-block actions (insert below, replace the active cell) and
  * the "Explain / fix this error" prompt.
  *
  * Owns everything that touches INotebookTracker and kernels (`NotebookTools`); the chat logic sees it only
@@ -118,7 +118,11 @@ function stopCapturing(shared: unknown): void {
 }
 
 export class NotebookTools implements NotebookBridge {
-  constructor(private readonly tracker: INotebookTracker) {}
+  /** `webFetch`: reads a page for the `web_fetch` tool (through the server: webFetch.ts); without it the tool fails. */
+  constructor(
+    private readonly tracker: INotebookTracker,
+    private readonly webFetch?: (url: unknown) => Promise<string>
+  ) {}
 
   private get panel(): NotebookPanel {
     const panel = this.tracker.currentWidget;
@@ -211,6 +215,11 @@ export class NotebookTools implements NotebookBridge {
         return this.runCell(args);
       case 'list_variables':
         return this.listVariables();
+      case 'web_fetch':
+        if (!this.webFetch) {
+          throw new Error('web_fetch is not available in this sidebar');
+        }
+        return this.webFetch(args.url);
       default:
         throw new Error(`unknown tool "${name}"`);
     }

@@ -1,7 +1,7 @@
 /**
  * Notebook tools offered to the model, and the approval state of each call.
  *
- * Owns the OpenAI tool definitions (names, descriptions, JSON schemas) and the life of one call:
+ * Owns the OpenAI tool definitions (names, descriptions, JSON schemas; `web_fetch` runs on the server, webFetch.ts) and the life of one call:
  * pending (waits for the user) or approved (auto-approve for that tool), running, then done / rejected /
  * error. Transitions are pure and refuse impossible moves, so a double click cannot run a call twice.
  * Running a tool against a notebook lives in notebookTools.ts (`NotebookTools`).
@@ -93,6 +93,18 @@ export const NOTEBOOK_TOOLS: ToolDefinition[] = [
       name: 'list_variables',
       description: "List the variables defined in the active notebook's kernel: name, type and a short preview.",
       parameters: { type: 'object', properties: {} }
+    }
+  },
+  {
+    type: 'function',
+    function: {
+      name: 'web_fetch',
+      description: "Fetch a web page (http or https) and return its title, readable text as Markdown and links.",
+      parameters: {
+        type: 'object',
+        properties: { url: { type: 'string', description: 'The http(s) URL of the page.' } },
+        required: ['url']
+      }
     }
   }
 ];

@@ -403,6 +403,7 @@ describe('ChatModel', () => {
     );
     await model.tryTools();
     expect(client.requests[0].tool_choice).toEqual({ type: 'function', function: { name: 'read_cells' } });
+    expect(client.requests[0].tools?.map(t => t.function.name)).toEqual(['read_cells']);
     expect(client.requests[0].tools?.map(t => t.function.name)).toContain('read_cells');
     const user = model.state.conversation.messages[0];
     expect(user).toMatchObject({ kind: 'user', text: TOOL_DEMO.prompt, label: TOOL_DEMO.label });

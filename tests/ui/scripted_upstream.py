@@ -15,6 +15,10 @@ keyword in the last user message:
 - ``agent fix``: an agent loop, one step per request: insert a cell with a typo, run it, read its error,
   edit it and run it again, then answer (AGENT_FIX_STEPS);
 - ``agent sleep``: insert a cell that sleeps for a minute and run it, for Stop in the middle of a loop;
+- ``html page``: an answer with an ```html block whose script writes into its own page and probes the parent
+  (cookies, the parent's ``glm/api/status``, ``window.parent.document``) for the preview test;
+- ``fetch <url>``: a call to ``web_fetch`` with that URL; after its result, a line naming the page's title;
+- a request whose system prompt is the sidebar's inline-completion prompt: ``return a + b`` in pieces;
 - anything else: a one-line answer.
 
 Run: ``python tests/ui/scripted_upstream.py --port 8911`` (prints ``READY <port>`` when listening).
@@ -74,6 +78,49 @@ def _agent_step(messages: list[dict], steps: list[tuple[str, str, dict]],
             "function": {"name": name, "arguments": json.dumps(args)}}
     return [{"reasoning_content": w} for w in _words(reasoning)] + [{"tool_calls": [call]}], 0.02, "tool_calls"
 
+# The page of the HTML preview test: its script runs in the sandboxed frame, writes what it could reach into its
+# own DOM (#probe, read by the test through the frame) and counts clicks (#count).
+HTML_PAGE = """<!DOCTYPE html>
+<html>
+<head>
+<style>
+  body { font-family: sans-serif; margin: 0; padding: 16px; background: #f4f6fb; color: #1d2433; }
+  .card { background: white; border-radius: 8px; padding: 12px 16px; box-shadow: 0 1px 4px rgba(0,0,0,.15); }
+  button { background: #3a6ff7; color: white; border: 0; border-radius: 4px; padding: 6px 12px; }
+  pre { font-size: 11px; white-space: pre-wrap; }
+</style>
+</head>
+<body>
+<div class="card">
+  <h2 id="status">Waiting for the script</h2>
+  <button id="add">Add one</button> <span>Count: <b id="count">0</b></span>
+  <pre id="probe"></pre>
+</div>
+<script>
+  document.getElementById('status').textContent = 'The script ran';
+  document.getElementById('add').onclick = () => {
+    const c = document.getElementById('count'); c.textContent = String(Number(c.textContent) + 1);
+  };
+  const probe = {cookie: null, parentDocument: null, storage: null, fetch: 'pending'};
+  try { probe.cookie = document.cookie; } catch (e) { probe.cookie = 'threw ' + e.name; }
+  try { probe.parentDocument = String(window.parent.document.title); }
+  catch (e) { probe.parentDocument = 'threw ' + e.name; }
+  try { probe.storage = String(window.localStorage.length); } catch (e) { probe.storage = 'threw ' + e.name; }
+  const show = () => { document.getElementById('probe').textContent = JSON.stringify(probe); };
+  show();
+  fetch(new URL('/glm/api/status', document.baseURI).href, {credentials: 'include'})
+    .then(r => r.text().then(t => { probe.fetch = 'answered ' + r.status + ' ' + t.slice(0, 40); }))
+    .catch(e => { probe.fetch = 'failed ' + e.name; })
+    .finally(show);
+</script>
+</body>
+</html>"""
+HTML_ANSWER = f"A page with a counter:\n\n```html\n{HTML_PAGE}\n```\n\nOpen the preview to try it."
+
+# The sidebar's inline completion asks with this system prompt (labextension/src/inlineCompletion.ts).
+COMPLETION_PROMPT_MARK = "You are a code completion engine inside a Jupyter notebook."
+COMPLETION = ["return", " a", " +", " b"]
+
 
 def _words(text: str) -> list[str]:
     out, word = [], ""
@@ -88,14 +135,28 @@ def _words(text: str) -> list[str]:
 def script_for(messages: list[dict]) -> tuple[list[Delta], float, str]:
     """The deltas to stream, the pause between them (s) and the finish reason."""
     last = messages[-1] if messages else {}
+    first = messages[0] if messages else {}
+    if first.get("role") == "system" and COMPLETION_PROMPT_MARK in str(first.get("content") or ""):
+        return [{"content": piece} for piece in COMPLETION], 0.15, "stop"
     asked = next((str(m.get("content") or "").lower() for m in reversed(messages) if m.get("role") == "user"), "")
     if "agent fix" in asked:
         return _agent_step(messages, AGENT_FIX_STEPS, AGENT_FIX_ANSWER)
     if "agent sleep" in asked:
         return _agent_step(messages, AGENT_SLEEP_STEPS, AGENT_SLEEP_ANSWER)
     if last.get("role") == "tool":
+        result = str(last.get("content") or "")
+        title = re.match(r"Title: (.*)\n", result)
+        if title:
+            return [{"content": w} for w in _words(f"I read the page titled {title.group(1)}.")], 0.02, "stop"
         return [{"content": w} for w in _words("Done: the new cell is in the notebook.")], 0.02, "stop"
     text = str(last.get("content") or "").lower()
+    fetch = re.search(r"fetch (https?://\S+)", str(last.get("content") or ""))
+    if fetch:
+        call = {"index": 0, "id": "call_fetch_1", "type": "function",
+                "function": {"name": "web_fetch", "arguments": json.dumps({"url": fetch.group(1)})}}
+        return [{"tool_calls": [call]}], 0.02, "tool_calls"
+    if "html page" in text:
+        return [{"content": HTML_ANSWER}], 0.02, "stop"
     if "ponder" in text:
         # a very long trace (about 60 000 characters), streamed fast: the viewer must stay responsive
         reasoning = [{"reasoning_content": f"step {i}: still pondering. "} for i in range(2500)]

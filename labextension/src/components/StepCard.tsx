@@ -12,6 +12,7 @@ import { resultSummary, stepDuration, toolEffect, type ToolEffect } from '../age
 import type { ChatModel } from '../chatModel';
 import type { AssistantMessage, ToolMessage } from '../chatState';
 import { ThinkingBlock } from './ThinkingBlock';
+import { WebFetchCard } from './WebFetchCard';
 
 const STATUS_TEXT: Record<ToolMessage['status'], string> = {
   pending: 'waiting for approval',
@@ -77,6 +78,7 @@ export function StepCard({
             {source}
           </pre>
         )}
+        {name === 'web_fetch' && <WebFetchCard message={message} />}
         {message.status === 'pending' && (
           <div className="glm-ToolCall-actions">
             <button className="glm-Button glm-mod-accept glm-ToolCall-approve" onClick={() => model.approveTool(message.id)}>
