@@ -433,16 +433,21 @@ def hf_tensors(model: GGUFModel, config: GLMConfig) -> Iterator[tuple[str, Weigh
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def _release(reader: _Reader, info: Any) -> None:
-    """Drop the resident pages of a tensor the consumer has taken (decoded, copied, or kept as a view: a private
-    mapping never written refaults its pages from the file when read), so that reading a file does not leave it
-    all in memory beside the model built from it."""
+def _release(reader: _Reader, info: Any, index: int | None = None) -> None:
+    """Drop the resident pages of a tensor (or of its `index`-th slice along the first dimension: one expert of
+    a stack) the consumer has taken (decoded, copied, or kept as a view: a private mapping never written
+    refaults its pages from the file when read), so that reading a file does not leave it all in memory beside
+    the model built from it."""
     if _LIBC is None:
         return
     page = mmap.PAGESIZE
-    base = reader.data.ctypes.data
-    start = -(-(base + int(info.data_offset)) // page) * page  # whole pages inside the tensor only
-    stop = (base + int(info.data_offset) + int(info.n_bytes)) // page * page
+    base = reader.data.ctypes.data + int(info.data_offset)
+    nbytes = int(info.n_bytes)
+    if index is not None:
+        nbytes //= int(info.shape[-1])  # gguf lists the shape innermost first: the stack's count is last
+        base += index * nbytes
+    start = -(-base // page) * page  # whole pages inside the tensor only
+    stop = (base + nbytes) // page * page
     if stop > start:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), mmap.MADV_DONTNEED)
 
@@ -548,9 +553,15 @@ def build_dequantized_model(config: GLMConfig, tensors: Iterator[tuple[str, Weig
     return model
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device):
+def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device, cache: str | Path | None = None):
     """(model, tokenizer, name) of a GGUF model. Everything is checked before the weights are read, and a
-    failure while reading them leaves nothing behind."""
+    failure while reading them leaves nothing behind.
+
+    On the CPU the weights come memory-mapped from the GGUF's repack cache (gguf_cache.py: made on first load;
+    `cache` is its folder, or "off" to copy the weights into memory; default $WORKBENCH_GGUF_CACHE or
+    ~/.cache/glm-workbench/gguf), so a file larger than RAM loads and its experts page in as they are used."""
+    from workbench.engine import gguf_cache
+
     gguf_model = open_gguf(path)
     config = config_from_gguf(gguf_model)
     tokenizer = tokenizer_from_gguf(gguf_model)
@@ -560,7 +571,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device):
         log.warning(note)
     model = None
     try:
-        model = build_model(config, hf_tensors(gguf_model, config), dtype, device, gguf_model.files[0])
+        cached = gguf_cache.cached_weights(gguf_model, config, dtype, cache) if device.type == "cpu" else None
+        tensors = cached.weights() if cached is not None else hf_tensors(gguf_model, config)
+        model = build_model(config, tensors, dtype, device, gguf_model.files[0])
     except BaseException:
         model = None
         gc.collect()  # nothing partially loaded stays in memory
