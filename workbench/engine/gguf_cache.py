@@ -204,6 +204,13 @@ def _entries(model, config: GLMConfig) -> Iterator[tuple[str, Any, Any, int | No
 def write_cache(model, config: GLMConfig, path: Path) -> None:
     """Repack every tensor of the decoding model into `path` (atomically). Errors of the cache's own folder or
     disk are `CacheUnavailable`; errors reading the GGUF propagate as they are."""
+    from workbench.engine.int_quant import loading_threads
+
+    with loading_threads():
+        _write_cache(model, config, path)
+
+
+def _write_cache(model, config: GLMConfig, path: Path) -> None:
     from workbench.engine.gguf_file import _decode, _release
 
     need = estimated_bytes(model)
