@@ -244,3 +244,34 @@ def write_synthetic_gguf(path: str | Path, config: GLMConfig, qtype: str = "q8_0
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+_GGUF_LOAD_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+from workbench.engine import Engine
+
+def status(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+path, cache, decode = sys.argv[1], sys.argv[2], int(sys.argv[3])
+Path("/proc/self/clear_refs").write_text("5")
+before = status("VmRSS")
+start = time.perf_counter()
+engine = Engine.from_pretrained(path, dtype="float32", gguf_cache=cache, cache_tokens=256)
+seconds = time.perf_counter() - start
+growth = status("VmHWM") - before
+if decode:
+    engine.generate([10, 11, 12, 13], max_new_tokens=decode, temperature=0.0)
+print(json.dumps({"seconds": seconds, "growth": growth, "decode_growth": status("VmHWM") - before}))
+"""
+
+
+def measure_gguf_load(path: str | Path, cache: str | Path, decode: int = 0) -> dict[str, float]:
+    """Load a GGUF in a fresh process (Linux) with the repack cache folder `cache` ("off": into memory): the load's
+    seconds, its peak RSS growth and (after `decode` greedy tokens) the peak growth with the decode."""
+    out = subprocess.run([sys.executable, "-c", _GGUF_LOAD_CHILD, str(path), str(cache), str(decode)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
