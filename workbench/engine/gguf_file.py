@@ -8,9 +8,15 @@ table (shared with gguf_export), the GLMConfig the metadata describes, the token
 
 Reading goes through the `gguf` package's GGUFReader, which maps each file (copy-on-write, never written):
 F32/F16/BF16 tensors are views of the mapped file until the loader converts or places them; block-quantized
-tensors are decoded one at a time as the stream reaches them (gguf_blocks), so the resident set grows by the
-converted weights, not by the file. Experts are stacked per layer in GGUF ([E, N, K]); the stream yields each
-expert's slice under its HF name. The multi-token-prediction (nextn) block after the decoder layers is skipped.
+tensors are decoded one at a time as the stream reaches them (gguf_blocks, in row chunks copied out of the
+mapping first), so the resident set grows by the converted weights, not by the file. Experts are stacked per
+layer in GGUF ([E, N, K]); the stream yields each expert's slice under its HF name. The multi-token-prediction
+(nextn) block after the decoder layers is skipped.
+
+On the CPU, `load_gguf` does not build from that stream directly: gguf_cache repacks it once into a cache file of
+the engine's formats and the model is built from views of that file's mapping, so a GGUF larger than RAM loads
+and its routed experts page in as they are used (see gguf_cache.py for why a repack and not views of the GGUF;
+`gguf_cache="off"` or WORKBENCH_GGUF_CACHE=off builds from the stream, in memory). GPUs dequantize the stream.
 """
 
 from __future__ import annotations
