@@ -282,7 +282,8 @@ LOAD_THREADS_ENV = "WORKBENCH_LOAD_THREADS"
 
 def loading_thread_count() -> int:
     """torch's threads for the elementwise loops of a load (quantizing, decoding GGUF blocks): $WORKBENCH_LOAD_THREADS
-    if set, else torch's count capped at the cores other processes leave idle (1-minute load average), at least 1.
+    if set, else torch's count capped at the cores other processes leave idle (the 1-minute load average less this
+    process's one running thread), at least 1.
 
     Why: every torch op is an OpenMP region that waits for its slowest thread, and a thread sharing its core with
     another process gets only part of it, while the spin-waiting one burns its share. Measured on a 2-core box with
@@ -293,7 +294,8 @@ def loading_thread_count() -> int:
         return max(1, int(setting))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(torch.get_num_threads(), int(cores - busy + 0.5)))
+    others = max(0.0, busy - 1.0)  # the load average counts this process's own running thread too
+    return max(1, min(torch.get_num_threads(), int(cores - others + 0.5)))
 
 
 @contextlib.contextmanager
