@@ -28,6 +28,7 @@ import logging
 import mmap
 import re
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -608,6 +609,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device, cache:
     if note:
         log.warning(note)
     model = None
+    started = time.perf_counter()
     try:
         cached = gguf_cache.cached_weights(gguf_model, config, dtype, cache) if device.type == "cpu" else None
         tensors = cached.weights() if cached is not None else hf_tensors(gguf_model, config)
@@ -616,4 +618,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device, cache:
         model = None
         gc.collect()  # nothing partially loaded stays in memory
         raise
+    log.info("loaded %s in %.1f s (%s)", gguf_model.name, time.perf_counter() - started,
+             f"weights memory-mapped from {cached.path}" if cached is not None else f"weights in {device} memory")
     return model, tokenizer, gguf_model.name
