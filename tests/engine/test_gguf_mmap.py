@@ -221,3 +221,31 @@ def test_caches_of_gguf_files_that_are_gone_are_pruned(tmp_path):
     gone.unlink()
     load(kept, cache)
     assert [p.name.split("-")[0] for p in cache.glob("*.wbq")] == ["kept"]
+
+
+def test_a_gguf_missing_half_of_an_expert_stack_is_named(tmp_path):
+    """The repack stores gate and up stacked together: a GGUF without the up half is an error naming it, not a
+    model whose up rows read as zeros."""
+    import gguf
+
+    source = write_synthetic_gguf(tmp_path / "full.gguf", moe_config(hidden=256, experts=8, layers=2), "q8_0")
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(tmp_path / "cut.gguf", "glm4moe")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, vtype, sub_type=sub)
+    for tensor in reader.tensors:
+        if tensor.name != "blk.1.ffn_up_exps.weight":
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    before = glm_models_alive()
+    with pytest.raises(Exception, match=r"missing tensor 'blk.1.ffn_up_exps.weight'"):
+        load(tmp_path / "cut.gguf", tmp_path / "cache")
+    assert glm_models_alive() == before and not list((tmp_path / "cache").iterdir())

@@ -227,16 +227,26 @@ def _write_cache(model, config: GLMConfig, path: Path) -> None:
     try:
         with open(tmp, "wb") as f:
             writer = _Writer(f)
+            stacks: dict[str, set[int]] = {}
             for name, reader, info, part in _entries(model, config):
                 if part is None:
                     writer.put(name, _decode(info))
                 else:
                     experts = int(info.shape[-1])
                     parts = 2 if name.endswith("gate_up_proj") else 1
+                    stacks.setdefault(name, set()).add(part)
                     for expert in range(experts):
                         writer.put_slot(name, experts, part, parts, expert, _decode(info, expert))
                         _release(reader, info, expert)
                 _release(reader, info)
+            for name, parts_seen in stacks.items():  # a stack's rows never written would read as zeros
+                if name.endswith("gate_up_proj") and parts_seen != {0, 1}:
+                    from workbench.engine.weights import CheckpointError
+
+                    layer = name.split(".")[2]
+                    missing = "ffn_up_exps" if 0 in parts_seen else "ffn_gate_exps"
+                    raise CheckpointError(f"missing tensor 'blk.{layer}.{missing}.weight' in {model.name}: the "
+                                          "GGUF is incomplete")
             index = json.dumps({"key": cache_key(model.files), "tensors": writer.index}).encode()
             end = -(-writer.offset // ALIGN) * ALIGN
             os.pwrite(f.fileno(), index + len(index).to_bytes(8, "little") + MAGIC, end)
