@@ -129,7 +129,8 @@ function readPreferences(settings: ISettingRegistry.ISettings): ChatPreferences 
     maxTokens: get('maxTokens'),
     temperature: get('temperature'),
     systemPrompt: get('systemPrompt'),
-    keepRouting: get('keepRouting')
+    keepRouting: get('keepRouting'),
+    maxToolSteps: get('maxToolSteps')
   };
 }
 

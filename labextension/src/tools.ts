@@ -9,6 +9,7 @@
 
 import type { ToolMessage, ToolStatus } from './chatState';
 import type { ToolCall, ToolDefinition } from './protocol';
+import { needsApproval } from './agentLoop';
 
 export const NOTEBOOK_TOOLS: ToolDefinition[] = [
   {
@@ -48,11 +49,40 @@ export const NOTEBOOK_TOOLS: ToolDefinition[] = [
   {
     type: 'function',
     function: {
+      name: 'edit_cell',
+      description: "Replace the source of a cell of the active notebook (its outputs stay until it runs again).",
+      parameters: {
+        type: 'object',
+        properties: {
+          index: { type: 'integer', description: 'Index of the cell to edit (0-based).' },
+          source: { type: 'string', description: 'The new text of the cell.' }
+        },
+        required: ['index', 'source']
+      }
+    }
+  },
+  {
+    type: 'function',
+    function: {
       name: 'run_cell',
       description: 'Run a code cell of the active notebook and return its outputs as text.',
       parameters: {
         type: 'object',
         properties: { index: { type: 'integer', description: 'Index of the cell to run (0-based).' } },
+        required: ['index']
+      }
+    }
+  },
+  {
+    type: 'function',
+    function: {
+      name: 'read_output',
+      description:
+        'Read the outputs of a code cell as text: streams, results, images as a note, and an error as its name, ' +
+        'value and traceback.',
+      parameters: {
+        type: 'object',
+        properties: { index: { type: 'integer', description: 'Index of the cell (0-based).' } },
         required: ['index']
       }
     }
@@ -114,7 +144,7 @@ export function createToolMessage(
   if (typeof args !== 'object' || args === null || Array.isArray(args)) {
     return { ...base, status: 'error', result: 'Error: the arguments must be a JSON object.' };
   }
-  const auto = autoApprove.has(call.function.name);
+  const auto = !needsApproval(call.function.name, autoApprove);
   return { ...base, args: args as Record<string, unknown>, status: auto ? 'approved' : 'pending', autoApproved: auto };
 }
 

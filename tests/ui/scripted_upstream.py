@@ -15,6 +15,9 @@ keyword in the last user message:
 - ``echo``:  "You said: <the message>", so that branches of an edited message answer differently;
 - ``version``: "Answer version N" (N counts these requests), so that regenerated answers differ;
 - ``crowd``: a one-line answer whose usage says the prompt took 30 000 tokens (the context meter's warning);
+- ``agent fix``: an agent loop, one step per request: insert a cell with a typo, run it, read its error,
+  edit it and run it again, then answer (AGENT_FIX_STEPS);
+- ``agent sleep``: insert a cell that sleeps for a minute and run it, for Stop in the middle of a loop;
 - ``html page``: an answer with an ```html block whose script writes into its own page and probes the parent
   (cookies, the parent's ``glm/api/status``, ``window.parent.document``) for the preview test;
 - ``fetch <url>``: a call to ``web_fetch`` with that URL; after its result, a line naming the page's title;
@@ -42,6 +45,42 @@ INSERTED_SOURCE = "print('inserted by the tool')"
 CODE_ANSWER = "Here is the function:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\nIt adds two numbers."
 
 Delta = dict  # one `choices[0].delta` of the stream
+
+# The agent loops: each step is (reasoning, tool, arguments); "{index}" is the inserted cell's index, read from
+# the insert_cell result. The answer after the last step ends the loop.
+AGENT_BROKEN_SOURCE = "values = [3, 4, 5]\nprint(sum(values) / len(value))"
+AGENT_FIXED_SOURCE = "values = [3, 4, 5]\nprint(sum(values) / len(values))"
+AGENT_FIX_STEPS = [
+    ("I need a cell that prints the mean of the values. I will insert it below.",
+     "insert_cell", {"source": AGENT_BROKEN_SOURCE}),
+    ("The cell is in. Now run it.", "run_cell", {"index": "{index}"}),
+    ("It ran with an error; read its output to see which.", "read_output", {"index": "{index}"}),
+    ("NameError: `value` is a typo for `values`. Fix the cell.", "edit_cell",
+     {"index": "{index}", "source": AGENT_FIXED_SOURCE}),
+    ("Run the fixed cell again.", "run_cell", {"index": "{index}"}),
+]
+AGENT_FIX_ANSWER = "Fixed: `value` was a typo for `values`; the cell now prints 4.0."
+AGENT_SLEEP_STEPS = [
+    ("Insert a cell that waits.", "insert_cell", {"source": "import time\ntime.sleep(60)\nprint('woke up')"}),
+    ("Run it.", "run_cell", {"index": "{index}"}),
+]
+AGENT_SLEEP_ANSWER = "The cell finished sleeping."
+
+
+def _agent_step(messages: list[dict], steps: list[tuple[str, str, dict]],
+                answer: str) -> tuple[list[Delta], float, str]:
+    """The next step of an agent loop: as many steps are done as there are tool results since the user spoke."""
+    last_user = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+    results = [str(m.get("content") or "") for m in messages[last_user + 1:] if m.get("role") == "tool"]
+    if len(results) >= len(steps):
+        return [{"content": w} for w in _words(answer)], 0.02, "stop"
+    inserted = next((re.search(r"at index (\d+)", r) for r in results if re.search(r"at index (\d+)", r)), None)
+    index = int(inserted.group(1)) if inserted else 0
+    reasoning, name, args = steps[len(results)]
+    args = {k: index if v == "{index}" else v for k, v in args.items()}
+    call = {"index": 0, "id": f"call_agent_{len(results) + 1}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)}}
+    return [{"reasoning_content": w} for w in _words(reasoning)] + [{"tool_calls": [call]}], 0.02, "tool_calls"
 
 # The page of the HTML preview test: its script runs in the sandboxed frame, writes what it could reach into its
 # own DOM (#probe, read by the test through the frame) and counts clicks (#count).
@@ -113,6 +152,11 @@ def script_for(messages: list[dict]) -> tuple[list[Delta], float, str]:
     first = messages[0] if messages else {}
     if first.get("role") == "system" and COMPLETION_PROMPT_MARK in str(first.get("content") or ""):
         return [{"content": piece} for piece in COMPLETION], 0.15, "stop"
+    asked = next((str(m.get("content") or "").lower() for m in reversed(messages) if m.get("role") == "user"), "")
+    if "agent fix" in asked:
+        return _agent_step(messages, AGENT_FIX_STEPS, AGENT_FIX_ANSWER)
+    if "agent sleep" in asked:
+        return _agent_step(messages, AGENT_SLEEP_STEPS, AGENT_SLEEP_ANSWER)
     if last.get("role") == "tool":
         result = str(last.get("content") or "")
         title = re.match(r"Title: (.*)\n", result)
