@@ -21,6 +21,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <limits>
 #include <map>
@@ -108,6 +109,7 @@ class ThreadPool {
     }
     grow(threads - 1);
     fn_ = &fn;
+    error_ = nullptr;
     wanted_.store(threads - 1, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     generation_ = (generation_ + 1) & kGenerationMask;
@@ -127,6 +129,7 @@ class ThreadPool {
         std::this_thread::yield();
       }
     }
+    if (error_) std::rethrow_exception(error_);  // a chunk's exception, on the caller's thread
   }
 
  private:
@@ -159,7 +162,12 @@ class ThreadPool {
       if ((state >> 48) != generation || next >= chunks) return;
       if (!state_.compare_exchange_weak(state, state + 1, std::memory_order_acq_rel, std::memory_order_acquire))
         continue;  // `state` now holds the current value: try again
-      (*fn_)(static_cast<int64_t>(next), thread);
+      try {
+        (*fn_)(static_cast<int64_t>(next), thread);
+      } catch (...) {  // kept for the caller (an exception must not leave a worker thread)
+        std::lock_guard<std::mutex> lock(error_mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
       done_.fetch_add(1, std::memory_order_acq_rel);
       state = state_.load(std::memory_order_acquire);
     }
@@ -204,6 +212,8 @@ class ThreadPool {
   const std::function<void(int64_t, int)>* fn_ = nullptr;
   std::atomic<int> wanted_{0};  // workers this job may use (worker i takes part if i < wanted_)
   std::atomic<int64_t> done_{0};
+  std::mutex error_mutex_;
+  std::exception_ptr error_;  // the job's first exception
   std::atomic<int> sleepers_{0};
   std::mutex sleep_mutex_;
   std::condition_variable wake_;
