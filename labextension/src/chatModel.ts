@@ -25,6 +25,7 @@ import {
   type ToolMessage
 } from './chatState';
 import { statusFailure, WorkbenchError } from './errors';
+import { hasCapability, modelName, usableModel } from './models';
 import type { ChatCompletionChunk, ChatCompletionRequest, ModelInfo, ServerStatus, ThinkingMode } from './protocol';
 import { approve, createToolMessage, latestToolMessages, NOTEBOOK_TOOLS, readyToContinue, reject, startRun, complete, fail } from './tools';
 
@@ -216,8 +217,24 @@ export class ChatModel {
     this.update(thinkingChanged ? { thinkingMode: preferences.thinkingMode } : {});
   }
 
+  /** Choose the model of the next answers; the conversation stays (its history goes to the new model). */
   setModel(model: string): void {
-    this.update({ model });
+    const { failure, status } = this._state;
+    // the status's loading / error banner follows the chosen model's provider; other failures stay
+    const fromStatus = statusFailure(status);
+    const statusBanner = !failure || (fromStatus?.kind === failure.kind && fromStatus.message === failure.message);
+    this.update({ model, failure: statusBanner ? this.statusFailureFor(status, model) : failure });
+  }
+
+  /**
+   * The failure the status shows for this model. The status's state is its default provider's (the first of
+   * `providers`): a model of another provider answers whatever that one does (its own state is in the picker).
+   */
+  private statusFailureFor(status: ServerStatus | null, modelId: string, models = this._state.models): WorkbenchError | null {
+    const failure = statusFailure(status);
+    const provider = models.find(m => m.id === modelId)?.workbench?.provider;
+    const defaultProvider = status?.providers?.[0]?.name;
+    return failure && provider && defaultProvider && provider !== defaultProvider ? null : failure;
   }
 
   setThinkingMode(thinkingMode: ThinkingMode): void {
@@ -246,16 +263,16 @@ export class ChatModel {
         this.client.status().catch(() => null),
         this.client.listConversations().catch(() => this._state.history)
       ]);
-      const model = models.some(m => m.id === this._state.model) ? this._state.model : (models[0]?.id ?? '');
-      const failure = statusFailure(status);
+      const model = usableModel(models, status, this._state.model);
+      const failure = this.statusFailureFor(status, model, models);
       this.update({ models, status, history, model, failure });
       const restore = this.restoreConversationId;
       this.restoreConversationId = null;
       if (restore && !this._state.conversation.messages.length && history.some(h => h.id === restore)) {
         await this.openConversation(restore);
       }
-      if (failure?.kind === 'loading') {
-        this.pollWhileLoading();
+      if (statusFailure(status)?.kind === 'loading') {
+        this.pollWhileLoading(); // also while another model is chosen: the picker shows when this one is ready
       }
     } catch (error) {
       this.reportFailure(error);
@@ -275,7 +292,8 @@ export class ChatModel {
     const tick = async () => {
       const status = await this.client.status().catch(() => null);
       if (status && statusFailure(status)?.kind === 'loading') {
-        this.update({ status, failure: statusFailure(status) }); // the banner says what the load waits for now
+        // the banner says what the load waits for now
+        this.update({ status, failure: this.statusFailureFor(status, this._state.model) });
         setTimeout(() => void tick(), this.loadingPollMs);
         return;
       }
@@ -285,9 +303,18 @@ export class ChatModel {
     setTimeout(() => void tick(), this.loadingPollMs);
   }
 
+  /** The model card of a model of the list, if it is there. */
+  modelInfo(modelId: string = this._state.model): ModelInfo | undefined {
+    return this._state.models.find(m => m.id === modelId);
+  }
+
   /** Whether this is the bundled demo model (by its id, or the local engine's checkpoint folder). */
   isDemoModel(modelId: string = this._state.model): boolean {
-    if (modelId === BUNDLED_MODEL_ID) {
+    const info = this.modelInfo(modelId);
+    if (modelId === BUNDLED_MODEL_ID || modelId === `local/${BUNDLED_MODEL_ID}`) {
+      return true;
+    }
+    if (info?.workbench?.provider_kind === 'local' && info.workbench.model === BUNDLED_MODEL_ID) {
       return true;
     }
     const status = this._state.status;
@@ -298,8 +325,8 @@ export class ChatModel {
   /** The model's context length in tokens: from its model card (max_model_len / context_length) or the
    * local engine's status (context_limit); null when the server does not say. */
   contextLength(modelId: string = this._state.model): number | null {
-    const info = this._state.models.find(m => m.id === modelId);
-    const fromCard = info?.max_model_len ?? info?.context_length;
+    const info = this.modelInfo(modelId);
+    const fromCard = info?.workbench?.context_length ?? info?.max_model_len ?? info?.context_length;
     if (typeof fromCard === 'number' && fromCard > 0) {
       return fromCard;
     }
@@ -333,10 +360,18 @@ export class ChatModel {
    */
   routingViewOpen = false;
 
-  /** Whether answers come from the local engine, which can record routing (one backend per server: its status
-   * names it). */
-  supportsRouting(): boolean {
-    return this._state.status?.backend === 'local';
+  /**
+   * Whether the model's answers can record routing: its `routing` capability; for a server that does not list
+   * capabilities (one backend per server), whether that backend is the local engine.
+   */
+  supportsRouting(modelId: string = this._state.model): boolean {
+    return hasCapability(this.modelInfo(modelId), 'routing') ?? this._state.status?.backend === 'local';
+  }
+
+  /** Whether the model takes the thinking switch: its `thinking` capability; assumed where the server does not
+   * say (GLM models think). */
+  supportsThinking(modelId: string = this._state.model): boolean {
+    return hasCapability(this.modelInfo(modelId), 'thinking') ?? true;
   }
 
   /**
@@ -400,17 +435,21 @@ export class ChatModel {
     if (this.preferences.maxTokens > 0) {
       request.max_tokens = this.preferences.maxTokens;
     }
-    if (this._state.thinkingMode !== 'auto') {
+    if (this._state.thinkingMode !== 'auto' && this.supportsThinking(request.model)) {
       request.thinking = { type: this._state.thinkingMode === 'on' ? 'enabled' : 'disabled' };
     }
-    if (this.supportsRouting() && (this.routingViewOpen || this.preferences.keepRouting)) {
+    if (this.supportsRouting(request.model) && (this.routingViewOpen || this.preferences.keepRouting)) {
       request.routing = true;
     }
-    if (this.preferences.enableTools || this.forcedTool) {
+    // a model its server says cannot call tools gets none (one that does not say gets them, as before)
+    const toolsPossible = hasCapability(this.modelInfo(request.model), 'tools') !== false;
+    if ((this.preferences.enableTools || this.forcedTool) && toolsPossible) {
       request.tools = NOTEBOOK_TOOLS;
     }
     if (this.forcedTool) {
-      request.tool_choice = { type: 'function', function: { name: this.forcedTool } };
+      if (toolsPossible) {
+        request.tool_choice = { type: 'function', function: { name: this.forcedTool } };
+      }
       this.forcedTool = null; // the model answers the tool's result freely
     }
     return request;
@@ -423,7 +462,7 @@ export class ChatModel {
     let message = newAssistantMessage(id, Date.now(), {
       model: request.model,
       routingRequested: !!request.routing,
-      routingPossible: this.supportsRouting()
+      routingPossible: this.supportsRouting(request.model)
     });
     this.setMessages([...this._state.conversation.messages, message]);
     this.update({ busy: true, failure: null });
@@ -608,8 +647,13 @@ export class ChatModel {
     }
   }
 
+  /** The conversation's model when it can be chosen now (a bare name saved before provider ids counts where it
+   * names one model), else the current one. */
   private knownModel(model: string | undefined): string {
-    return model && this._state.models.some(m => m.id === model) ? model : this._state.model;
+    const { models, status } = this._state;
+    const usable = models.filter(m => usableModel(models, status, m.id) === m.id);
+    const named = usable.filter(m => m.id === model || (!!model && !model.includes('/') && modelName(m) === model));
+    return named.length === 1 ? named[0].id : this._state.model;
   }
 
   async deleteConversation(id: string): Promise<void> {

@@ -91,12 +91,10 @@ function connectModelBody(): HTMLElement {
     ['p', 'The bundled glm45-air-mini is a 10M-parameter demo. For real answers, start the workbench on a real GLM-4.5-Air:'],
     ['h4', 'Your own checkpoint (a GPU machine)'],
     ['pre', 'glm-workbench --GLMWorkbench.model_path=/path/to/GLM-4.5-Air --GLMWorkbench.device=cuda'],
-    ['h4', 'The hosted GLM API (Z.ai) or a vLLM / SGLang server'],
-    [
-      'pre',
-      'export ZAI_API_KEY=...\nglm-workbench --GLMWorkbench.backend=remote \\\n' +
-        '  --GLMWorkbench.remote_base_url=https://api.z.ai/api/paas/v4 --GLMWorkbench.remote_model=glm-4.5-air'
-    ],
+    ['h4', 'The hosted GLM-4.5-Air, beside the local model (one variable, then restart)'],
+    ['pre', 'export OPENROUTER_API_KEY=...   # z-ai/glm-4.5-air:free\n# or ZAI_API_KEY (Z.ai), ZHIPUAI_API_KEY (BigModel)\nglm-workbench'],
+    ['h4', 'A vLLM / SGLang / llama-server / Ollama server, or another workbench'],
+    ['p', 'Add it to c.GLMWorkbench.providers (the README\'s "Providers"); its models join the list here.'],
     ['p', 'Notebook 5 (05_real_glm45_air.ipynb) walks through both; the README says more (the paragraph on the default model).']
   ];
   for (const [tag, text] of lines) {

@@ -50,6 +50,16 @@ export interface Usage {
   prompt_seconds?: number;
   /** The workbench's local engine: first generated token to the last, in seconds. */
   decode_seconds?: number;
+  /** What the request cost, where the model is priced (zeros for a free model; absent for the local engine). */
+  cost?: Cost;
+}
+
+export interface Cost {
+  input: number;
+  output: number;
+  total: number;
+  /** ISO 4217 code, e.g. USD, CNY. */
+  currency: string;
 }
 
 export interface ToolCallDelta {
@@ -77,6 +87,34 @@ export interface ChatCompletionChunk {
   usage?: Usage | null;
 }
 
+export type ModelCapability = 'thinking' | 'tools' | 'routing';
+
+/** `idle`: a second local engine, loaded when first asked. */
+export type ProviderState = 'ready' | 'loading' | 'idle' | 'unreachable' | 'key_missing' | 'error';
+
+export interface Prices {
+  /** Price of `per_tokens` input tokens. */
+  input: number;
+  output: number;
+  currency: string;
+  per_tokens: number;
+}
+
+/** The workbench's own fields of a model card (absent on other servers and older workbenches). */
+export interface WorkbenchModelFields {
+  provider: string;
+  provider_kind?: 'local' | 'openai' | 'workbench' | string;
+  dialect?: string | null;
+  /** The name the provider itself uses. */
+  model?: string;
+  context_length?: number | null;
+  capabilities?: string[];
+  /** null: not priced (the local engine) or unknown. */
+  prices?: Prices | null;
+  free?: boolean;
+  state?: ProviderState | string;
+}
+
 export interface ModelInfo {
   id: string;
   object?: string;
@@ -84,6 +122,18 @@ export interface ModelInfo {
   /** Context length, as vLLM (`max_model_len`) or other servers name it. */
   max_model_len?: number;
   context_length?: number;
+  workbench?: WorkbenchModelFields;
+}
+
+/** One provider in `glm/api/status` (never a key's value: the variable's name at most). */
+export interface ProviderStatus {
+  name: string;
+  kind?: string;
+  dialect?: string | null;
+  state?: ProviderState | string;
+  models?: string[];
+  key_env?: string | null;
+  error?: string | null;
 }
 
 export interface ServerStatus {
@@ -92,6 +142,7 @@ export interface ServerStatus {
   device?: string;
   state?: string;
   ready?: boolean;
+  providers?: ProviderStatus[];
   [key: string]: unknown;
 }
 

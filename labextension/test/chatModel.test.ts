@@ -409,4 +409,141 @@ describe('ChatModel', () => {
     expect(client.requests).toHaveLength(1);
     expect(lastAssistant(model)).toMatchObject({ status: 'error' });
   });
+
+  describe('with providers (glm/v1/models workbench fields)', () => {
+    const card = (id: string, provider: string, kind: string, capabilities: string[], state = 'ready') => ({
+      id,
+      owned_by: provider,
+      workbench: {
+        provider,
+        provider_kind: kind,
+        model: id.slice(provider.length + 1),
+        context_length: kind === 'local' ? 1024 : 131072,
+        capabilities,
+        prices: kind === 'local' ? null : { input: 0.2, output: 1.1, currency: 'USD', per_tokens: 1000000 },
+        free: false,
+        state
+      }
+    });
+    const LOCAL = card('local/glm45-air-mini', 'local', 'local', ['thinking', 'tools', 'routing']);
+    const REMOTE = card('hosted/glm-4.5-air', 'hosted', 'openai', ['thinking', 'tools']);
+    const PLAIN = card('hosted/plain-chat', 'hosted', 'openai', ['tools']);
+    const LOCKED = card('zai/glm-4.5-air', 'zai', 'openai', ['thinking', 'tools'], 'key_missing');
+
+    async function providerModel(scripts: Script[]) {
+      const client = new FakeClient(scripts, { backend: 'local', providers: [] });
+      client.modelList = [LOCKED, LOCAL, REMOTE, PLAIN];
+      const model = new ChatModel(client as unknown as WorkbenchClient, new FakeBridge(), DEFAULT_PREFERENCES);
+      await model.refresh();
+      return { client, model };
+    }
+
+    it('starts on the first model that can answer, never one whose key is missing', async () => {
+      const { model } = await providerModel([]);
+      expect(model.state.model).toBe('local/glm45-air-mini');
+      expect(model.isDemoModel()).toBe(true);
+      expect(model.contextLength()).toBe(1024);
+    });
+
+    it('switching model keeps the conversation: the next question goes to the new model with the same history', async () => {
+      const answer = (text: string) => () => say(chunk({ content: text }), chunk({}, 'stop'));
+      const { client, model } = await providerModel([answer('from remote'), answer('from local')]);
+      model.setModel('hosted/glm-4.5-air');
+      await model.send('first question');
+      const conversationId = model.state.conversation.id;
+      model.setModel('local/glm45-air-mini');
+      await model.send('second question');
+      expect(model.state.conversation.id).toBe(conversationId);
+      expect(client.requests.map(r => r.model)).toEqual(['hosted/glm-4.5-air', 'local/glm45-air-mini']);
+      // (the fake notebook adds its active cell above each question: the last line is the question)
+      expect(client.requests[1].messages.map(m => [m.role, m.content?.split('\n').at(-1)])).toEqual([
+        ['user', 'first question'],
+        ['assistant', 'from remote'],
+        ['user', 'second question']
+      ]);
+      const answers = model.state.conversation.messages.filter(m => m.kind === 'assistant') as AssistantMessage[];
+      expect(answers.map(a => a.model)).toEqual(['hosted/glm-4.5-air', 'local/glm45-air-mini']);
+    });
+
+    it('offers routing only on a model with the routing capability, whatever the server backend', async () => {
+      const answer = () => say(chunk({ content: 'x' }), chunk({}, 'stop'));
+      const { client, model } = await providerModel([answer, answer]);
+      model.routingViewOpen = true;
+      model.setModel('hosted/glm-4.5-air');
+      await model.send('remote');
+      expect(client.requests[0].routing).toBeUndefined();
+      expect(lastAssistant(model)).toMatchObject({ routingRequested: false });
+      expect(lastAssistant(model).routingPossible).toBeUndefined();
+      model.setModel('local/glm45-air-mini');
+      await model.send('local');
+      expect(client.requests[1].routing).toBe(true);
+      expect(lastAssistant(model)).toMatchObject({ routingRequested: true, routingPossible: true });
+    });
+
+    it('sends the thinking switch only to a model that thinks', async () => {
+      const answer = () => say(chunk({ content: 'x' }), chunk({}, 'stop'));
+      const { client, model } = await providerModel([answer, answer]);
+      model.setThinkingMode('on');
+      model.setModel('hosted/plain-chat');
+      expect(model.supportsThinking()).toBe(false);
+      await model.send('no thinking here');
+      expect(client.requests[0].thinking).toBeUndefined();
+      model.setModel('hosted/glm-4.5-air');
+      expect(model.supportsThinking()).toBe(true);
+      await model.send('think');
+      expect(client.requests[1].thinking).toEqual({ type: 'enabled' });
+    });
+
+    it('offers the notebook tools only to a model that can call them', async () => {
+      const answer = () => say(chunk({ content: 'x' }), chunk({}, 'stop'));
+      const { client, model } = await providerModel([answer, answer]);
+      const NO_TOOLS = card('hosted/text-only', 'hosted', 'openai', ['thinking']);
+      const withoutTools = new FakeClient([answer], { backend: 'local', providers: [] });
+      withoutTools.modelList = [NO_TOOLS];
+      const plain = new ChatModel(withoutTools as unknown as WorkbenchClient, new FakeBridge(), DEFAULT_PREFERENCES);
+      await plain.refresh();
+      await plain.send('no tools here');
+      expect(withoutTools.requests[0].tools).toBeUndefined();
+      model.setModel('hosted/plain-chat'); // capabilities: tools
+      await model.send('tools here');
+      expect(client.requests[0].tools?.length).toBeGreaterThan(0);
+    });
+
+    it('keeps each answer\'s cost from usage.cost', async () => {
+      const cost = { input: 0.00012, output: 0.00034, total: 0.00046, currency: 'USD' };
+      const usage = { prompt_tokens: 600, completion_tokens: 300, total_tokens: 900, cost };
+      const { model } = await providerModel([
+        () => say(chunk({ content: 'x' }), chunk({}, 'stop'), { id: 'chatcmpl-1', choices: [], usage })
+      ]);
+      model.setModel('hosted/glm-4.5-air');
+      await model.send('priced');
+      expect(lastAssistant(model).usage?.cost).toEqual(cost);
+    });
+
+    it('shows the status\'s "loading" banner only while a model of the loading provider is chosen', async () => {
+      const client = new FakeClient([], {
+        state: 'loading',
+        message: 'compiling CPU kernels',
+        providers: [{ name: 'local', state: 'loading' }, { name: 'hosted', state: 'ready' }]
+      });
+      client.modelList = [{ ...LOCAL, workbench: { ...LOCAL.workbench, state: 'loading' } }, REMOTE];
+      const model = new ChatModel(client as unknown as WorkbenchClient, new FakeBridge(), DEFAULT_PREFERENCES);
+      model.loadingPollMs = 60_000; // no second look during the test
+      await model.refresh();
+      expect(model.state.model).toBe('local/glm45-air-mini');
+      expect(model.state.failure?.kind).toBe('loading');
+      model.setModel('hosted/glm-4.5-air');
+      expect(model.state.failure).toBeNull(); // the hosted model answers while the local engine loads
+      model.setModel('local/glm45-air-mini');
+      expect(model.state.failure?.kind).toBe('loading');
+    });
+
+    it('reopens a conversation saved under a bare model name on that model', async () => {
+      const { client, model } = await providerModel([]);
+      model.setModel('hosted/plain-chat');
+      client.conversations = [{ id: 'c1', title: 't', created: 1, updated: 1, model: 'glm-4.5-air', messages: [] }];
+      await model.openConversation('c1');
+      expect(model.state.model).toBe('hosted/glm-4.5-air'); // not zai/glm-4.5-air: its key is missing
+    });
+  });
 });

@@ -8,7 +8,13 @@
  * A third server is `glm-workbench` itself, started as the README says on a fresh temporary HOME and workspace
  * (the bundled model, default settings): the first-contact tests (tagged @first-contact) use it.
  *
+ * A fourth serves several providers side by side (the local engine, the scripted endpoint as a priced OpenAI-kind
+ * provider, and one whose key is not set): the provider tests (tagged @providers) use it.
+ *
  * Screenshots of each state go to $GLM_UI_ARTIFACTS (default: ui-tests/artifacts/).
+ *
+ * GLM_UI_SERVERS=upstream,providers (names of `servers` below) starts only those servers, for a run of one
+ * project (`jlpm playwright test --project providers`); unset, all start.
  */
 const crypto = require('crypto');
 const fs = require('fs');
@@ -18,6 +24,8 @@ const baseConfig = require('@jupyterlab/galata/lib/playwright-config');
 
 const REMOTE_PORT = Number(process.env.GLM_UI_LAB_PORT || 8895);
 const LOCAL_PORT = REMOTE_PORT + 1;
+// (REMOTE_PORT + 2 is the first-contact server's)
+const PROVIDERS_PORT = REMOTE_PORT + 3;
 const UPSTREAM_PORT = Number(process.env.GLM_UI_UPSTREAM_PORT || 8911);
 const python = process.env.PYTHON || 'python';
 const repo = path.resolve(__dirname, '..', '..');
@@ -54,6 +62,43 @@ function lab(backend, port) {
   };
 }
 
+const servers = {
+  upstream: {
+    command: `${python} ${path.join(repo, 'tests', 'ui', 'scripted_upstream.py')} --port ${UPSTREAM_PORT}`,
+    url: `http://127.0.0.1:${UPSTREAM_PORT}/v1/models`,
+    timeout: 30 * 1000,
+    reuseExistingServer: false
+  },
+  remote: lab('remote', REMOTE_PORT),
+  local: lab('local', LOCAL_PORT),
+  'first-contact': {
+    // exactly the README's command, plus the jupyter lab options a test needs (no browser, port, token)
+    command:
+      `${glmWorkbench} --no-browser --ip 127.0.0.1 --port ${FIRST_PORT} ` +
+      `--IdentityProvider.token=${process.env.GLM_FIRST_CONTACT_TOKEN}`,
+    url: `${process.env.GLM_FIRST_CONTACT_URL}/api/status?token=${process.env.GLM_FIRST_CONTACT_TOKEN}`,
+    cwd: process.env.GLM_FIRST_CONTACT_WORKSPACE,
+    timeout: 300 * 1000,
+    reuseExistingServer: false,
+    stdout: 'pipe',
+    env: {
+      ...process.env,
+      HOME: process.env.GLM_FIRST_CONTACT_HOME,
+      // a fresh user's Jupyter folders (under the fresh HOME), whatever the test runner's environment says
+      JUPYTER_CONFIG_DIR: path.join(process.env.GLM_FIRST_CONTACT_HOME, '.jupyter'),
+      JUPYTER_DATA_DIR: path.join(process.env.GLM_FIRST_CONTACT_HOME, '.local', 'share', 'jupyter'),
+      JUPYTER_RUNTIME_DIR: path.join(process.env.GLM_FIRST_CONTACT_HOME, '.local', 'share', 'jupyter', 'runtime')
+    }
+  },
+  providers: lab('providers', PROVIDERS_PORT)
+};
+const only = (process.env.GLM_UI_SERVERS || '').split(',').map(s => s.trim()).filter(Boolean);
+for (const name of only) {
+  if (!(name in servers)) {
+    throw new Error(`GLM_UI_SERVERS names ${name}: the servers are ${Object.keys(servers).join(', ')}`);
+  }
+}
+
 module.exports = {
   ...baseConfig,
   testDir: './tests',
@@ -83,38 +128,14 @@ module.exports = {
   projects: [
     // One backend per server: the scripted remote model for everything whose output must be known,
     // the local engine (tests tagged @local) for real routing traces.
-    { name: 'remote', grepInvert: /@local|@first-contact/, use: { baseURL: `http://127.0.0.1:${REMOTE_PORT}` } },
+    { name: 'remote', grepInvert: /@local|@first-contact|@providers/, use: { baseURL: `http://127.0.0.1:${REMOTE_PORT}` } },
     { name: 'local', grep: /@local/, use: { baseURL: `http://127.0.0.1:${LOCAL_PORT}` } },
     // `glm-workbench` as a newcomer starts it: galata's helpers are not there (no exposed app, a token)
-    { name: 'first-contact', grep: /@first-contact/, use: { baseURL: process.env.GLM_FIRST_CONTACT_URL } }
+    { name: 'first-contact', grep: /@first-contact/, use: { baseURL: process.env.GLM_FIRST_CONTACT_URL } },
+    // several providers side by side: the local engine and the scripted endpoint as a priced remote provider
+    { name: 'providers', grep: /@providers/, use: { baseURL: `http://127.0.0.1:${PROVIDERS_PORT}` } }
   ],
-  webServer: [
-    {
-      command: `${python} ${path.join(repo, 'tests', 'ui', 'scripted_upstream.py')} --port ${UPSTREAM_PORT}`,
-      url: `http://127.0.0.1:${UPSTREAM_PORT}/v1/models`,
-      timeout: 30 * 1000,
-      reuseExistingServer: false
-    },
-    lab('remote', REMOTE_PORT),
-    lab('local', LOCAL_PORT),
-    {
-      // exactly the README's command, plus the jupyter lab options a test needs (no browser, port, token)
-      command:
-        `${glmWorkbench} --no-browser --ip 127.0.0.1 --port ${FIRST_PORT} ` +
-        `--IdentityProvider.token=${process.env.GLM_FIRST_CONTACT_TOKEN}`,
-      url: `${process.env.GLM_FIRST_CONTACT_URL}/api/status?token=${process.env.GLM_FIRST_CONTACT_TOKEN}`,
-      cwd: process.env.GLM_FIRST_CONTACT_WORKSPACE,
-      timeout: 300 * 1000,
-      reuseExistingServer: false,
-      stdout: 'pipe',
-      env: {
-        ...process.env,
-        HOME: process.env.GLM_FIRST_CONTACT_HOME,
-        // a fresh user's Jupyter folders (under the fresh HOME), whatever the test runner's environment says
-        JUPYTER_CONFIG_DIR: path.join(process.env.GLM_FIRST_CONTACT_HOME, '.jupyter'),
-        JUPYTER_DATA_DIR: path.join(process.env.GLM_FIRST_CONTACT_HOME, '.local', 'share', 'jupyter'),
-        JUPYTER_RUNTIME_DIR: path.join(process.env.GLM_FIRST_CONTACT_HOME, '.local', 'share', 'jupyter', 'runtime')
-      }
-    }
-  ]
+  webServer: Object.entries(servers)
+    .filter(([name]) => !only.length || only.includes(name))
+    .map(([, server]) => server)
 };

@@ -17,6 +17,7 @@ from workbench.magics import GLMMagics
 
 SCRIPTED_MODEL = "scripted-glm"
 REASONING = ["The user ", "wants code. ", "I will ", "print it."]
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500}  # every answer's, as reported
 
 
 def _code_for(prompt: str) -> str:
@@ -81,7 +82,7 @@ class ScriptedUpstream:
                     message = {"role": "assistant", "content": "".join(content),
                                "reasoning_content": "".join(reasoning) or None}
                     self._json(200, base | {"object": "chat.completion", "choices": [
-                        {"index": 0, "message": message, "finish_reason": "stop"}]})
+                        {"index": 0, "message": message, "finish_reason": "stop"}], "usage": USAGE})
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -99,6 +100,8 @@ class ScriptedUpstream:
                         upstream.dropped += 1
                         return
                 self._event(base | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    self._event(base | {"choices": [], "usage": USAGE})
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
                 self.close_connection = True

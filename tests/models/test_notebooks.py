@@ -96,6 +96,7 @@ def test_real_glm_notebook_skips_cleanly_without_a_key_or_server():
 def test_magic_and_routing():
     out = run_notebook("06_magic_and_routing.ipynb")
     assert "the local engine in this kernel" in cell(out, "%glm status")
+    assert cell(out, "%glm models").strip() == "glm45-air-mini"  # the kernel's engine: its one model
     assert "%%glm options:" in cell(out, "%glm --help") and "--max-tokens" in cell(out, "%glm --help")
     # Real answers: thinking off and room enough, so neither answer is cut off or empty (32 and 16 tokens of a
     # thinking model left both empty before).

@@ -69,7 +69,8 @@ def assert_openai_error(response, status: int, param: str | None = None, code: s
 
 async def test_models_and_status(jp_fetch, glm):
     models = json.loads((await jp_fetch("glm", "v1", "models")).body)
-    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["ckpt"]
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["local/ckpt"]
+    assert models["data"][0]["owned_by"] == "local" and models["data"][0]["workbench"]["model"] == "ckpt"
     await post(jp_fetch, request_body())  # waits for the model to load
     status = json.loads((await jp_fetch("glm", "api", "status")).body)
     assert status["backend"] == "local" and status["model"] == "ckpt" and status["state"] == "ready"
@@ -142,7 +143,8 @@ async def test_openapi_describes_every_endpoint_and_the_request_schema(jp_fetch,
     spec = json.loads((await jp_fetch("glm", "api", "openapi.json")).body)
     assert spec["openapi"].startswith("3.1")
     assert set(spec["paths"]) == {"/v1/chat/completions", "/v1/models", "/api/status",
-                                  "/api/routing/{completion_id}", "/api/openapi.json"}
+                                  "/api/routing/{completion_id}", "/api/openapi.json", "/api/tools/web_fetch",
+                                  "/api/count_tokens"}
     assert spec["servers"][0]["url"].endswith("/glm")
     registry = referencing.Registry().with_resource("urn:spec", referencing.Resource.from_contents(
         spec, default_specification=referencing.jsonschema.DRAFT202012))

@@ -93,7 +93,8 @@ def collect_stream(stream) -> dict:
 def test_openai_client_reasoning_separated_from_content(request, server_name):
     server = request.getfixturevalue(server_name)
     client = openai_client(server)
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    provider = "local" if server_name == "live_server" else "remote"  # the shorthand settings' one provider
+    assert [m.id for m in client.models.list().data] == [f"{provider}/{MODEL}"]
     answer = client.chat.completions.create(model=MODEL, messages=THINK_QUESTION, temperature=0)
     message = answer.choices[0].message
     assert extra(message, "reasoning_content") == "The user greets me."

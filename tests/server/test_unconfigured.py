@@ -26,7 +26,8 @@ async def test_no_model_is_a_clear_503(jp_fetch):
     status = json.loads((await jp_fetch("glm", "api", "status")).body)
     assert status["state"] == "unconfigured" and "GLMWorkbench.model_path" in status["message"]
     models = json.loads((await jp_fetch("glm", "v1", "models")).body)
-    assert models["data"][0]["id"] == "glm-workbench"
+    assert models["data"][0]["id"] == "local/glm-workbench"
+    assert models["data"][0]["workbench"]["state"] == "error"
 
 
 async def test_missing_checkpoint_folder_is_reported(jp_fetch, jp_serverapp, tmp_path):

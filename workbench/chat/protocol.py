@@ -588,6 +588,8 @@ class Usage(_Open):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # what the request cost at its provider's prices: {"input", "output", "total", "currency"} (priced models only)
+    cost: Any = None  # an upstream may send its own (OpenRouter: a number); the provider registry replaces it
 
 
 class Choice(_Open):
@@ -650,6 +652,9 @@ class ModelCard(_Open):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "glm-workbench"
+    # the workbench's own fields: provider, provider_kind, dialect, model (the provider's own name), context_length,
+    # capabilities, prices, free, state (workbench.chat.providers.ModelEntry.card)
+    workbench: dict[str, Any] | None = None
 
 
 class ModelList(_Open):

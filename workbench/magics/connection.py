@@ -28,6 +28,22 @@ class GLMError(Exception):
 
 
 
+def resolve_model(cards: list[dict[str, Any]], name: str, where: str) -> str:
+    """`name` as one id of `cards`: the id itself, or a bare model name (the provider's own) naming one model."""
+    ids = [card["id"] for card in cards]
+    if name in ids:
+        return name
+    exact = [card["id"] for card in cards if (card.get("workbench") or {}).get("model") == name]
+    matches = exact or [model for model in ids if model.endswith("/" + name)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise GLMError(f"the model name {name!r} is served by {' and '.join(matches)}: say which (e.g. "
+                       f"%glm use {matches[0]})")
+    listed = ", ".join(ids) if ids else "no model at all"
+    raise GLMError(f"no model {name!r} at {where}; it has {listed} (%glm models shows them with their providers)")
+
+
 # --- finding the Jupyter server of this kernel --------------------------------------------------------
 
 @dataclass
@@ -90,6 +106,22 @@ class Connection(ABC):
     @abstractmethod
     def models(self) -> list[str]: ...
 
+    def model_cards(self) -> list[dict[str, Any]]:
+        """The model list's entries (`id`, and from a workbench server `owned_by` and the `workbench` fields)."""
+        return [{"id": model} for model in self.models()]
+
+    def resolve_model(self, name: str) -> str:
+        """The model id `name` means: an id of the list, or a bare model name that names one of its models."""
+        return resolve_model(self.model_cards(), name, self.describe())
+
+    def supports_routing_for(self, model: str) -> bool:
+        """Whether answers of `model` record routing traces (its `routing` capability, where the list says)."""
+        for card in self.model_cards():
+            fields = card.get("workbench")
+            if card.get("id") == model and isinstance(fields, dict):
+                return "routing" in (fields.get("capabilities") or [])
+        return self.supports_routing
+
     @abstractmethod
     def status(self) -> dict[str, Any]: ...
 
@@ -104,6 +136,21 @@ class Connection(ABC):
             limit = self.status().get("context_limit")
             return int(limit) if limit else None
         return None
+
+    def web_fetch(self, url: str, max_chars: int) -> dict[str, Any]:
+        """A web page's readable text (the web_fetch tool's answer: url, final_url, title, text, links,
+        truncated), read from this kernel with the safe defaults: public addresses only."""
+        from workbench.tools.web_fetch import WebFetchError
+
+        try:
+            return self.web_fetcher().fetch(url, max_chars).to_dict()
+        except WebFetchError as exc:
+            raise GLMError(f"cannot read {url}: {exc.message}", code=exc.code) from None
+
+    def web_fetcher(self):
+        from workbench.tools.web_fetch import WebFetcher
+
+        return WebFetcher()
 
     def count_tokens(self, text: str) -> int:
         # Without the tokenizer at hand: BPE vocabularies average 3-4 characters a token on code and English;
@@ -173,7 +220,10 @@ class ServerConnection(Connection):
         return response.json()
 
     def models(self) -> list[str]:
-        return [m["id"] for m in self._get("glm/v1/models").get("data", [])]
+        return [m["id"] for m in self.model_cards()]
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        return [m for m in self._get("glm/v1/models").get("data", []) if isinstance(m, dict) and "id" in m]
 
     def status(self) -> dict[str, Any]:
         self._status = self._get("glm/api/status")
@@ -207,6 +257,25 @@ class ServerConnection(Connection):
                     yield chunk
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
+
+    def web_fetch(self, url: str, max_chars: int) -> dict[str, Any]:
+        """Through the server's web_fetch endpoint: its settings (web_fetch_allow_private, ...) apply."""
+        import httpx
+
+        path = "glm/api/tools/web_fetch"
+        try:
+            response = self.client.post(path, json={"url": url, "max_chars": max_chars})
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code >= 400:
+            try:
+                error = response.json().get("error") or {}
+            except (ValueError, AttributeError):
+                error = {}
+            if isinstance(error, dict) and str(error.get("code") or "").startswith("web_fetch"):
+                raise GLMError(f"cannot read {url}: {error.get('message')}", code=error.get("code"))
+            raise self._fail(response, path)
+        return response.json()
 
     def routing(self, completion_id: str) -> dict[str, Any] | None:
         try:
@@ -291,6 +360,9 @@ class InProcessConnection(Connection):
 
     def models(self) -> list[str]:
         return [card.id for card in self.backend.models()]
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        return [card.model_dump(exclude_none=True) for card in self.backend.models()]
 
     def status(self) -> dict[str, Any]:
         return self.backend.status()

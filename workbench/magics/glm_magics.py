@@ -5,12 +5,12 @@ nothing of prompts or models: requests are OpenAI-shaped chat completions handed
 through the Jupyter server that started this kernel (its `glm/` API, so every notebook shares one engine) or
 in-process (`workbench.chat` backends) when there is no such server or when asked.
 
-    %%glm [-f code|markdown|text] [--think | --no-think] [-m MODEL] [-t TEMP] [--max-tokens N]
-          [--replace] [--run] [--cells N] [--trace] [--no-stream]
+    %%glm [-f code|markdown|text|html] [--think | --no-think] [-m MODEL] [-t TEMP] [--max-tokens N]
+          [--replace] [--run] [--cells N] [--web URL ...] [--trace] [--no-stream]
     prompt lines, with {variables}, {In[3]} and {Out[3]} from the kernel; {{ and }} for literal braces
 
-    %glm status | models | history | reset | use local [PATH [--quantize int8|int4]] | use remote URL MODEL
-         | use server URL [TOKEN] | config [key=value ...] | help
+    %glm status | models | history | reset | use MODEL_ID | use local [PATH [--quantize int8|int4]]
+         | use remote URL MODEL | use server URL [TOKEN] | config [key=value ...] | help
 
 `%glm --help`, `%glm help` and `%%glm --help` (with or without a body) print the usage and every option.
 
@@ -31,13 +31,16 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from workbench.magics.cells import CellOutputLog, cells_context, empty_glm_cell, extract_code, interpolate
 from workbench.magics.connection import Connection, GLMError, ServerInfo
 from workbench.magics.session import Session, Turn
+from workbench.magics.web import html_cell, html_page, web_context
 
-FORMATS = ("code", "markdown", "text")
+FORMATS = ("code", "markdown", "text", "html")
 SYSTEM_PROMPTS = {
     "code": ("You are a coding assistant inside a Jupyter notebook. Answer with Python code for the next cell, "
              "in one fenced ```python block; explain only in code comments."),
     "markdown": "You are an assistant inside a Jupyter notebook. Answer in Markdown.",
     "text": "You are an assistant inside a Jupyter notebook. Answer in plain text, without Markdown.",
+    "html": ("You are a front-end assistant inside a Jupyter notebook. Answer with one complete, self-contained "
+             "HTML page (CSS and JavaScript inline, no external files) in one fenced ```html block."),
 }
 DEFAULT_CONTEXT_LIMIT = 8192  # memory budget when the backend does not say its context length
 DEFAULT_ANSWER_RESERVE = 1024  # tokens kept free for the answer when --max-tokens is not given
@@ -47,13 +50,16 @@ DEFAULT_ANSWER_RESERVE = 1024  # tokens kept free for the answer when --max-toke
 
 SUBCOMMANDS = ("status", "models", "history", "reset", "use", "config", "help")
 USAGE = """\
-%%glm [-f code|markdown|text] [--think | --no-think] [-m MODEL] [-t TEMP] [--max-tokens N]
-      [--replace] [--run] [--cells N] [--trace] [--no-stream]
+%%glm [-f code|markdown|text|html] [--think | --no-think] [-m MODEL] [-t TEMP] [--max-tokens N]
+      [--replace] [--run] [--cells N] [--web URL ...] [--trace] [--no-stream]
 prompt lines; {name}, {In[3]}, {Out[3]} come from the kernel, {{ and }} are literal braces
+-f html: the answer's page goes into a new cell that shows it in a sandboxed frame (scripts run; no access
+to the notebook, its cookies or the token); --web URL (repeatable): the page's text goes into the prompt
 
-%glm status                   where the model runs, and how it is doing
-%glm models                   the models the backend serves
+%glm status                   where the model runs, how it is doing, and what this session's answers cost
+%glm models                   every model, by provider, with capabilities and prices
 %glm history | reset          the conversation memory of this kernel
+%glm use MODEL_ID             ask this model from now on, e.g. %glm use zai/glm-4.5-air (ids: %glm models)
 %glm use local                the local engine (the Jupyter server's, else loaded in this kernel)
 %glm use local PATH [--quantize int8|int4]
                               the checkpoint at PATH, loaded in this kernel (int8/int4: quantized as it loads)
@@ -75,16 +81,20 @@ class GLMMagics(Magics):
 
     @magic_arguments()
     @argument("-f", "--format", choices=FORMATS, default="code",
-              help="code (default: the answer's code goes into a new cell below), markdown or text")
+              help="code (default: the answer's code goes into a new cell below), markdown, text, or html (the "
+                   "answer's page goes into a new cell that shows it in a sandboxed iframe)")
     @argument("--think", action="store_true", help="ask the model to think first")
     @argument("--no-think", action="store_true", help="ask the model to answer without thinking")
-    @argument("-m", "--model", help="model id (default: the backend's model, or %%glm config model=...)")
+    @argument("-m", "--model", help="model id, e.g. local/glm45-air-mini or zai/glm-4.5-air (default: %%glm use, "
+                                    "else the first model %%glm models lists)")
     @argument("-t", "--temperature", type=float, help="sampling temperature (0 = greedy)")
     @argument("--max-tokens", type=int, help="longest answer, in tokens")
     @argument("--replace", action="store_true", help="put the code into this cell instead of a new one")
-    @argument("--run", action="store_true", help="also run the generated code (format code only)")
+    @argument("--run", action="store_true", help="also run the generated cell (formats code and html)")
     @argument("--cells", type=int, default=0, metavar="N",
               help="send the source and output of the last N cells along")
+    @argument("--web", action="append", metavar="URL",
+              help="read the web page at URL (public addresses) and send its text along; repeatable")
     @argument("--trace", action="store_true", help="show which experts the answer's tokens went to")
     @argument("--no-stream", action="store_true", help="wait for the whole answer instead of streaming")
     @line_cell_magic
@@ -120,8 +130,24 @@ class GLMMagics(Magics):
         handler(rest)
 
     def _handle_models(self, words: list[str]) -> None:
-        for model in self.session.connection().models():
-            print(model)
+        cards = self.session.connection().model_cards()
+        if not any(isinstance(card.get("workbench"), dict) for card in cards):
+            for card in cards:  # a backend without providers: just the ids
+                print(card["id"])
+            return
+        current = self.session.settings.model
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for card in cards:
+            groups.setdefault((card.get("workbench") or {}).get("provider") or card.get("owned_by") or "?",
+                              []).append(card)
+        width = max(len(card["id"]) for card in cards)
+        for provider, members in groups.items():
+            fields = members[0].get("workbench") or {}
+            kind = fields.get("provider_kind") or "?"
+            dialect = f" {fields['dialect']}" if fields.get("dialect") else ""
+            print(f"{provider} ({kind}{dialect})")
+            for card in members:
+                print(f"  {'*' if card['id'] == current else ' '} {card['id']:<{width}}  {_model_facts(card)}")
 
     def _handle_history(self, words: list[str]) -> None:
         session = self.session
@@ -138,6 +164,14 @@ class GLMMagics(Magics):
 
     def _handle_use(self, words: list[str]) -> None:
         session = self.session
+        if len(words) == 1 and words[0] not in ("local", "remote", "server"):
+            connection = session.connection()
+            model = connection.resolve_model(words[0])
+            session.settings.model = model
+            card = next((c for c in connection.model_cards() if c["id"] == model), {"id": model})
+            facts = f" ({_model_facts(card)})" if isinstance(card.get("workbench"), dict) else ""
+            print(f"using {model}{facts} through {connection.describe()}")
+            return
         if words == ["local"]:
             session.retarget(("local",))
             print("using the local engine: " + session.connection().describe())
@@ -156,8 +190,8 @@ class GLMMagics(Magics):
                                                    source="%glm use server")))
             print("using " + session.connection().describe())
         else:
-            raise GLMError("usage: %glm use local [PATH [--quantize int8|int4]] | use remote URL MODEL | "
-                           "use server URL [TOKEN]")
+            raise GLMError("usage: %glm use MODEL_ID | use local [PATH [--quantize int8|int4]] | "
+                           "use remote URL MODEL | use server URL [TOKEN]")
 
     def _handle_config(self, words: list[str]) -> None:
         settings = self.session.settings
@@ -195,8 +229,17 @@ class GLMMagics(Magics):
         print(" · ".join(facts))
         if info.get("message"):
             print(info["message"])
+        providers = info.get("providers") or []
+        if len(providers) > 1 or any(p.get("state") != "ready" for p in providers):
+            print("providers: " + " · ".join(
+                f"{p.get('name')} {str(p.get('state')).replace('_', ' ')}"
+                + (f" (set {p['key_env']})" if p.get("state") == "key_missing" and p.get("key_env") else "")
+                for p in providers))
+        if session.settings.model:
+            print(f"model: {session.settings.model}")
         memory = "on" if session.settings.memory else "off"
         print(f"memory: {len(session.turns)} turn{'s' if len(session.turns) != 1 else ''} ({memory})")
+        print("cost this session: " + _session_cost(session))
 
     # --- %%glm -------------------------------------------------------------------------------------------
     def _cell(self, line: str, cell: str) -> None:
@@ -211,9 +254,9 @@ class GLMMagics(Magics):
         settings = self.session.settings
         if args.think and args.no_think:
             raise GLMError("--think and --no-think contradict each other: give one (or neither: the model decides)")
-        if args.run and args.format != "code":
+        if args.run and args.format not in ("code", "html"):
             raise GLMError(f"--run runs code, but --format is {args.format}: drop --run or use --format code")
-        if args.replace and args.format != "code":
+        if args.replace and args.format not in ("code", "html"):
             raise GLMError(f"--replace puts code into this cell, but --format is {args.format}")
         if args.cells < 0:
             raise GLMError(f"--cells {args.cells}: give how many earlier cells to send (0 or more)")
@@ -225,11 +268,14 @@ class GLMMagics(Magics):
         user_text = (cells_context(self.shell, args.cells, self.output_log) if args.cells else "") + prompt
 
         connection = self.session.connection()
-        model = args.model or settings.model or self._default_model(connection)
+        if args.web:  # read before asking: a page that cannot be read stops the cell here
+            user_text = web_context(connection, args.web) + user_text
+        model = args.model or settings.model
+        model = connection.resolve_model(model) if model else self._default_model(connection)
         trace = args.trace
-        if trace and not connection.supports_routing:
-            print("note: --trace shows routing only for the local engine; this answer comes from a remote "
-                  "endpoint, which does not report its experts")
+        if trace and not connection.supports_routing_for(model):
+            print(f"note: --trace shows routing only for the local engine (models with the routing capability); "
+                  f"{model} runs at a remote endpoint, which does not report its experts")
             trace = False
         body: dict[str, Any] = {"model": model, "stream": not args.no_stream}
         if body["stream"]:
@@ -255,6 +301,8 @@ class GLMMagics(Magics):
             print(f"note: the answer was cut off at {max_tokens or 'the default'} tokens (--max-tokens)")
         if args.format == "code":
             self._place_code(answer, replace=args.replace, run=args.run)
+        elif args.format == "html":
+            self._place_html(answer, replace=args.replace, run=args.run)
         if trace and completion_id:
             self._show_trace(connection, completion_id)
 
@@ -304,6 +352,8 @@ class GLMMagics(Magics):
             try:
                 for chunk in connection.chat(body):
                     completion_id = chunk.get("id") or completion_id
+                    if isinstance(chunk.get("usage"), dict):
+                        self.session.add_cost(chunk["usage"].get("cost"))
                     for choice in chunk.get("choices") or []:
                         delta = choice.get("delta") or choice.get("message") or {}
                         fold.add_delta(delta, choice.get("finish_reason"))
@@ -333,6 +383,18 @@ class GLMMagics(Magics):
         print(f"↳ {lines} line{'s' if lines != 1 else ''} of code put {where}" + (" and run here:" if run else ""))
         if run:
             self.shell.run_cell(code, store_history=False)
+
+    def _place_html(self, answer: str, replace: bool, run: bool) -> None:
+        page = html_page(answer)
+        if not page.strip():
+            print("the model gave no HTML: nothing was put into a cell")
+            return
+        self.shell.set_next_input(html_cell(page), replace=replace)
+        where = "this cell, replacing the prompt" if replace else "a new cell below"
+        print(f"↳ the page ({len(page):,} characters) put into {where}, shown in a sandboxed frame when run"
+              + (" (running it here):" if run else ""))
+        if run:
+            self.shell.run_cell(html_cell(page), store_history=False)
 
     def _show_trace(self, connection: Connection, completion_id: str) -> None:
         data = connection.routing(completion_id)
@@ -364,6 +426,49 @@ def _local_model_words(words: list[str]) -> tuple[str, str]:
     if path is None:
         raise GLMError(f"no checkpoint folder given: {usage}")
     return path, quantize
+
+
+_CURRENCY_SIGNS = {"USD": "$", "CNY": "¥", "EUR": "€"}
+
+
+def _money(amount: float, currency: str) -> str:
+    sign = _CURRENCY_SIGNS.get(currency)
+    number = f"{amount:.8f}".rstrip("0").rstrip(".") if amount else "0"
+    return f"{sign}{number}" if sign else f"{number} {currency}"
+
+
+def _model_facts(card: dict[str, Any]) -> str:
+    """One model's line in `%glm models`: capabilities, context, price (or "free"), and a state that is not ready."""
+    fields = card.get("workbench") or {}
+    facts = [", ".join(fields.get("capabilities") or []) or "chat"]
+    if fields.get("context_length"):
+        facts.append(f"context {fields['context_length']:,}")
+    prices = fields.get("prices")
+    if fields.get("free"):
+        facts.append("free")
+    elif isinstance(prices, dict):
+        per = prices.get("per_tokens", 1_000_000)
+        unit = "million" if per == 1_000_000 else f"{per:,}"
+        currency = prices.get("currency", "USD")
+        facts.append(f"{_money(prices['input'], currency)} in / {_money(prices['output'], currency)} out per "
+                     f"{unit} tokens")
+    elif fields.get("provider_kind") == "local":
+        facts.append("this server's engine (tokens and time, no price)")
+    else:
+        facts.append("price unknown")
+    state = fields.get("state")
+    if state and state != "ready":
+        facts.append(state.replace("_", " "))
+    return " · ".join(facts)
+
+
+def _session_cost(session: Session) -> str:
+    if not session.priced_answers:
+        return "nothing priced yet (engines show tokens and time instead)"
+    answers = f"{session.priced_answers} priced answer{'s' if session.priced_answers != 1 else ''}"
+    if not any(session.costs.values()):
+        return f"free ({answers})"
+    return " + ".join(_money(total, currency) for currency, total in session.costs.items()) + f" ({answers})"
 
 
 def _shorten(text: str, limit: int = 200) -> str:

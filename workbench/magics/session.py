@@ -90,7 +90,17 @@ class Session:
     # ("local",) | ("local", "kernel") (in this kernel, never the server's) | ("remote", url, model) | ("server", info)
     target: tuple = ("local",)
     turns: list[Turn] = field(default_factory=list)
+    costs: dict[str, float] = field(default_factory=dict)  # what this session's priced answers cost, by currency
+    priced_answers: int = 0
     _connection: Connection | None = None
+
+    def add_cost(self, cost: Any) -> None:
+        """One answer's `usage.cost` (`{"input", "output", "total", "currency"}`) into the running total."""
+        if not isinstance(cost, dict) or not isinstance(cost.get("total"), int | float):
+            return
+        currency = str(cost.get("currency") or "USD")
+        self.costs[currency] = self.costs.get(currency, 0.0) + float(cost["total"])
+        self.priced_answers += 1
 
     def connection(self) -> Connection:
         if self._connection is None:

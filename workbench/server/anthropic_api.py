@@ -72,7 +72,7 @@ class MessagesHandler(AnthropicHandler, GenerationHandler):
         chunks = None
         try:
             request, stream, show_thinking = await self._parsed(parse_messages_request)
-            backend = await self.glm_app.ready_backend()
+            backend = await self.glm_app.ready_providers()
             chunks = backend.stream(request)
             translation = MessageEvents(model=request.model, show_thinking=show_thinking)
             try:
@@ -141,7 +141,7 @@ class CountTokensHandler(AnthropicHandler):
     async def post(self) -> None:
         try:
             request = await self._parsed(parse_count_tokens_request)
-            backend = await self.glm_app.ready_backend()
+            backend = await self.glm_app.ready_providers()
             tokens = await backend.count_prompt_tokens(request)
             self.finish(json.dumps({"input_tokens": tokens}))
         except APIError as error:

@@ -123,7 +123,7 @@ class ChatCompletionsHandler(GenerationHandler):
             body = self.request.body
             check_body_size(body, self.glm_app.max_request_bytes)
             request = await off_loop(parse_request, body, size=len(body))
-            backend = await self.glm_app.ready_backend()
+            backend = await self.glm_app.ready_providers()
             if request.stream:
                 await self._stream(backend, request)
             else:
@@ -176,35 +176,59 @@ class ChatCompletionsHandler(GenerationHandler):
         await self.flush()
 
 
+class CountTokensHandler(GLMHandler):
+    """`POST api/count_tokens`: the tokens a chat request's prompt renders to for its model, `{"model",
+    "prompt_tokens"}` (a context meter's count; what a workbench provider asks the server behind it)."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        try:
+            body = self.request.body
+            check_body_size(body, self.glm_app.max_request_bytes)
+            request = await off_loop(parse_request, body, size=len(body))
+            backend = await self.glm_app.ready_providers()
+            tokens = await backend.count_prompt_tokens(request)
+            self.finish(json.dumps({"model": request.model, "prompt_tokens": tokens}))
+        except APIError as error:
+            self.send_api_error(error)
+
+
 class ModelsHandler(GLMHandler):
-    """`GET v1/models`."""
+    """`GET v1/models`: every provider's models, `provider/model`, with the workbench's fields."""
 
     @web.authenticated
     async def get(self) -> None:
-        backend = self.glm_app.glm_backend
-        self.finish(ModelList(data=backend.models()).model_dump_json())
+        registry = await self.glm_app.ready_providers()
+        self.finish(ModelList(data=await registry.list_models()).model_dump_json())
 
 
 class StatusHandler(GLMHandler):
-    """`GET api/status`: backend, model, device, memory, active and queued requests, recent tok/s."""
+    """`GET api/status`: the default provider's backend, model, device, memory, active and queued requests, recent
+    tok/s; and every provider's state (`providers`)."""
 
     @web.authenticated
     async def get(self) -> None:
         self.glm_app.start_backend()  # a server run without the start hook (tests, embedding) starts loading here
-        self.finish(json.dumps(self.glm_app.glm_backend.status()))
+        self.glm_app.glm_providers.refresh_in_background()  # an endpoint that was unreachable may be back
+        self.finish(json.dumps(self.glm_app.glm_providers.status()))
 
 
 class RoutingHandler(GLMHandler):
-    """`GET api/routing/{completion_id}`: the routing trace of a recent local completion made with routing."""
+    """`GET api/routing/{completion_id}`: the routing trace of a recent completion made with routing, by this
+    server's engines or fetched from the workbench provider that made it."""
 
     @web.authenticated
     async def get(self, completion_id: str) -> None:
-        trace = self.glm_app.glm_backend.routing_trace(completion_id)
+        try:
+            trace = await self.glm_app.glm_providers.fetch_routing_trace(completion_id)
+        except APIError as error:
+            self.send_api_error(error)
+            return
         if trace is None:
             self.send_api_error(APIError(
                 404, f"No routing trace for {completion_id!r}: traces are kept for the most recent "
-                     f"{self.glm_app.routing_history} local completions made with \"routing\": true.",
-                param="completion_id", code="routing_trace_not_found"))
+                     f"{self.glm_app.routing_history} completions made with \"routing\": true by a model with the "
+                     "routing capability.", param="completion_id", code="routing_trace_not_found"))
             return
         self.finish(json.dumps(trace))
 
@@ -224,8 +248,9 @@ class NotFoundHandler(GLMHandler):
     def _not_found(self, *args: Any) -> None:
         self.send_api_error(APIError(
             404, f"No endpoint {self.request.method} {self.request.path}. The GLM API has POST "
-                 "glm/v1/chat/completions, GET glm/v1/models, GET glm/api/status, GET "
-                 "glm/api/routing/{completion_id} and GET glm/api/openapi.json.", code="not_found"))
+                 "glm/v1/chat/completions, GET glm/v1/models, GET glm/api/status, POST glm/api/count_tokens, GET "
+                 "glm/api/routing/{completion_id}, POST glm/api/tools/web_fetch and GET glm/api/openapi.json.",
+            code="not_found"))
 
     get = post = put = patch = delete = _not_found
 
@@ -234,6 +259,7 @@ ROUTES = [
     (r"/glm/v1/chat/completions", ChatCompletionsHandler),
     (r"/glm/v1/models", ModelsHandler),
     (r"/glm/api/status", StatusHandler),
+    (r"/glm/api/count_tokens", CountTokensHandler),
     (r"/glm/api/routing/([^/]+)", RoutingHandler),
     (r"/glm/api/openapi.json", OpenAPIHandler),
 ]

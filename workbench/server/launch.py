@@ -114,7 +114,7 @@ def start_server(workdir: Path, glm_config: dict, env: dict[str, str] | None = N
             raise RuntimeError(f"jupyter server exited with {process.returncode}:\n{server.scrubbed_log()[-3000:]}")
         try:
             status = server.status()
-            if status.get("state") in ("ready", "error", "unconfigured"):
+            if status.get("state") in ("ready", "error", "unconfigured", "key_missing", "unreachable"):
                 return server
         except (httpx.HTTPError, json.JSONDecodeError):
             pass

@@ -41,6 +41,24 @@ def _schemas() -> dict[str, Any]:
                                "ids, tokens, layer ids, num_experts, top_k, prompt_len (see workbench.engine.routing)",
                                "required": ["expert_ids", "weights", "token_ids", "layer_ids"],
                                "additionalProperties": True}
+    schemas["WebFetchRequest"] = {
+        "type": "object", "required": ["url"], "additionalProperties": False,
+        "properties": {"url": {"type": "string", "description": "an http or https URL"},
+                       "max_chars": {"type": "integer", "minimum": 1, "maximum": 200_000, "default": 20_000,
+                                     "description": "longest text to hand back"}}}
+    schemas["WebFetchResult"] = {
+        "type": "object", "required": ["url", "final_url", "title", "text", "links", "truncated"],
+        "properties": {
+            "url": {"type": "string"}, "final_url": {"type": "string", "description": "after redirects"},
+            "title": {"type": "string"},
+            "text": {"type": "string", "description": "the main text as Markdown (HTML pages), or the body as it "
+                                                      "is (plain text, JSON, XML)"},
+            "links": {"type": "array", "maxItems": 100, "items": {
+                "type": "object", "required": ["text", "url"],
+                "properties": {"text": {"type": "string"}, "url": {"type": "string"}}}},
+            "truncated": {"type": "boolean", "description": "text cut at max_chars, or the body at the server's "
+                                                            "web_fetch_max_bytes"},
+            "content_type": {"type": "string"}}}
     return schemas
 
 
@@ -83,13 +101,23 @@ def openapi_spec(base_url: str = "/") -> dict[str, Any]:
                     **common_errors,
                 }}},
             "/v1/models": {"get": {
-                "operationId": "listModels", "summary": "The model this server serves",
+                "operationId": "listModels", "summary": "Every model of every provider, as provider/model ids",
                 "responses": {"200": {"description": "models", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/ModelList"}}}}, **common_errors}}},
             "/api/status": {"get": {
                 "operationId": "getStatus", "summary": "Backend, model, device, memory, load, recent tok/s",
                 "responses": {"200": {"description": "status", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Status"}}}}, **common_errors}}},
+            "/api/count_tokens": {"post": {
+                "operationId": "countTokens", "summary": "The tokens a chat request's prompt renders to for its model "
+                                                        "(local engines, and workbench or vLLM providers)",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
+                "responses": {"200": {"description": "{model, prompt_tokens}", "content": {"application/json": {
+                    "schema": {"type": "object", "properties": {"model": {"type": "string"},
+                                                                "prompt_tokens": {"type": "integer"}}}}}},
+                    "400": _error("malformed request, or a provider that cannot count tokens"),
+                    "404": _error("unknown model"), **common_errors}}},
             "/api/routing/{completion_id}": {"get": {
                 "operationId": "getRoutingTrace", "summary": "Routing trace of a recent completion made with "
                                                              "\"routing\": true (local backend)",
@@ -98,6 +126,22 @@ def openapi_spec(base_url: str = "/") -> dict[str, Any]:
                 "responses": {"200": {"description": "the trace", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/RoutingTrace"}}}},
                     "404": _error("no trace kept under this id"), **common_errors}}},
+            "/api/tools/web_fetch": {"post": {
+                "operationId": "webFetch", "summary": "A web page's readable text (title, Markdown, links); public "
+                                                      "addresses only unless the server allows private ones",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/WebFetchRequest"}}}},
+                "responses": {
+                    "200": {"description": "the page", "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/WebFetchResult"}}}},
+                    "400": _error("bad body, URL or max_chars; a scheme other than http or https"),
+                    "403": _error("a loopback, private, link-local or other non-public address (after DNS or a "
+                                  "redirect), or not authenticated"),
+                    "415": _error("not HTML or text (a PDF, an image, other binaries)"),
+                    "502": _error("the page could not be fetched: unresolved, unreachable, an HTTP error, too "
+                                  "large, too many redirects"),
+                    "504": _error("the fetch took longer than the server's web_fetch_timeout"),
+                }}},
             "/api/openapi.json": {"get": {
                 "operationId": "getOpenAPI", "summary": "This description",
                 "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}},

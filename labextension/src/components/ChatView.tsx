@@ -23,6 +23,7 @@ import {
   type UserMessage
 } from '../chatState';
 import type { FailureKind } from '../errors';
+import { conversationCost, formatCost, groupModels, type ModelEntry, modelOptionText } from '../models';
 import type { ThinkingMode } from '../protocol';
 import { Markdown } from './Markdown';
 import { ThinkingBlock } from './ThinkingBlock';
@@ -171,6 +172,8 @@ function UsageLine({ message }: { message: AssistantMessage }): JSX.Element | nu
   }
   const tokens = completionTokens(message);
   const rate = tokensPerSecond(message);
+  const cost = formatCost(message.usage?.cost);
+  const { start, end } = message.timing;
   const parts = [`${tokens} token${tokens === 1 ? '' : 's'}`];
   if (rate !== null) {
     parts.push(`${rate.toFixed(1)} tok/s`);
@@ -179,16 +182,38 @@ function UsageLine({ message }: { message: AssistantMessage }): JSX.Element | nu
     const seconds = message.usage.prompt_seconds;
     parts.push(`prompt ${message.usage.prompt_tokens}${typeof seconds === 'number' ? ` in ${seconds.toFixed(2)} s` : ''}`);
   }
-  if (message.model) {
-    parts.push(message.model);
+  if (cost === null && end !== undefined && end > start) {
+    // an answer without a cost (the local engine, an unpriced model) says how long it took instead
+    parts.push(`${((end - start) / 1000).toFixed(1)} s total`);
   }
   const measured =
     typeof message.usage?.decode_seconds === 'number'
       ? "Speed measured by the server's engine, from the first generated token to the last."
       : 'Speed over the whole request as the browser saw it (the server sent no decode time).';
+  const costTitle = message.usage?.cost
+    ? `Input ${formatCost({ ...message.usage.cost, total: message.usage.cost.input })}, ` +
+      `output ${formatCost({ ...message.usage.cost, total: message.usage.cost.output })} ` +
+      "at the model's prices"
+    : undefined;
   return (
     <span className="glm-Usage" title={measured}>
       {parts.join(' · ')}
+      {cost !== null && (
+        <>
+          {' · '}
+          <span className="glm-Usage-cost" title={costTitle}>
+            {cost}
+          </span>
+        </>
+      )}
+      {message.model && (
+        <>
+          {' · '}
+          <span className="glm-Usage-model" title="The model that gave this answer">
+            {message.model}
+          </span>
+        </>
+      )}
     </span>
   );
 }
@@ -492,35 +517,136 @@ function Header({
         </button>
       </div>
       <div className="glm-Header-controls">
-      <select
-        className="glm-Select glm-ModelPicker"
-        aria-label="Model"
-        title={model.isDemoModel(state.model) ? `${state.model} is ${DEMO_MODEL_TEXT}` : state.model}
-        value={state.model}
-        onChange={e => model.setModel(e.target.value)}
-      >
-        {state.models.length === 0 && <option value="">no model</option>}
-        {state.models.map(m => (
-          <option key={m.id} value={m.id}>
-            {m.id}
-            {model.isDemoModel(m.id) ? ' · 10M demo' : ''}
-          </option>
-        ))}
-      </select>
-      <select
-        className="glm-Select glm-ThinkingMode"
-        aria-label="Thinking mode"
-        title="Thinking: auto lets the model decide"
-        value={state.thinkingMode}
-        onChange={e => model.setThinkingMode(e.target.value as ThinkingMode)}
-      >
-        <option value="auto">Thinking: auto</option>
-        <option value="on">Thinking: on</option>
-        <option value="off">Thinking: off</option>
-      </select>
+        <ModelPicker state={state} model={model} />
+        <ThinkingControl state={state} model={model} />
       </div>
+      <ModelCard state={state} model={model} />
     </div>
   );
+}
+
+function ModelOption({ entry, model }: { entry: ModelEntry; model: ChatModel }): JSX.Element {
+  return (
+    <option
+      value={entry.id}
+      disabled={entry.unavailable !== null}
+      title={entry.unavailable ? `${entry.id} cannot answer now: ${entry.unavailable}` : entry.id}
+    >
+      {modelOptionText(entry, model.isDemoModel(entry.id) ? '10M demo' : undefined)}
+    </option>
+  );
+}
+
+/** The model list, one group per provider; models of a provider that cannot answer (key not set, unreachable)
+ * are listed disabled with the reason. A server without provider fields gives a plain list. */
+function ModelPicker({ state, model }: { state: ChatState; model: ChatModel }): JSX.Element {
+  const groups = groupModels(state.models, state.status);
+  const plain = groups.length === 1 && groups[0].provider === null;
+  return (
+    <select
+      className="glm-Select glm-ModelPicker"
+      aria-label="Model"
+      title={model.isDemoModel(state.model) ? `${state.model} is ${DEMO_MODEL_TEXT}` : state.model}
+      value={state.model}
+      onChange={e => model.setModel(e.target.value)}
+    >
+      {state.models.length === 0 && <option value="">no model</option>}
+      {plain
+        ? groups[0].models.map(m => <ModelOption key={m.id} entry={m} model={model} />)
+        : groups.map(g => (
+          <optgroup
+            key={g.provider ?? ''}
+            label={`${g.provider ?? 'other'}${g.problem ? ` (${g.problem})` : ''}`}
+            data-provider={g.provider ?? ''}
+          >
+            {g.models.map(m => (
+              <ModelOption key={m.id} entry={m} model={model} />
+            ))}
+            {g.models.length === 0 && (
+              <option value={`${g.provider}/`} disabled>
+                {g.problem}
+              </option>
+            )}
+          </optgroup>
+        ))}
+    </select>
+  );
+}
+
+/** auto / on / off where the model thinks; disabled, saying why, where its server says it does not. */
+function ThinkingControl({ state, model }: { state: ChatState; model: ChatModel }): JSX.Element {
+  const supported = model.supportsThinking(state.model);
+  return (
+    <select
+      className="glm-Select glm-ThinkingMode"
+      aria-label="Thinking mode"
+      title={
+        supported
+          ? 'Thinking: auto lets the model decide'
+          : `${state.model} has no thinking mode: its answers come without a thinking trace`
+      }
+      disabled={!supported}
+      value={supported ? state.thinkingMode : 'none'}
+      onChange={e => model.setThinkingMode(e.target.value as ThinkingMode)}
+    >
+      {supported ? (
+        <>
+          <option value="auto">Thinking: auto</option>
+          <option value="on">Thinking: on</option>
+          <option value="off">Thinking: off</option>
+        </>
+      ) : (
+        <option value="none">Thinking: n/a</option>
+      )}
+    </select>
+  );
+}
+
+const CAPABILITY_TITLES: Record<string, string> = {
+  thinking: 'Thinks before answering (thinking auto / on / off)',
+  tools: 'Can call the notebook tools',
+  routing: 'Records expert routing: the Experts button opens it'
+};
+
+/** What the chosen model is: its provider, capabilities, price and context, under the picker. */
+function ModelCard({ state, model }: { state: ChatState; model: ChatModel }): JSX.Element | null {
+  const groups = groupModels(state.models, state.status);
+  const group = groups.find(g => g.models.some(m => m.id === state.model));
+  const entry = group?.models.find(m => m.id === state.model);
+  if (!group || !entry || group.provider === null) {
+    return null; // a server without provider fields says nothing more than the id
+  }
+  const price = entry.price ?? (group.kind === 'local' ? 'local engine' : null);
+  return (
+    <div className="glm-ModelCard" aria-label="Chosen model">
+      <span className="glm-ModelCard-provider" title={group.kind ? `provider kind: ${group.kind}` : undefined}>
+        {group.provider}
+      </span>
+      {(entry.capabilities ?? []).map(c => (
+        <span key={c} className={`glm-Badge glm-mod-${c}`} title={CAPABILITY_TITLES[c]}>
+          {c}
+        </span>
+      ))}
+      {price && (
+        <span
+          className={`glm-ModelCard-price${entry.price === 'free' ? ' glm-mod-free' : ''}`}
+          title={entry.price ? 'Price of this model' : 'Answers of the local engine cost nothing: they show tokens and time'}
+        >
+          {price}
+        </span>
+      )}
+      {entry.contextLength !== null && (
+        <span className="glm-ModelCard-context" title="Context length">
+          {formatContext(entry.contextLength)} ctx
+        </span>
+      )}
+    </div>
+  );
+}
+
+/** 131072 → "128K", 1024 → "1K", 1000 → "1000". */
+function formatContext(tokens: number): string {
+  return tokens >= 1024 && tokens % 1024 === 0 ? `${tokens / 1024}K` : String(tokens);
 }
 
 /** How full the conversation is: the last answer's prompt + completion tokens (the server's counts) out of the
@@ -560,6 +686,23 @@ function ContextMeter({ state, model }: { state: ChatState; model: ChatModel }):
       )}
       <span className="glm-ContextMeter-text">{text}</span>
     </div>
+  );
+}
+
+/** What the conversation's priced answers cost so far, in each currency; nothing while none was priced. */
+function ConversationCost({ state }: { state: ChatState }): JSX.Element | null {
+  const cost = conversationCost(state.conversation.messages);
+  if (cost === null) {
+    return null;
+  }
+  return (
+    <span
+      className="glm-ConversationCost"
+      aria-label="Conversation cost"
+      title="What this conversation's priced answers cost so far (local-engine answers cost nothing)"
+    >
+      Total: {cost}
+    </span>
   );
 }
 
@@ -640,7 +783,10 @@ export function ChatView({ model, actions }: { model: ChatModel; actions: ChatVi
       <FailureBanner state={state} model={model} />
       {historyOpen && <HistoryList state={state} model={model} onClose={() => setHistoryOpen(false)} />}
       <MessageList state={state} model={model} actions={actions} />
-      <ContextMeter state={state} model={model} />
+      <div className="glm-Footer">
+        <ContextMeter state={state} model={model} />
+        <ConversationCost state={state} />
+      </div>
       <Composer state={state} model={model} />
     </div>
   );

@@ -51,10 +51,12 @@ async function chooseModel(chat: Locator, match: (id: string) => boolean): Promi
   return id!;
 }
 
+/** Whether a picker id names the scripted model (bare, or `provider/scripted-glm` on a server with providers). */
+const isScripted = (id: string) => id === SCRIPTED_MODEL || id.endsWith(`/${SCRIPTED_MODEL}`);
 /** The remote backend's model: the scripted endpoint. */
-const scripted = (chat: Locator) => chooseModel(chat, id => id === SCRIPTED_MODEL);
+const scripted = (chat: Locator) => chooseModel(chat, isScripted);
 /** The local engine's model (the @local project's server). */
-const local = (chat: Locator) => chooseModel(chat, id => id !== SCRIPTED_MODEL && id !== '');
+const local = (chat: Locator) => chooseModel(chat, id => !isScripted(id) && id !== '');
 
 async function send(chat: Locator, text: string): Promise<void> {
   const input = chat.getByRole('textbox', { name: 'Message' });

@@ -1,11 +1,19 @@
-"""The remote backend: any OpenAI-compatible GLM endpoint (Z.ai, Zhipu BigModel, vLLM, SGLang, another workbench).
+"""The remote backend: any OpenAI-compatible GLM endpoint (Z.ai, Zhipu BigModel, OpenRouter, vLLM, SGLang,
+llama.cpp's llama-server, Ollama, another workbench).
 
 Owns the translation of our request into the endpoint's dialect and the pass-through of its answers:
 
-- thinking: Z.ai and Zhipu take `"thinking": {"type": ...}`; vLLM and SGLang take
-  `"chat_template_kwargs": {"enable_thinking": ...}` (`thinking_style`, "auto" picks by host name);
-- streaming: the endpoint's server-sent chunks are passed on as they come, reasoning and tool-call deltas
-  untouched; closing our stream closes the upstream connection, which cancels the generation there;
+- thinking, by `dialect` (DIALECTS; each one's wire format is recorded in tests/fixtures/providers/):
+  Z.ai and Zhipu take `"thinking": {"type": ...}`; OpenRouter `"reasoning": {"enabled": ...}`; vLLM, SGLang
+  and llama-server `"chat_template_kwargs": {"enable_thinking": ...}`; Ollama's OpenAI-compatible endpoint
+  `"reasoning_effort"` ("none" switches thinking off); a plain OpenAI endpoint gets nothing. Answers that carry
+  the reasoning as `reasoning` (OpenRouter, Ollama, vLLM since it renamed the field) reach our clients as
+  `reasoning_content`, whole or streamed;
+- streaming: the endpoint's server-sent chunks are passed on as they come, tool-call deltas untouched; closing
+  our stream closes the upstream connection, which cancels the generation there; a stream that ends before
+  any finish_reason (a cut connection) ends ours with a 502 error event instead of a silently short answer;
+- another workbench (`dialect="workbench"`) also takes our own fields (`routing`), so a trace recorded there can
+  be fetched from here (`fetch_routing_trace`);
 - the API key is read from the environment variable *named* in the configuration, when a request is made, and
   sent only in the Authorization header. It is never stored on the object, logged, or put in an error: every
   string that comes back from the endpoint (errors, whole answers, every field of every stream chunk, keys of
@@ -43,27 +51,66 @@ log = logging.getLogger(__name__)
 THINKING_FIELD_HOSTS = ("z.ai", "bigmodel.cn")  # hosted GLM APIs that take the `thinking` field
 # Our own extensions and compatibility fields, never forwarded as they are.
 _NOT_FORWARDED = {"routing", "thinking", "chat_template_kwargs", "model", "n"}
+DIALECTS = ("zai", "openrouter", "vllm", "sglang", "llama-server", "ollama", "openai", "workbench")
+_STYLE_DIALECTS = {"thinking": "zai", "chat_template_kwargs": "vllm"}  # the old thinking_style setting
+
+
+def thinking_fields(dialect: str, enable: bool) -> dict[str, Any]:
+    """The request fields that switch thinking on or off at an endpoint of this dialect."""
+    if dialect in ("zai", "workbench"):  # Z.ai / Zhipu API reference: thinking.type enabled | disabled
+        return {"thinking": {"type": "enabled" if enable else "disabled"}}
+    if dialect == "openrouter":  # openrouter.ai/docs/use-cases/reasoning-tokens: reasoning.enabled
+        return {"reasoning": {"enabled": enable}}
+    if dialect in ("vllm", "sglang", "llama-server"):  # the chat template's own switch, passed through
+        return {"chat_template_kwargs": {"enable_thinking": enable}}
+    if dialect == "ollama":  # docs.ollama.com/api/openai-compatibility: reasoning_effort, "none" = off
+        return {"reasoning_effort": "medium" if enable else "none"}
+    return {}  # plain OpenAI-compatible: no switch to send; the model decides
+
+
+def reasoning_as_reasoning_content(message: Any) -> None:
+    """A delta or message that carries its reasoning as `reasoning` (OpenRouter, Ollama, newer vLLM) gets it as
+    `reasoning_content`, the one field our clients read; OpenRouter's `reasoning_details` (the same text again,
+    structured) is dropped, so that the reasoning goes out once."""
+    if not isinstance(message, dict):
+        return
+    reasoning = message.pop("reasoning", None)
+    message.pop("reasoning_details", None)
+    if isinstance(reasoning, str) and reasoning and not message.get("reasoning_content"):
+        message["reasoning_content"] = reasoning
 
 
 class RemoteBackend(Backend):
     kind = "remote"
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, thinking_style: str = "auto",
-                 timeout: float = 600.0, transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 timeout: float = 600.0, transport: httpx.AsyncBaseTransport | None = None,
+                 dialect: str | None = None, models: list[str] | None = None,
+                 routing_url: str | None = None) -> None:
         if not base_url or not urlparse(base_url).scheme.startswith("http"):
             raise ValueError(f"remote base URL {base_url!r} is not an http(s) URL: set it to the endpoint's API "
                              "root, e.g. https://api.z.ai/api/paas/v4 or http://host:8000/v1")
-        if not model:
+        if not model and models is None:
             raise ValueError("the remote backend needs the remote model name (e.g. glm-4.5-air)")
         if thinking_style not in ("auto", "thinking", "chat_template_kwargs"):
             raise ValueError(f"thinking_style {thinking_style!r}: use auto, thinking or chat_template_kwargs")
+        if dialect is not None and dialect not in DIALECTS:
+            raise ValueError(f"dialect {dialect!r}: use one of {', '.join(DIALECTS)}")
         self.base_url = base_url.rstrip("/")
-        self.remote_model = model
+        self.remote_model = model or (models or [""])[0]
+        # every model name this endpoint is asked for (a provider serves several; "auto" fills it in)
+        self.served: set[str] = {self.remote_model, *(models or [])} - {""}
         self.api_key_env = api_key_env or None
-        if thinking_style == "auto":
-            host = urlparse(self.base_url).hostname or ""
-            thinking_style = "thinking" if host.endswith(THINKING_FIELD_HOSTS) else "chat_template_kwargs"
-        self.thinking_style = thinking_style
+        if dialect is None:
+            if thinking_style == "auto":
+                host = urlparse(self.base_url).hostname or ""
+                thinking_style = "thinking" if host.endswith(THINKING_FIELD_HOSTS) else "chat_template_kwargs"
+            dialect = _STYLE_DIALECTS[thinking_style]
+        self.dialect = dialect
+        self.thinking_style = {"zai": "thinking", "workbench": "thinking", "vllm": "chat_template_kwargs",
+                               "sglang": "chat_template_kwargs", "llama-server": "chat_template_kwargs"}.get(
+            dialect, dialect)
+        self.routing_url = routing_url.rstrip("/") if routing_url else None
         self.timeout = timeout
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -72,7 +119,19 @@ class RemoteBackend(Backend):
         self.state = "ready"
 
     def __repr__(self) -> str:
-        return f"RemoteBackend({self.base_url!r}, model={self.remote_model!r}, key from ${self.api_key_env})"
+        return (f"RemoteBackend({self.base_url!r}, model={self.remote_model!r}, dialect={self.dialect!r}, "
+                f"key from ${self.api_key_env})")
+
+    def check_model(self, request: ChatCompletionRequest) -> None:
+        if request.model not in self.served:
+            raise APIError(404, f"The model {request.model!r} does not exist here: this endpoint serves "
+                                f"{', '.join(sorted(self.served))} (see GET v1/models).", param="model",
+                           code="model_not_found")
+
+    @property
+    def key_missing(self) -> bool:
+        """The key's variable is named but not set: nothing may be sent (status says key_missing)."""
+        return bool(self.api_key_env) and not os.environ.get(self.api_key_env)
 
     @property
     def model_id(self) -> str:
@@ -112,12 +171,15 @@ class RemoteBackend(Backend):
     # --- requests --------------------------------------------------------------------------------------------------
     def payload(self, request: ChatCompletionRequest, stream: bool) -> dict[str, Any]:
         """The request as the endpoint expects it."""
-        if request.routing:
-            raise APIError(400, "Routing traces come only from the local engine; this server uses a remote GLM "
-                                "endpoint. Drop 'routing' or switch the backend to local.", param="routing",
+        if request.routing and self.dialect != "workbench":
+            raise APIError(400, f"Routing traces come only from a GLM Workbench engine; the model {request.model!r} "
+                                "runs at an OpenAI-compatible endpoint that does not record them. Drop 'routing' "
+                                "or choose a model with the routing capability (GET v1/models).", param="routing",
                            code="unsupported")
         body = request.model_dump(exclude_none=True, exclude=_NOT_FORWARDED | {"stream", "stream_options"})
-        body["model"] = self.remote_model
+        body["model"] = request.model if request.model in self.served else self.remote_model
+        if request.routing:
+            body["routing"] = True
         body["stream"] = stream
         for message in body["messages"]:  # OpenAI-compatible servers take arguments as JSON strings only
             for call in message.get("tool_calls") or []:
@@ -130,10 +192,7 @@ class RemoteBackend(Backend):
         explicit = request.thinking is not None or (
             request.chat_template_kwargs is not None and request.chat_template_kwargs.enable_thinking is not None)
         if explicit:
-            if self.thinking_style == "thinking":
-                body["thinking"] = {"type": "enabled" if request.enable_thinking else "disabled"}
-            else:
-                body["chat_template_kwargs"] = {"enable_thinking": request.enable_thinking}
+            body.update(thinking_fields(self.dialect, request.enable_thinking))
         return body
 
     def _headers(self) -> dict[str, str]:
@@ -171,11 +230,13 @@ class RemoteBackend(Backend):
         self.check_model(request)
         body = self.payload(request, stream=True)
         client = self._client_or_new()
+        headers = self._headers()  # a missing key fails here, before anything is sent
         relay = StreamMask(self._masker())
         self.active += 1
+        finished = done = False
         try:
             async with client.stream("POST", f"{self.base_url}/chat/completions", json=body,
-                                     headers=self._headers()) as response:
+                                     headers=headers) as response:
                 if response.status_code >= 400:
                     raise await self._error_from(response)
                 async for line in response.aiter_lines():
@@ -183,8 +244,10 @@ class RemoteBackend(Backend):
                     if data is None:
                         continue
                     if data == SSE_DONE:
+                        done = True
                         break
                     chunk = self._chunk(data, relay)
+                    finished |= any(choice.finish_reason for choice in chunk.choices)
                     if chunk.usage is not None:
                         self.throughput.add(chunk.usage.completion_tokens)
                         if not request.include_usage:
@@ -195,6 +258,10 @@ class RemoteBackend(Backend):
                 rest = relay.rest()
                 if rest is not None:  # text held back at the very end (a stream without a finish_reason)
                     yield self._validated_chunk(rest, relay.mask)
+                if not finished and not done:
+                    raise APIError(502, f"The remote GLM endpoint at {self.base_url} ended the stream before the "
+                                        "answer finished (no finish_reason, no [DONE]): the answer is incomplete. "
+                                        "Retry the request.", code="upstream_stream_cut")
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
         finally:
@@ -212,6 +279,9 @@ class RemoteBackend(Backend):
             code = error.get("code")
             raise APIError(502, f"The remote GLM endpoint failed mid-stream: {error.get('message')}",
                            code=str(code)[:200] if code else "upstream_error")
+        if isinstance(payload, dict):
+            for choice in payload.get("choices") or []:
+                reasoning_as_reasoning_content(choice.get("delta") if isinstance(choice, dict) else None)
         return self._validated_chunk(relay.chunk(payload), mask)
 
     def _validated_chunk(self, payload: Any, mask: KeyMask) -> ChatCompletionChunk:
@@ -225,14 +295,18 @@ class RemoteBackend(Backend):
         self.check_model(request)
         body = self.payload(request, stream=False)
         client = self._client_or_new()
+        headers = self._headers()  # a missing key fails here, before anything is sent
         self.active += 1
         try:
-            response = await client.post(f"{self.base_url}/chat/completions", json=body, headers=self._headers())
+            response = await client.post(f"{self.base_url}/chat/completions", json=body, headers=headers)
             if response.status_code >= 400:
                 raise await self._error_from(response)
             mask = self._masker()
             try:
-                completion = ChatCompletion.model_validate(mask.value(response.json()))
+                payload = mask.value(response.json())
+                for choice in (payload.get("choices") or []) if isinstance(payload, dict) else []:
+                    reasoning_as_reasoning_content(choice.get("message") if isinstance(choice, dict) else None)
+                completion = ChatCompletion.model_validate(payload)
             except (ValueError, RecursionError) as exc:
                 raise APIError(502, mask.text(f"The remote GLM endpoint's answer is not a chat completion: "
                                               f"{str(exc)[:300]}"), code="bad_upstream_response") from None
@@ -244,9 +318,77 @@ class RemoteBackend(Backend):
             self.throughput.add(completion.usage.completion_tokens)
         return completion
 
+    async def get_json(self, url: str, what: str) -> Any:
+        """GET a JSON document from the endpoint (its model list, a routing trace), the key masked in it."""
+        client = self._client_or_new()
+        headers = self._headers()
+        try:
+            response = await client.get(url, headers=headers)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code >= 400:
+            raise await self._error_from(response)
+        try:
+            return self._masker().value(response.json())
+        except (ValueError, RecursionError):
+            raise APIError(502, self._mask(f"The remote endpoint's {what} is not JSON: {response.text[:200]}"),
+                           code="bad_upstream_response") from None
+
+    async def count_prompt_tokens(self, request: ChatCompletionRequest) -> int:
+        """The prompt's tokens as the endpoint's own tokenizer and template count them: another workbench's
+        `glm/api/count_tokens`, vLLM's `POST /tokenize` (chat messages in, `count` out; served at the server's
+        root, beside `v1/`). Other endpoints have no counting API: they get the base class's clear 400."""
+        self.check_model(request)
+        if self.dialect == "workbench":
+            url, field = re.sub(r"/v1$", "/api/count_tokens", self.base_url), "prompt_tokens"
+            body = self.payload(request, stream=False)
+        elif self.dialect == "vllm":
+            url, field = re.sub(r"/v1$", "", self.base_url) + "/tokenize", "count"
+            chat = self.payload(request, stream=False)
+            body = {key: chat[key] for key in ("model", "messages", "tools", "chat_template_kwargs") if key in chat}
+            body["add_generation_prompt"] = True
+        else:
+            return await super().count_prompt_tokens(request)
+        client = self._client_or_new()
+        try:
+            response = await client.post(url, json=body, headers=self._headers())
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code >= 400:
+            raise await self._error_from(response)
+        try:
+            count = response.json().get(field)
+        except (ValueError, AttributeError, RecursionError):
+            count = None
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise APIError(502, self._mask(f"The remote endpoint's token count ({url}) has no integer {field!r}: "
+                                           f"{response.text[:200]}"), code="bad_upstream_response")
+        return count
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        """The endpoint's `GET models` entries (OpenAI's list), for `"models": "auto"`."""
+        listing = await self.get_json(f"{self.base_url}/models", "model list")
+        data = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(data, list):
+            raise APIError(502, f"The remote endpoint's model list ({self.base_url}/models) has no 'data' list.",
+                           code="bad_upstream_response")
+        return [entry for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
+
+    async def fetch_routing_trace(self, completion_id: str) -> dict[str, Any] | None:
+        """A routing trace recorded at another workbench (`routing_url`: its `glm/api/routing`), or None."""
+        if self.routing_url is None:
+            return None
+        try:
+            trace = await self.get_json(f"{self.routing_url}/{quote(completion_id, safe='')}", "routing trace")
+        except APIError as error:
+            if error.status == 404:
+                return None
+            raise
+        return trace if isinstance(trace, dict) else None
+
     def status(self) -> dict[str, Any]:
         return {"backend": self.kind, "model": self.remote_model, "state": self.state, "base_url": self.base_url,
-                "api_key_env": self.api_key_env, "thinking_style": self.thinking_style,
+                "api_key_env": self.api_key_env, "thinking_style": self.thinking_style, "dialect": self.dialect,
                 "active_requests": self.active, "queued_requests": 0,
                 "recent_tokens_per_second": self.throughput.rate(), "device": "remote", "memory": None}
 
