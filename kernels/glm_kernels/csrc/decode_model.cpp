@@ -11,6 +11,11 @@
 // SwiGLU), with every buffer allocated once. With several sequences, each weight row is read once for all of them
 // and each routed expert runs once on the rows that chose it.
 //
+// Threads (torch.set_num_threads): every matrix product (its parts, e.g. q/k/v, as one job), the routed experts'
+// (expert, row chunk) pairs and the attention heads are shared out over simd.h's ThreadPool, whose threads claim
+// chunks as they come free; the rest of a step (norms, rotary, router, SwiGLU, sums) is ~1% of its time at
+// GLM-4.5-Air's width and runs on the caller. Python's lock is released during a step.
+//
 // The contract is the engine's torch path (workbench/engine/model.py with glm_kernels' references), step for step:
 // the same casts to the model dtype at the same places, fp32 statistics, the router in fp32 with the correction
 // bias used for selection only, group-limited top-k with ties to the lower expert index, expert outputs summed in
