@@ -62,14 +62,34 @@ SIDEBAR_TOOLS = [
                       "description": "Where the new cell goes (0-based). Default: below the active cell."}},
             "required": ["source"]}}},
     {"type": "function", "function": {
+        "name": "edit_cell",
+        "description": "Replace the source of a cell of the active notebook (its outputs stay until it runs again).",
+        "parameters": {"type": "object", "properties": {
+            "index": {"type": "integer", "description": "Index of the cell to edit (0-based)."},
+            "source": {"type": "string", "description": "The new text of the cell."}},
+            "required": ["index", "source"]}}},
+    {"type": "function", "function": {
         "name": "run_cell", "description": "Run a code cell of the active notebook and return its outputs as text.",
         "parameters": {"type": "object", "properties": {
             "index": {"type": "integer", "description": "Index of the cell to run (0-based)."}},
             "required": ["index"]}}},
     {"type": "function", "function": {
+        "name": "read_output",
+        "description": "Read the outputs of a code cell as text: streams, results, images as a note, and an error "
+                       "as its name, value and traceback.",
+        "parameters": {"type": "object", "properties": {
+            "index": {"type": "integer", "description": "Index of the cell (0-based)."}},
+            "required": ["index"]}}},
+    {"type": "function", "function": {
         "name": "list_variables",
         "description": "List the variables defined in the active notebook's kernel: name, type and a short preview.",
         "parameters": {"type": "object", "properties": {}}}},
+    {"type": "function", "function": {
+        "name": "web_fetch",
+        "description": "Fetch a web page (http or https) and return its title, readable text as Markdown and links.",
+        "parameters": {"type": "object", "properties": {
+            "url": {"type": "string", "description": "The http(s) URL of the page."}},
+            "required": ["url"]}}},
 ]
 
 

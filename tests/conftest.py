@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,10 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 # gives its servers a temporary HOME, where each would compile them anew (a minute): one folder for the whole run,
 # inherited by every server and kernel the tests start.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(get_default_build_root()) / "glm-workbench-tests"))
+
+# GGUF loads repack into a cache folder (workbench/engine/gguf_cache.py), by default under HOME: the tests' GGUFs
+# go to one temporary folder instead (a cache whose GGUF is gone is removed when the next one is written).
+os.environ.setdefault("WORKBENCH_GGUF_CACHE", str(Path(tempfile.gettempdir()) / "glm-workbench-tests-gguf-cache"))
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

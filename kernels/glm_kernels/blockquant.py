@@ -147,8 +147,12 @@ def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _safe_div(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale where scale is nonzero, else 0 (an all-zero group quantizes to zeros, not NaN)."""
-    return torch.where(scale > 0, x / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(x))
+    """x / scale where scale is nonzero, else 0 (an all-zero group quantizes to zeros, not NaN). The masks and the
+    safe divisor are built on the (32x smaller) scales and the quotient is zeroed in place: the same values as
+    two full-size `where`s and a `zeros_like`, which took half of quantize-at-load's time."""
+    positive = scale > 0
+    quotient = x / torch.where(positive, scale, 1.0)
+    return quotient.masked_fill_(~positive, 0.0)
 
 
 def quantize_int8(w: torch.Tensor, group: int = GROUP) -> Int8Weight:

@@ -28,6 +28,16 @@ import { statusFailure, WorkbenchError } from './errors';
 import { hasCapability, modelName, usableModel } from './models';
 import type { ChatCompletionChunk, ChatCompletionRequest, ModelInfo, ServerStatus, ThinkingMode } from './protocol';
 import { approve, createToolMessage, latestToolMessages, NOTEBOOK_TOOLS, readyToContinue, reject, startRun, complete, fail } from './tools';
+import {
+  addSteps,
+  DEFAULT_MAX_TOOL_STEPS,
+  limitNotice,
+  type LoopRun,
+  nextAction,
+  startLoop,
+  stoppedNotice,
+  stopLoop
+} from './agentLoop';
 
 export interface ChatPreferences {
   collapseThinkingOnAnswer: boolean;
@@ -40,6 +50,8 @@ export interface ChatPreferences {
   systemPrompt: string;
   /** Record every local answer's expert routing, not only while a routing view is open (each then costs more). */
   keepRouting: boolean;
+  /** Tool steps the model may take on its own after one message before the loop pauses with Continue. */
+  maxToolSteps: number;
 }
 
 export const DEFAULT_PREFERENCES: ChatPreferences = {
@@ -50,7 +62,8 @@ export const DEFAULT_PREFERENCES: ChatPreferences = {
   maxTokens: 0,
   temperature: 0.6,
   systemPrompt: '',
-  keepRouting: false
+  keepRouting: false,
+  maxToolSteps: DEFAULT_MAX_TOOL_STEPS
 };
 
 export interface ContextToggles {
@@ -63,6 +76,8 @@ export interface ContextToggles {
 export interface NotebookBridge {
   collectContext(toggles: ContextToggles): ContextBlock[];
   runTool(name: string, args: Record<string, unknown>): Promise<string>;
+  /** Interrupt the notebook's kernel (Stop, when the user asks for it). */
+  interruptKernel?(): Promise<void>;
 }
 
 export interface ChatState {
@@ -76,6 +91,8 @@ export interface ChatState {
   /** A failure that is not tied to one answer (server unreachable, session expired, model loading). */
   failure: WorkbenchError | null;
   status: ServerStatus | null;
+  /** Said under the last step when the agent loop paused at its step limit (with Continue) or was stopped. */
+  loopNotice: { text: string; canContinue: boolean } | null;
 }
 
 /** The model this package ships: a 10M-parameter demo (workbench/models/glm45-air-mini), not a coding assistant. */
@@ -146,8 +163,6 @@ const TOOL_RESULT_ANSWER_ROOM = 256;
 const TOOL_RESULT_CHARS_PER_TOKEN = 2;
 const TOOL_RESULT_MIN_CHARS = 200;
 
-/** Tool rounds per user message, so a model that keeps calling tools cannot loop forever. */
-const MAX_TOOL_ROUNDS = 8;
 
 function emptyConversation(): Conversation {
   const now = Date.now();
@@ -158,8 +173,8 @@ export class ChatModel {
   private _state: ChatState;
   private readonly _changed = new Signal<this, void>(this);
   private abort: AbortController | null = null;
-  private toolRounds = 0;
-  private stopped = false;
+  /** The agent loop of the latest message: its steps, limit and whether Stop ended it. */
+  private loop: LoopRun = startLoop();
   /** A tool the next request names in tool_choice (the tool demo); cleared once that request is built. */
   private forcedTool: string | null = null;
   /** A saved conversation to reopen on the first refresh (the last one of the previous session). */
@@ -179,7 +194,8 @@ export class ChatModel {
       context: { cell: false, selection: false, notebook: false },
       busy: false,
       failure: null,
-      status: null
+      status: null,
+      loopNotice: null
     };
   }
 
@@ -389,8 +405,7 @@ export class ChatModel {
     }
     const { label, toggledContext = true } = options;
     const context = [...extraContext, ...(toggledContext ? this.bridge.collectContext(this._state.context) : [])];
-    this.toolRounds = 0;
-    this.stopped = false;
+    this.beginLoop();
     this.setMessages([
       ...this._state.conversation.messages,
       { kind: 'user', id: UUID.uuid4(), text: trimmed, context, ...(label ? { label } : {}) }
@@ -402,16 +417,42 @@ export class ChatModel {
     if (this._state.busy) {
       return;
     }
-    this.toolRounds = 0;
-    this.stopped = false;
+    this.beginLoop();
     this.setMessages(messagesForRegenerate(this._state.conversation.messages));
     await this.generate();
   }
 
-  /** Stop the answer being generated (cancels it on the server) and any tool loop. */
-  stop(): void {
-    this.stopped = true;
+  /** A new run of the agent loop (a message, Regenerate, Continue): steps count from 0 up to the setting. */
+  private beginLoop(): void {
+    const limit = this.preferences.maxToolSteps;
+    this.loop = startLoop(Number.isInteger(limit) && limit >= 1 ? limit : DEFAULT_MAX_TOOL_STEPS);
+    this.update({ loopNotice: null });
+  }
+
+  /** Go on after the loop paused at its step limit: the tool results go back to the model. */
+  async continueLoop(): Promise<void> {
+    if (this._state.busy || !this._state.loopNotice?.canContinue) {
+      return;
+    }
+    this.beginLoop();
+    await this.generate();
+  }
+
+  /**
+   * Stop the answer being generated (cancels it on the server) and the agent loop at once: calls waiting for
+   * approval are rejected, no further step starts. With `interruptKernel`, a cell the loop is running is
+   * interrupted too (otherwise it runs to its end, and its result is kept but not sent).
+   */
+  stop(options: { interruptKernel?: boolean } = {}): void {
+    const inLoop = this._state.busy && this.loop.steps > 0;
+    this.loop = stopLoop(this.loop);
     this.abort?.abort();
+    if (inLoop) {
+      this.update({ loopNotice: { text: stoppedNotice(this.loop, !!options.interruptKernel), canContinue: false } });
+    }
+    if (options.interruptKernel) {
+      void this.bridge.interruptKernel?.().catch(error => this.reportFailure(error));
+    }
     const messages = this._state.conversation.messages.map(m =>
       m.kind === 'tool' && (m.status === 'pending' || m.status === 'approved')
         ? reject(m, 'The user stopped the conversation before this call ran.')
@@ -448,6 +489,8 @@ export class ChatModel {
     }
     if (this.forcedTool) {
       if (toolsPossible) {
+        // only the named tool: the demo model's 1024-token context, and its luck at the call format, need a short prompt
+        request.tools = NOTEBOOK_TOOLS.filter(tool => tool.function.name === this.forcedTool);
         request.tool_choice = { type: 'function', function: { name: this.forcedTool } };
       }
       this.forcedTool = null; // the model answers the tool's result freely
@@ -507,8 +550,8 @@ export class ChatModel {
       this.abort = null;
     }
     this.replaceMessage(id, () => message);
-    if (message.status === 'done' && message.toolCalls.length && !this.stopped) {
-      this.toolRounds += 1;
+    if (message.status === 'done' && message.toolCalls.length && !this.loop.stopped) {
+      this.loop = addSteps(this.loop, message.toolCalls.length);
       await this.startToolCalls(message);
       return;
     }
@@ -575,12 +618,13 @@ export class ChatModel {
     if (!current || current.status !== 'approved') {
       return;
     }
-    this.replaceMessage(id, m => startRun(m as ToolMessage));
+    this.replaceMessage(id, m => ({ ...startRun(m as ToolMessage), started: Date.now() }));
     try {
       const result = this.fitToolResult(await this.bridge.runTool(current.call.function.name, current.args ?? {}));
-      this.replaceMessage(id, m => complete(m as ToolMessage, result));
+      this.replaceMessage(id, m => ({ ...complete(m as ToolMessage, result), finished: Date.now() }));
     } catch (error) {
-      this.replaceMessage(id, m => fail(m as ToolMessage, error instanceof Error ? error.message : String(error)));
+      const text = error instanceof Error ? error.message : String(error);
+      this.replaceMessage(id, m => ({ ...fail(m as ToolMessage, text), finished: Date.now() }));
     }
   }
 
@@ -613,8 +657,17 @@ export class ChatModel {
     if (!readyToContinue(messages)) {
       return;
     }
-    if (this.stopped || this.toolRounds >= MAX_TOOL_ROUNDS) {
-      this.update({ busy: false });
+    const decision = nextAction(this.loop, latestToolMessages(messages) as ToolMessage[]);
+    if (decision === 'wait') {
+      return;
+    }
+    if (decision === 'stopped') {
+      this.update({ busy: false }); // Stop already said so
+      await this.save();
+      return;
+    }
+    if (decision === 'limit') {
+      this.update({ busy: false, loopNotice: { text: limitNotice(this.loop), canContinue: true } });
       await this.save();
       return;
     }
@@ -632,7 +685,7 @@ export class ChatModel {
     if (this._state.busy) {
       this.stop();
     }
-    this.update({ conversation: emptyConversation() });
+    this.update({ conversation: emptyConversation(), loopNotice: null });
   }
 
   async openConversation(id: string): Promise<void> {
@@ -641,7 +694,7 @@ export class ChatModel {
     }
     try {
       const conversation = await this.client.getConversation(id);
-      this.update({ conversation, model: this.knownModel(conversation.model) });
+      this.update({ conversation, model: this.knownModel(conversation.model), loopNotice: null });
     } catch (error) {
       this.reportFailure(error);
     }
@@ -660,7 +713,7 @@ export class ChatModel {
     try {
       await this.client.deleteConversation(id);
       if (this._state.conversation.id === id) {
-        this.update({ conversation: emptyConversation() });
+        this.update({ conversation: emptyConversation(), loopNotice: null });
       }
       await this.refreshHistory();
     } catch (error) {

@@ -70,6 +70,9 @@ export interface ToolMessage {
   autoApproved: boolean;
   /** What goes back to the model once settled. */
   result?: string;
+  /** When the tool started and finished running (ms, Date.now()), for the step card's time. */
+  started?: number;
+  finished?: number;
 }
 
 export type Message = UserMessage | AssistantMessage | ToolMessage;

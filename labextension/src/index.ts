@@ -19,6 +19,7 @@ import {
   WidgetTracker
 } from '@jupyterlab/apputils';
 import { IEditorLanguageRegistry } from '@jupyterlab/codemirror';
+import { ICompletionProviderManager } from '@jupyterlab/completer';
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IFormRendererRegistry, LabIcon } from '@jupyterlab/ui-components';
@@ -30,6 +31,8 @@ import { errorOutput, explainErrorPrompt, NotebookTools } from './notebookTools'
 import { ToolChecklist } from './components/SettingsFields';
 import { ChatSidebar, RoutingPanel } from './widgets';
 import { routingTitle } from './routingData';
+import { checkWebUrl, webFetch, webFetchToolResult } from './webFetch';
+import { DEFAULT_INLINE_SETTINGS, GlmInlineCompletionProvider, readInlineSettings } from './inlineCompletion';
 
 const PLUGIN_ID = 'glm-workbench:plugin';
 
@@ -125,7 +128,8 @@ function readPreferences(settings: ISettingRegistry.ISettings): ChatPreferences 
     maxTokens: get('maxTokens'),
     temperature: get('temperature'),
     systemPrompt: get('systemPrompt'),
-    keepRouting: get('keepRouting')
+    keepRouting: get('keepRouting'),
+    maxToolSteps: get('maxToolSteps')
   };
 }
 
@@ -141,7 +145,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
     IEditorLanguageRegistry,
     ISanitizer,
     IThemeManager,
-    IFormRendererRegistry
+    IFormRendererRegistry,
+    ICompletionProviderManager
   ],
   activate: (
     app: JupyterFrontEnd,
@@ -152,14 +157,15 @@ const plugin: JupyterFrontEndPlugin<void> = {
     languages: IEditorLanguageRegistry | null,
     sanitizer: ISanitizer | null,
     themeManager: IThemeManager | null,
-    formRegistry: IFormRendererRegistry | null
+    formRegistry: IFormRendererRegistry | null,
+    completionManager: ICompletionProviderManager | null
   ) => {
     // the settings editor's own rendering of this array has no title: a titled checklist instead
     formRegistry?.addRenderer(`${PLUGIN_ID}.autoApproveTools`, {
       fieldRenderer: ToolChecklist as unknown as NonNullable<Parameters<IFormRendererRegistry['addRenderer']>[1]['fieldRenderer']>
     });
     const client = new WorkbenchClient(app.serviceManager.serverSettings);
-    const tools = new NotebookTools(notebooks);
+    const tools = new NotebookTools(notebooks, async url => webFetchToolResult(await webFetch(client, checkWebUrl(url))));
     const model = new ChatModel(client, tools);
 
     const routingTracker = new WidgetTracker<MainAreaWidget<RoutingPanel>>({ namespace: 'glm-workbench-routing' });
@@ -307,11 +313,30 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
     }
 
+    // Ghost text in cells from the sidebar's model (inlineCompletion.ts decides when it may run).
+    let inlineSettings = DEFAULT_INLINE_SETTINGS;
+    completionManager?.registerInlineProvider(
+      new GlmInlineCompletionProvider(
+        client,
+        () => ({
+          model: model.state.model,
+          models: model.state.models,
+          status: model.state.status,
+          demo: model.isDemoModel()
+        }),
+        () => inlineSettings
+      )
+    );
+
     if (settingRegistry) {
       void settingRegistry
         .load(PLUGIN_ID)
         .then(settings => {
           model.setPreferences(readPreferences(settings));
+          inlineSettings = readInlineSettings(key => settings.get(key).composite);
+          settings.changed.connect(() => {
+            inlineSettings = readInlineSettings(key => settings.get(key).composite);
+          });
           settings.changed.connect(() => model.setPreferences(readPreferences(settings)));
           model.autoApproveChanged.connect((_, names) => void settings.set('autoApproveTools', names));
         })

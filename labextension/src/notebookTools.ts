@@ -1,6 +1,6 @@
 /**
  * The sidebar's reach into notebooks: context for a prompt (active cell, selection, whole notebook),
- * the notebook tools the model may call, code-block actions (insert below, replace the active cell) and
+ * the notebook tools the model may call (web_fetch is handed to the server: webFetch.ts), code-block actions (insert below, replace the active cell) and
  * the "Explain / fix this error" prompt.
  *
  * Owns everything that touches INotebookTracker and kernels (`NotebookTools`); the chat logic sees it only
@@ -13,6 +13,7 @@ import { NotebookActions, type INotebookTracker, type NotebookPanel } from '@jup
 import { KernelMessage } from '@jupyterlab/services';
 
 import type { ContextBlock } from './chatState';
+import { readOutputText } from './readOutput';
 import type { ContextToggles, NotebookBridge } from './chatModel';
 
 /** Output text is cut to this many characters per cell so one huge output does not flood the prompt. */
@@ -108,8 +109,20 @@ __glm_workbench_variables()
 del __glm_workbench_variables
 `;
 
+/**
+ * End the current undo group of a shared model (YNotebook / YCell: the interfaces do not declare their Yjs undo
+ * manager), so the change that follows is its own step: Yjs merges changes less than 500 ms apart otherwise.
+ */
+function stopCapturing(shared: unknown): void {
+  (shared as { undoManager?: { stopCapturing(): void } | null }).undoManager?.stopCapturing();
+}
+
 export class NotebookTools implements NotebookBridge {
-  constructor(private readonly tracker: INotebookTracker) {}
+  /** `webFetch`: reads a page for the `web_fetch` tool (through the server: webFetch.ts); without it the tool fails. */
+  constructor(
+    private readonly tracker: INotebookTracker,
+    private readonly webFetch?: (url: unknown) => Promise<string>
+  ) {}
 
   private get panel(): NotebookPanel {
     const panel = this.tracker.currentWidget;
@@ -194,10 +207,19 @@ export class NotebookTools implements NotebookBridge {
         return this.readCells(args);
       case 'insert_cell':
         return this.insertCell(args);
+      case 'edit_cell':
+        return this.editCell(args);
+      case 'read_output':
+        return this.readOutput(args);
       case 'run_cell':
         return this.runCell(args);
       case 'list_variables':
         return this.listVariables();
+      case 'web_fetch':
+        if (!this.webFetch) {
+          throw new Error('web_fetch is not available in this sidebar');
+        }
+        return this.webFetch(args.url);
       default:
         throw new Error(`unknown tool "${name}"`);
     }
@@ -223,6 +245,11 @@ export class NotebookTools implements NotebookBridge {
     return `${this.panel.context.path}: ${count} cells\n\n${cells.join('\n\n')}`;
   }
 
+  /**
+   * Insert a cell as ONE undoable step: the cell is created with its source in a single transaction of the
+   * notebook's shared model, and the undo manager stops capturing before and after, so Ctrl+Z (command mode)
+   * removes exactly this cell, never merged with the user's last edit.
+   */
   private insertCell(args: Record<string, unknown>): string {
     const source = args.source;
     if (typeof source !== 'string') {
@@ -230,18 +257,63 @@ export class NotebookTools implements NotebookBridge {
     }
     const cellType = args.cell_type === 'markdown' ? 'markdown' : 'code';
     const notebook = this.panel.content;
-    if (args.index !== undefined) {
-      const index = this.intArg(args, 'index');
-      const count = notebook.widgets.length;
-      if (index < 0 || index > count) {
-        throw new Error(`index ${index} is outside 0..${count}`);
-      }
-      notebook.model!.sharedModel.insertCell(index, { cell_type: cellType, source });
-      notebook.activeCellIndex = index;
-      return `Inserted a ${cellType} cell at index ${index}.`;
+    const count = notebook.widgets.length;
+    const index = args.index !== undefined ? this.intArg(args, 'index') : count ? notebook.activeCellIndex + 1 : 0;
+    if (index < 0 || index > count) {
+      throw new Error(`index ${index} is outside 0..${count}`);
     }
-    const index = this.insertBelow(source, cellType);
+    const shared = notebook.model!.sharedModel;
+    stopCapturing(shared);
+    shared.insertCell(index, { cell_type: cellType, source });
+    stopCapturing(shared);
+    notebook.activeCellIndex = index;
     return `Inserted a ${cellType} cell at index ${index}.`;
+  }
+
+  private cellAt(args: Record<string, unknown>): { index: number; cell: Cell } {
+    const notebook = this.panel.content;
+    const index = this.intArg(args, 'index');
+    if (index < 0 || index >= notebook.widgets.length) {
+      throw new Error(`index ${index} is outside 0..${notebook.widgets.length - 1}`);
+    }
+    return { index, cell: notebook.widgets[index] };
+  }
+
+  /**
+   * Replace a cell's source as ONE undoable step of that cell's history (JupyterLab keeps one per cell unless
+   * document-wide undo is on, then the notebook's): one transaction, with capturing stopped around it, so
+   * Ctrl+Z in the cell restores exactly the previous source.
+   */
+  private editCell(args: Record<string, unknown>): string {
+    const source = args.source;
+    if (typeof source !== 'string') {
+      throw new Error('argument "source" must be a string');
+    }
+    const { index, cell } = this.cellAt(args);
+    const shared = cell.model.sharedModel;
+    const before = shared.getSource();
+    if (before === source) {
+      return `Cell ${index} already has this source; nothing changed.`;
+    }
+    stopCapturing(shared);
+    shared.transact(() => shared.setSource(source));
+    stopCapturing(shared);
+    this.panel.content.activeCellIndex = index;
+    return `Replaced the source of cell ${index} (${before.split('\n').length} lines before, ${source.split('\n').length} now).`;
+  }
+
+  private readOutput(args: Record<string, unknown>): string {
+    const { index, cell } = this.cellAt(args);
+    if (cell.model.type !== 'code') {
+      return `Cell ${index} is a ${cell.model.type} cell: it has no outputs.`;
+    }
+    const json = cell.model.toJSON() as nbformat.ICodeCell;
+    return readOutputText(index, json.outputs ?? [], (json.execution_count as number | null) ?? null);
+  }
+
+  /** Interrupt the active notebook's kernel (Stop with "interrupt the kernel"). */
+  async interruptKernel(): Promise<void> {
+    await this.tracker.currentWidget?.sessionContext.session?.kernel?.interrupt();
   }
 
   private async runCell(args: Record<string, unknown>): Promise<string> {

@@ -1,7 +1,7 @@
 /**
  * Notebook tools offered to the model, and the approval state of each call.
  *
- * Owns the OpenAI tool definitions (names, descriptions, JSON schemas) and the life of one call:
+ * Owns the OpenAI tool definitions (names, descriptions, JSON schemas; `web_fetch` runs on the server, webFetch.ts) and the life of one call:
  * pending (waits for the user) or approved (auto-approve for that tool), running, then done / rejected /
  * error. Transitions are pure and refuse impossible moves, so a double click cannot run a call twice.
  * Running a tool against a notebook lives in notebookTools.ts (`NotebookTools`).
@@ -9,6 +9,7 @@
 
 import type { ToolMessage, ToolStatus } from './chatState';
 import type { ToolCall, ToolDefinition } from './protocol';
+import { needsApproval } from './agentLoop';
 
 export const NOTEBOOK_TOOLS: ToolDefinition[] = [
   {
@@ -48,6 +49,21 @@ export const NOTEBOOK_TOOLS: ToolDefinition[] = [
   {
     type: 'function',
     function: {
+      name: 'edit_cell',
+      description: "Replace the source of a cell of the active notebook (its outputs stay until it runs again).",
+      parameters: {
+        type: 'object',
+        properties: {
+          index: { type: 'integer', description: 'Index of the cell to edit (0-based).' },
+          source: { type: 'string', description: 'The new text of the cell.' }
+        },
+        required: ['index', 'source']
+      }
+    }
+  },
+  {
+    type: 'function',
+    function: {
       name: 'run_cell',
       description: 'Run a code cell of the active notebook and return its outputs as text.',
       parameters: {
@@ -60,9 +76,35 @@ export const NOTEBOOK_TOOLS: ToolDefinition[] = [
   {
     type: 'function',
     function: {
+      name: 'read_output',
+      description:
+        'Read the outputs of a code cell as text: streams, results, images as a note, and an error as its name, ' +
+        'value and traceback.',
+      parameters: {
+        type: 'object',
+        properties: { index: { type: 'integer', description: 'Index of the cell (0-based).' } },
+        required: ['index']
+      }
+    }
+  },
+  {
+    type: 'function',
+    function: {
       name: 'list_variables',
       description: "List the variables defined in the active notebook's kernel: name, type and a short preview.",
       parameters: { type: 'object', properties: {} }
+    }
+  },
+  {
+    type: 'function',
+    function: {
+      name: 'web_fetch',
+      description: "Fetch a web page (http or https) and return its title, readable text as Markdown and links.",
+      parameters: {
+        type: 'object',
+        properties: { url: { type: 'string', description: 'The http(s) URL of the page.' } },
+        required: ['url']
+      }
     }
   }
 ];
@@ -102,7 +144,7 @@ export function createToolMessage(
   if (typeof args !== 'object' || args === null || Array.isArray(args)) {
     return { ...base, status: 'error', result: 'Error: the arguments must be a JSON object.' };
   }
-  const auto = autoApprove.has(call.function.name);
+  const auto = !needsApproval(call.function.name, autoApprove);
   return { ...base, args: args as Record<string, unknown>, status: auto ? 'approved' : 'pending', autoApproved: auto };
 }
 

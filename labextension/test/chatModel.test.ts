@@ -216,6 +216,89 @@ describe('ChatModel', () => {
     expect(bridge.calls).toEqual([]);
   });
 
+  it('agent loop: runs step after step on its own, pauses at the step limit with a notice, and Continue goes on', async () => {
+    const runStep = (i: number) => () =>
+      say(
+        chunk({ reasoning_content: `step ${i} reasoning` }),
+        chunk({ tool_calls: [{ index: 0, id: `c${i}`, type: 'function', function: { name: 'run_cell', arguments: '{"index": 0}' } }] }),
+        chunk({}, 'tool_calls')
+      );
+    const { client, bridge, model } = await makeModel(
+      [runStep(1), runStep(2), runStep(3), () => say(chunk({ content: 'Fixed.' }), chunk({}, 'stop'))],
+      { ...DEFAULT_PREFERENCES, autoApproveTools: ['run_cell'], maxToolSteps: 2 }
+    );
+    await model.send('fix my cell');
+    await until(() => !model.state.busy, 'the loop to pause');
+    expect(client.requests).toHaveLength(2); // two steps, then no third request
+    expect(bridge.calls).toHaveLength(2);
+    expect(model.state.loopNotice).toMatchObject({ canContinue: true });
+    expect(model.state.loopNotice?.text).toMatch(/^Paused after 2 tool steps: the step limit is 2/);
+    const timed = tools(model)[0];
+    expect(timed.started).toBeTypeOf('number');
+    expect(timed.finished! >= timed.started!).toBe(true);
+
+    await model.continueLoop();
+    await until(() => lastAssistant(model).content === 'Fixed.' && !model.state.busy, 'the answer after Continue');
+    expect(model.state.loopNotice).toBeNull();
+    expect(bridge.calls).toHaveLength(3);
+    expect(client.requests).toHaveLength(4);
+    // the third step's result went back before the final answer
+    expect(client.requests[3].messages.at(-1)).toMatchObject({ role: 'tool', tool_call_id: 'c3' });
+  });
+
+  it('agent loop: Stop during a running step ends the loop at once, interrupts the kernel if asked, and sends nothing more', async () => {
+    let finishRun: (text: string) => void = () => undefined;
+    let interrupted = 0;
+    const { client, bridge, model } = await makeModel(
+      [
+        () =>
+          say(
+            chunk({ tool_calls: [{ index: 0, id: 'c1', type: 'function', function: { name: 'run_cell', arguments: '{"index": 0}' } }] }),
+            chunk({}, 'tool_calls')
+          ),
+        () => say(chunk({ content: 'should never be asked' }))
+      ],
+      { ...DEFAULT_PREFERENCES, autoApproveTools: ['run_cell'] }
+    );
+    bridge.runTool = (name, args) => {
+      bridge.calls.push({ name, args });
+      return new Promise<string>(resolve => (finishRun = resolve));
+    };
+    (bridge as NotebookBridge).interruptKernel = async () => {
+      interrupted += 1;
+      finishRun('Ran with an error: cell 0.\nKeyboardInterrupt');
+    };
+    const sending = model.send('run a long cell');
+    await until(() => tools(model)[0]?.status === 'running', 'the step to run');
+    model.stop({ interruptKernel: true });
+    expect(model.state.busy).toBe(false); // at once, not when the cell ends
+    await sending;
+    await until(() => tools(model)[0].status === 'done', 'the interrupted run to settle');
+    expect(interrupted).toBe(1);
+    await new Promise(resolve => setTimeout(resolve, 20));
+    expect(client.requests).toHaveLength(1); // the loop did not go on
+    expect(model.state.busy).toBe(false);
+    expect(model.state.loopNotice).toEqual({
+      text: 'Stopped by you after 1 tool step; the running cell was interrupted. Nothing more is sent to the model.',
+      canContinue: false
+    });
+    await model.continueLoop(); // nothing to continue after a Stop
+    expect(client.requests).toHaveLength(1);
+  });
+
+  it('agent loop: Stop without interrupting leaves the kernel alone', async () => {
+    let interrupted = 0;
+    const { model, bridge } = await makeModel([
+      () => say(chunk({ tool_calls: [{ index: 0, id: 'c1', type: 'function', function: { name: 'read_cells', arguments: '{}' } }] }))
+    ]);
+    (bridge as NotebookBridge).interruptKernel = async () => {
+      interrupted += 1;
+    };
+    await model.send('read');
+    model.stop();
+    expect(interrupted).toBe(0);
+  });
+
   it('shows failures that are not one answer\'s fault as a banner', async () => {
     const expired: Script = () => {
       throw new WorkbenchError('session-expired', 'Your Jupyter session has expired.', 403);
@@ -320,6 +403,7 @@ describe('ChatModel', () => {
     );
     await model.tryTools();
     expect(client.requests[0].tool_choice).toEqual({ type: 'function', function: { name: 'read_cells' } });
+    expect(client.requests[0].tools?.map(t => t.function.name)).toEqual(['read_cells']);
     expect(client.requests[0].tools?.map(t => t.function.name)).toContain('read_cells');
     const user = model.state.conversation.messages[0];
     expect(user).toMatchObject({ kind: 'user', text: TOOL_DEMO.prompt, label: TOOL_DEMO.label });

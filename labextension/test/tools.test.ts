@@ -21,8 +21,8 @@ const call = (name: string, args: string, id = 'c1'): ToolCall => ({
 });
 
 describe('tool definitions', () => {
-  it('offers the four notebook tools with object schemas', () => {
-    expect(TOOL_NAMES).toEqual(['read_cells', 'insert_cell', 'run_cell', 'list_variables']);
+  it('offers the notebook tools and web_fetch with object schemas', () => {
+    expect(TOOL_NAMES).toEqual(['read_cells', 'insert_cell', 'edit_cell', 'run_cell', 'read_output', 'list_variables', 'web_fetch']);
     for (const tool of NOTEBOOK_TOOLS) {
       expect(tool.function.parameters.type).toBe('object');
       expect(tool.function.description.length).toBeGreaterThan(10);

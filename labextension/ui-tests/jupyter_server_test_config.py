@@ -64,3 +64,7 @@ else:
     c.GLMWorkbench.model_path = str(work / "glm-tiny")
     c.GLMWorkbench.dtype = "float32"
     c.GLMWorkbench.kernels = "torch"
+
+# The web_fetch browser test reads a page from a server on 127.0.0.1 (started by the test itself), which the tool
+# refuses by default.
+c.GLMWorkbench.web_fetch_allow_private = True

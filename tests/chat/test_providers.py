@@ -441,3 +441,17 @@ async def test_vllm_counts_tokens_with_its_tokenize_endpoint():
     with pytest.raises(APIError) as unsupported:
         await registry([provider("zai")]).count_prompt_tokens(request())
     assert unsupported.value.status == 400 and "tokenizer" in unsupported.value.message
+
+
+@pytest.mark.parametrize(("dialect", "sent"), [
+    ("openrouter", {"reasoning": {"enabled": True, "max_tokens": 64}}),
+    ("zai", {"thinking": {"type": "enabled"}}),  # no budget knob there: it thinks as long as it likes
+    ("vllm", {"chat_template_kwargs": {"enable_thinking": True}}),
+])
+@sync
+async def test_a_thinking_budget_goes_where_the_dialect_can_take_it(dialect, sent):
+    upstream = FakeUpstream(dialect)
+    await fold_chunks(registry([provider(dialect)], upstream).stream(
+        request(thinking={"type": "enabled", "budget_tokens": 64})))
+    body = upstream.bodies[-1]
+    assert {key: body[key] for key in sent} == sent

@@ -182,3 +182,28 @@ def test_empty_and_overlong_prompts_fail_before_any_work(tiny_engine):
 def test_sampling_params_are_validated_on_construction():
     with pytest.raises(ValueError, match="stop_strings"):
         SamplingParams(stop_strings=[""])
+
+
+def test_a_thinking_budget_closes_the_reasoning_after_that_many_tokens(tiny_engine):
+    """The tiny model never writes <think> by itself, so the test names its first greedy token as the opening tag
+    and an unlikely token as the closing one: the output then equals the free run for the opening tag and `budget`
+    tokens, then the closing tag, which the free run never samples there."""
+    ids = prompt(tiny_engine)
+    free = tiny_engine.generate(ids, max_new_tokens=12, temperature=0.0, stop_token_ids=[]).token_ids
+    close = next(t for t in range(tiny_engine.tokenizer.vocab_size) if t not in free)
+    assert free[0] not in free[1:4], "the premise: the stand-in opening tag is not sampled again within the budget"
+    for budget in (1, 3):
+        out = tiny_engine.generate(ids, max_new_tokens=12, temperature=0.0, stop_token_ids=[],
+                                   thinking_budget=budget, think_open_id=free[0], think_close_id=close).token_ids
+        assert out[:budget + 1] == free[:budget + 1] and out[budget + 1] == close, (budget, out, free)
+    # no opening tag in the output: nothing to cap
+    unopened = tiny_engine.generate(ids, max_new_tokens=12, temperature=0.0, stop_token_ids=[], thinking_budget=1,
+                                    think_open_id=close, think_close_id=close + 1).token_ids
+    assert unopened == free
+
+
+def test_a_thinking_budget_is_checked():
+    with pytest.raises(ValueError, match="thinking_budget"):
+        SamplingParams(thinking_budget=0, think_open_id=1, think_close_id=2)
+    with pytest.raises(ValueError, match="no(ne)?"):
+        SamplingParams(thinking_budget=5)

@@ -287,14 +287,24 @@ def test_folder_holding_one_gguf_loads_and_two_are_refused(tmp_path, tiny_checkp
         engine(tmp_path / "models")
 
 
-def test_float_tensors_are_views_of_the_mapped_file(bundled_ggufs):
-    loaded = engine(bundled_ggufs["f32"])
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_float_tensors_are_views_of_the_mapped_file(bundled_ggufs, cache, tmp_path):
+    """In place, not copied: views of the repack cache's mapping (the default), or of the GGUF's own without it."""
+    from workbench.engine import gguf_cache
+
+    path = bundled_ggufs["f32"]
+    folder = tmp_path / "cache" if cache == "on" else "off"
+    loaded = engine(path, gguf_cache=folder)
+    mapped = gguf_cache.cache_path(folder, [path], "mini-f32") if cache == "on" else path
     maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
     ranges = [tuple(int(x, 16) for x in fields[0].split("-")) for fields in maps
-              if fields[-1] == str(bundled_ggufs["f32"].resolve())]
+              if fields[-1] == str(mapped.resolve())]
     assert ranges
     weight = loaded.model.embed_tokens.weight
     assert any(lo <= weight.data_ptr() < hi for lo, hi in ranges)
+    if cache == "on":  # the routed experts too (fp32 here, the engine's dtype: stored as they are)
+        experts = loaded.model.layers[1].mlp.experts.gate_up_proj
+        assert any(lo <= experts.data_ptr() < hi for lo, hi in ranges)
 
 
 def test_metadata_reads_as_ggufs_own_reader(bundled_ggufs):
@@ -496,7 +506,9 @@ def test_files_that_are_not_gguf(tmp_path):
         engine(BUNDLED / "model.safetensors")  # a safetensors file stays what it was: not GGUF
 
 
-def test_a_failure_while_reading_weights_leaves_nothing_loaded(bundled_ggufs, monkeypatch):
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_a_failure_while_reading_weights_leaves_nothing_loaded(bundled_ggufs, monkeypatch, cache, tmp_path):
+    """Nothing in memory, and (repacking) no cache file, complete or partial, left behind."""
     from workbench.engine import gguf_blocks
 
     calls = {"n": 0}
@@ -511,8 +523,9 @@ def test_a_failure_while_reading_weights_leaves_nothing_loaded(bundled_ggufs, mo
     monkeypatch.setattr(gguf_blocks, "decode", failing)
     before = glm_models_alive()
     with pytest.raises(OSError, match="disk read error"):
-        engine(bundled_ggufs["q4_k"])
+        engine(bundled_ggufs["q4_k"], gguf_cache=tmp_path / "cache" if cache == "on" else "off")
     assert calls["n"] == 20 and glm_models_alive() == before
+    assert not list(tmp_path.glob("cache/*")) and not list(tmp_path.glob("cache/.*"))
 
 
 def test_quantize_option_with_a_gguf_is_refused(bundled_ggufs):

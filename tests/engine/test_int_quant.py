@@ -348,3 +348,29 @@ def test_the_compiled_decode_step_runs_a_quantized_engine(fmt, compiled_cpu_kern
                     for e in (compiled, torch_path))
     # The same weights and the same 8-bit activations on both paths: only fp32 summation order differs.
     assert ours[:8] == theirs[:8] and sum(a == b for a, b in zip(ours, theirs)) >= 20, (ours, theirs)
+
+
+def test_loading_threads_leave_busy_cores_alone(monkeypatch):
+    """A load's elementwise loops run on the cores other processes leave idle (an OpenMP op waits for its slowest
+    thread: on a busy core every op waits for a timeslice), $WORKBENCH_LOAD_THREADS when set; restored after."""
+    import os
+
+    from workbench.engine import int_quant
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv(int_quant.LOAD_THREADS_ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert int_quant.loading_thread_count() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 0.0, 0.0))  # this process alone
+    assert int_quant.loading_thread_count() == 4
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+    assert int_quant.loading_thread_count() == 2
+    monkeypatch.setenv(int_quant.LOAD_THREADS_ENV, "3")
+    assert int_quant.loading_thread_count() == 3
+    monkeypatch.undo()
+    monkeypatch.setenv(int_quant.LOAD_THREADS_ENV, "1")
+    with int_quant.loading_threads() as threads:
+        assert threads == 1 == torch.get_num_threads()
+    assert torch.get_num_threads() == before

@@ -388,3 +388,20 @@ def test_non_streaming_client_that_disconnects_cancels_too(live_server):
         httpx.post(f"{live_server.api}/chat/completions", json=body, headers=live_server.headers, timeout=0.5)
     status = assert_engine_empty(live_server)
     assert status["requests_cancelled"] - before == 1
+
+
+def test_a_thinking_budget_cuts_the_reasoning_short(live_server):
+    """`thinking.budget_tokens`: the engine closes the thinking after that many tokens; the reasoning is then the
+    first tokens of what it would have thought."""
+    client = openai_client(live_server)
+    full = client.chat.completions.create(model=MODEL, messages=THINK_QUESTION, temperature=0, max_tokens=32,
+                                          extra_body={"thinking": {"type": "enabled"}})
+    cut = client.chat.completions.create(model=MODEL, messages=THINK_QUESTION, temperature=0, max_tokens=32,
+                                         extra_body={"thinking": {"type": "enabled", "budget_tokens": 2}})
+    whole_reasoning = extra(full.choices[0].message, "reasoning_content")
+    reasoning = extra(cut.choices[0].message, "reasoning_content")
+    assert whole_reasoning == "The user greets me." and reasoning and reasoning != whole_reasoning
+    assert whole_reasoning.startswith(reasoning.strip())
+    with pytest.raises(openai.BadRequestError, match="budget_tokens"):
+        client.chat.completions.create(model=MODEL, messages=THINK_QUESTION, max_tokens=8,
+                                       extra_body={"thinking": {"type": "enabled", "budget_tokens": 0}})

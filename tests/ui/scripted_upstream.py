@@ -12,6 +12,13 @@ keyword in the last user message:
 - ``tool``:  a call to ``insert_cell``; after the tool result comes back, a short confirmation;
 - ``cut``:   a short answer that ends at its token limit (``finish_reason: length``), for the cut-off note;
 - ``wide``:  an answer with a code block much wider than the sidebar;
+- ``agent fix``: an agent loop, one step per request: insert a cell with a typo, run it, read its error,
+  edit it and run it again, then answer (AGENT_FIX_STEPS);
+- ``agent sleep``: insert a cell that sleeps for a minute and run it, for Stop in the middle of a loop;
+- ``html page``: an answer with an ```html block whose script writes into its own page and probes the parent
+  (cookies, the parent's ``glm/api/status``, ``window.parent.document``) for the preview test;
+- ``fetch <url>``: a call to ``web_fetch`` with that URL; after its result, a line naming the page's title;
+- a request whose system prompt is the sidebar's inline-completion prompt: ``return a + b`` in pieces;
 - anything else: a one-line answer.
 
 Run: ``python tests/ui/scripted_upstream.py --port 8911`` (prints ``READY <port>`` when listening).
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
 import uuid
@@ -33,6 +41,85 @@ INSERTED_SOURCE = "print('inserted by the tool')"
 CODE_ANSWER = "Here is the function:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\nIt adds two numbers."
 
 Delta = dict  # one `choices[0].delta` of the stream
+
+# The agent loops: each step is (reasoning, tool, arguments); "{index}" is the inserted cell's index, read from
+# the insert_cell result. The answer after the last step ends the loop.
+AGENT_BROKEN_SOURCE = "values = [3, 4, 5]\nprint(sum(values) / len(value))"
+AGENT_FIXED_SOURCE = "values = [3, 4, 5]\nprint(sum(values) / len(values))"
+AGENT_FIX_STEPS = [
+    ("I need a cell that prints the mean of the values. I will insert it below.",
+     "insert_cell", {"source": AGENT_BROKEN_SOURCE}),
+    ("The cell is in. Now run it.", "run_cell", {"index": "{index}"}),
+    ("It ran with an error; read its output to see which.", "read_output", {"index": "{index}"}),
+    ("NameError: `value` is a typo for `values`. Fix the cell.", "edit_cell",
+     {"index": "{index}", "source": AGENT_FIXED_SOURCE}),
+    ("Run the fixed cell again.", "run_cell", {"index": "{index}"}),
+]
+AGENT_FIX_ANSWER = "Fixed: `value` was a typo for `values`; the cell now prints 4.0."
+AGENT_SLEEP_STEPS = [
+    ("Insert a cell that waits.", "insert_cell", {"source": "import time\ntime.sleep(60)\nprint('woke up')"}),
+    ("Run it.", "run_cell", {"index": "{index}"}),
+]
+AGENT_SLEEP_ANSWER = "The cell finished sleeping."
+
+
+def _agent_step(messages: list[dict], steps: list[tuple[str, str, dict]],
+                answer: str) -> tuple[list[Delta], float, str]:
+    """The next step of an agent loop: as many steps are done as there are tool results since the user spoke."""
+    last_user = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+    results = [str(m.get("content") or "") for m in messages[last_user + 1:] if m.get("role") == "tool"]
+    if len(results) >= len(steps):
+        return [{"content": w} for w in _words(answer)], 0.02, "stop"
+    inserted = next((re.search(r"at index (\d+)", r) for r in results if re.search(r"at index (\d+)", r)), None)
+    index = int(inserted.group(1)) if inserted else 0
+    reasoning, name, args = steps[len(results)]
+    args = {k: index if v == "{index}" else v for k, v in args.items()}
+    call = {"index": 0, "id": f"call_agent_{len(results) + 1}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)}}
+    return [{"reasoning_content": w} for w in _words(reasoning)] + [{"tool_calls": [call]}], 0.02, "tool_calls"
+
+# The page of the HTML preview test: its script runs in the sandboxed frame, writes what it could reach into its
+# own DOM (#probe, read by the test through the frame) and counts clicks (#count).
+HTML_PAGE = """<!DOCTYPE html>
+<html>
+<head>
+<style>
+  body { font-family: sans-serif; margin: 0; padding: 16px; background: #f4f6fb; color: #1d2433; }
+  .card { background: white; border-radius: 8px; padding: 12px 16px; box-shadow: 0 1px 4px rgba(0,0,0,.15); }
+  button { background: #3a6ff7; color: white; border: 0; border-radius: 4px; padding: 6px 12px; }
+  pre { font-size: 11px; white-space: pre-wrap; }
+</style>
+</head>
+<body>
+<div class="card">
+  <h2 id="status">Waiting for the script</h2>
+  <button id="add">Add one</button> <span>Count: <b id="count">0</b></span>
+  <pre id="probe"></pre>
+</div>
+<script>
+  document.getElementById('status').textContent = 'The script ran';
+  document.getElementById('add').onclick = () => {
+    const c = document.getElementById('count'); c.textContent = String(Number(c.textContent) + 1);
+  };
+  const probe = {cookie: null, parentDocument: null, storage: null, fetch: 'pending'};
+  try { probe.cookie = document.cookie; } catch (e) { probe.cookie = 'threw ' + e.name; }
+  try { probe.parentDocument = String(window.parent.document.title); }
+  catch (e) { probe.parentDocument = 'threw ' + e.name; }
+  try { probe.storage = String(window.localStorage.length); } catch (e) { probe.storage = 'threw ' + e.name; }
+  const show = () => { document.getElementById('probe').textContent = JSON.stringify(probe); };
+  show();
+  fetch(new URL('/glm/api/status', document.baseURI).href, {credentials: 'include'})
+    .then(r => r.text().then(t => { probe.fetch = 'answered ' + r.status + ' ' + t.slice(0, 40); }))
+    .catch(e => { probe.fetch = 'failed ' + e.name; })
+    .finally(show);
+</script>
+</body>
+</html>"""
+HTML_ANSWER = f"A page with a counter:\n\n```html\n{HTML_PAGE}\n```\n\nOpen the preview to try it."
+
+# The sidebar's inline completion asks with this system prompt (labextension/src/inlineCompletion.ts).
+COMPLETION_PROMPT_MARK = "You are a code completion engine inside a Jupyter notebook."
+COMPLETION = ["return", " a", " +", " b"]
 
 
 def _words(text: str) -> list[str]:
@@ -48,9 +135,28 @@ def _words(text: str) -> list[str]:
 def script_for(messages: list[dict]) -> tuple[list[Delta], float, str]:
     """The deltas to stream, the pause between them (s) and the finish reason."""
     last = messages[-1] if messages else {}
+    first = messages[0] if messages else {}
+    if first.get("role") == "system" and COMPLETION_PROMPT_MARK in str(first.get("content") or ""):
+        return [{"content": piece} for piece in COMPLETION], 0.15, "stop"
+    asked = next((str(m.get("content") or "").lower() for m in reversed(messages) if m.get("role") == "user"), "")
+    if "agent fix" in asked:
+        return _agent_step(messages, AGENT_FIX_STEPS, AGENT_FIX_ANSWER)
+    if "agent sleep" in asked:
+        return _agent_step(messages, AGENT_SLEEP_STEPS, AGENT_SLEEP_ANSWER)
     if last.get("role") == "tool":
+        result = str(last.get("content") or "")
+        title = re.match(r"Title: (.*)\n", result)
+        if title:
+            return [{"content": w} for w in _words(f"I read the page titled {title.group(1)}.")], 0.02, "stop"
         return [{"content": w} for w in _words("Done: the new cell is in the notebook.")], 0.02, "stop"
     text = str(last.get("content") or "").lower()
+    fetch = re.search(r"fetch (https?://\S+)", str(last.get("content") or ""))
+    if fetch:
+        call = {"index": 0, "id": "call_fetch_1", "type": "function",
+                "function": {"name": "web_fetch", "arguments": json.dumps({"url": fetch.group(1)})}}
+        return [{"tool_calls": [call]}], 0.02, "tool_calls"
+    if "html page" in text:
+        return [{"content": HTML_ANSWER}], 0.02, "stop"
     if "ponder" in text:
         # a very long trace (about 60 000 characters), streamed fast: the viewer must stay responsive
         reasoning = [{"reasoning_content": f"step {i}: still pondering. "} for i in range(2500)]

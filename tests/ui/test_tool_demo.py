@@ -1,4 +1,4 @@
-"""The sidebar's "Try tools" on the bundled demo model: the request it sends (its prompt, the notebook tools,
+"""The sidebar's "Try tools" on the bundled demo model: the request it sends (its prompt, only the tool it names,
 read_cells named in tool_choice) is answered with a read_cells call the sidebar can show for approval, whatever
 the seed. The bundled model never saw the notebook tools, so asked freely it does not call them (issue 12)."""
 
@@ -59,7 +59,9 @@ def bundled_backend():
 @pytest.mark.parametrize("seed", range(6))
 def test_try_tools_gets_a_read_cells_call_from_the_bundled_model(bundled_backend, seed):
     prompt, tool = sidebar_tool_demo()
-    body = {"model": "glm45-air-mini", "messages": [{"role": "user", "content": prompt}], "tools": NOTEBOOK_TOOLS,
+    # the demo sends only the tool it names (chatModel.ts buildRequest)
+    offered = [t for t in NOTEBOOK_TOOLS if t["function"]["name"] == tool]
+    body = {"model": "glm45-air-mini", "messages": [{"role": "user", "content": prompt}], "tools": offered,
             "tool_choice": {"type": "function", "function": {"name": tool}}, "temperature": 0.6, "seed": seed}
 
     async def run():

@@ -20,8 +20,8 @@ Owns the translation only, both ways, so that any backend serves clients built f
 
 What GLM cannot do is refused, not faked: images and documents, server tools (web search, code execution) and
 structured outputs are a 400 naming what to do instead; `top_k` is accepted and ignored (the chat API's sampling
-has no top-k); a thinking `budget_tokens` is checked as Anthropic checks it (below max_tokens) and accepted, but
-the engine does not cut thinking short at it.
+has no top-k); a thinking `budget_tokens` is checked as Anthropic checks it (below max_tokens) and passed on as
+the chat API's `thinking.budget_tokens`: the workbench engine closes the thinking there.
 """
 
 from __future__ import annotations
@@ -272,7 +272,8 @@ def _thinking(request: MessagesRequest | CountTokensRequest) -> dict[str, Any]:
     if request.thinking is not None and request.thinking.type == "enabled" and request.thinking.budget_tokens is None:
         raise APIError(400, "thinking.budget_tokens: required when thinking is enabled",
                        param="thinking.budget_tokens", code="invalid_value")
-    return {"type": "enabled" if enabled else "disabled"}
+    budget = request.thinking.budget_tokens if enabled and request.thinking is not None else None
+    return {"type": "enabled" if enabled else "disabled", **({"budget_tokens": budget} if budget else {})}
 
 
 class ParsedMessages(NamedTuple):

@@ -10,7 +10,9 @@ digits, NaN/Infinity, a lone surrogate (`"\\ud800"`) in any string, more than 4 
 `MAX_STOP_CHARS`. Responses are permissive (extra fields allowed) so that a remote endpoint's additions pass
 through unchanged.
 
-GLM additions: `thinking: {"type": "enabled" | "disabled"}` (absent: the model decides), assistant
+GLM additions: `thinking: {"type": "enabled" | "disabled", "budget_tokens"?: N}` (absent: the model decides; the
+budget is the workbench's: its engine closes the thinking after N tokens, OpenRouter takes it as
+`reasoning.max_tokens`, other endpoints have no such knob and think as long as they like), assistant
 `reasoning_content`, and the workbench's own `"routing": true`. Accepted for compatibility with clients of other
 GLM servers: vLLM/SGLang's `chat_template_kwargs.enable_thinking` and `ignore_eos`, and Z.ai's `do_sample`,
 `request_id`, `user_id` (which the `zai-sdk` client sends).
@@ -246,6 +248,9 @@ class NamedToolChoice(_Strict):
 
 class Thinking(_Strict):
     type: Literal["enabled", "disabled"]
+    budget_tokens: StrictInt | None = Field(default=None, ge=1, le=1_000_000,
+                                            description="most reasoning tokens before the answer (workbench engine; "
+                                                        "OpenRouter's reasoning.max_tokens)")
 
 
 class StreamOptions(_Strict):
@@ -352,6 +357,13 @@ class ChatCompletionRequest(_Strict):
         if self.chat_template_kwargs is not None and self.chat_template_kwargs.enable_thinking is not None:
             return self.chat_template_kwargs.enable_thinking
         return True
+
+    @property
+    def thinking_budget(self) -> int | None:
+        """Most reasoning tokens, when thinking is on and a budget was given."""
+        if self.thinking is None or self.thinking.type != "enabled":
+            return None
+        return self.thinking.budget_tokens
 
     @property
     def text_chars(self) -> int:

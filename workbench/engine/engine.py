@@ -74,14 +74,16 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                         kernels: str | None = None, cpu_kernels: str | None = None, quantize: str | None = None,
-                        **engine_kwargs) -> Engine:
+                        gguf_cache: str | Path | None = None, **engine_kwargs) -> Engine:
         """Load a checkpoint folder, or a GGUF file (its split set, a folder holding one: gguf_file.py). FP8
         checkpoints (a `quantization_config` in config.json) load as FP8.
 
         `quantize` quantizes a dense checkpoint as it loads, layer by layer: "int8" | "int4" (integer weights for
         CPUs, see int_quant.py; `dtype` is then the activations' and the unquantized tensors' dtype, "auto" =
         float32), or "fp8-channel" | "fp8-block" (add "-w8a8" for FP8 activations; for GPUs). A GGUF keeps its
-        own formats (Q8_0 and Q4_K import exactly as int8 and int4).
+        own formats (Q8_0 and Q4_K import exactly as int8 and int4); on the CPU its weights are memory-mapped from a
+        repack cache made on first load (`gguf_cache`: its folder, or "off" to copy them into memory; default
+        $WORKBENCH_GGUF_CACHE, else ~/.cache/glm-workbench/gguf; see gguf_cache.py).
         `kernels` and `cpu_kernels`: see `Engine` (checked here, before the slow weights)."""
         request = KernelRequest.from_arguments(kernels, cpu_kernels)
         int_quant.check_quantize_option(quantize, device, _resolved_kernels(request, device))
@@ -95,7 +97,7 @@ class Engine:
             torch_device = torch.device(device)
             torch_dtype = _parse_dtype(dtype, torch_device)
             request.kernel_table(torch_device)
-            model, tokenizer, name = load_gguf(folder, torch_dtype, torch_device)
+            model, tokenizer, name = load_gguf(folder, torch_dtype, torch_device, gguf_cache)
             return cls(model, tokenizer, device=torch_device, dtype=torch_dtype, name=name,
                        kernels=request.kernels, cpu_kernels=request.cpu_kernels, **engine_kwargs)
         if not folder.is_dir():

@@ -8,19 +8,27 @@ table (shared with gguf_export), the GLMConfig the metadata describes, the token
 
 Reading goes through the `gguf` package's GGUFReader, which maps each file (copy-on-write, never written):
 F32/F16/BF16 tensors are views of the mapped file until the loader converts or places them; block-quantized
-tensors are decoded one at a time as the stream reaches them (gguf_blocks), so the resident set grows by the
-converted weights, not by the file. Experts are stacked per layer in GGUF ([E, N, K]); the stream yields each
-expert's slice under its HF name. The multi-token-prediction (nextn) block after the decoder layers is skipped.
+tensors are decoded one at a time as the stream reaches them (gguf_blocks, in row chunks copied out of the
+mapping first), so the resident set grows by the converted weights, not by the file. Experts are stacked per
+layer in GGUF ([E, N, K]); the stream yields each expert's slice under its HF name. The multi-token-prediction
+(nextn) block after the decoder layers is skipped.
+
+On the CPU, `load_gguf` does not build from that stream directly: gguf_cache repacks it once into a cache file of
+the engine's formats and the model is built from views of that file's mapping, so a GGUF larger than RAM loads
+and its routed experts page in as they are used (see gguf_cache.py for why a repack and not views of the GGUF;
+`gguf_cache="off"` or WORKBENCH_GGUF_CACHE=off builds from the stream, in memory). GPUs dequantize the stream.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import logging
 import mmap
 import re
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,27 +441,63 @@ def hf_tensors(model: GGUFModel, config: GLMConfig) -> Iterator[tuple[str, Weigh
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def _release(reader: _Reader, info: Any) -> None:
-    """Drop the resident pages of a tensor the consumer has taken (decoded, copied, or kept as a view: a private
-    mapping never written refaults its pages from the file when read), so that reading a file does not leave it
-    all in memory beside the model built from it."""
+def _release(reader: _Reader, info: Any, index: int | None = None) -> None:
+    """Drop the resident pages of a tensor (or of its `index`-th slice along the first dimension: one expert of
+    a stack) the consumer has taken (decoded, copied, or kept as a view: a private mapping never written
+    refaults its pages from the file when read), so that reading a file does not leave it all in memory beside
+    the model built from it."""
     if _LIBC is None:
         return
     page = mmap.PAGESIZE
-    base = reader.data.ctypes.data
-    start = -(-(base + int(info.data_offset)) // page) * page  # whole pages inside the tensor only
-    stop = (base + int(info.data_offset) + int(info.n_bytes)) // page * page
+    base = reader.data.ctypes.data + int(info.data_offset)
+    nbytes = int(info.n_bytes)
+    if index is not None:
+        nbytes //= int(info.shape[-1])  # gguf lists the shape innermost first: the stack's count is last
+        base += index * nbytes
+    start = -(-base // page) * page  # whole pages inside the tensor only
+    stop = (base + nbytes) // page * page
     if stop > start:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), mmap.MADV_DONTNEED)
+
+
+# Block-quantized tensors are decoded in row chunks of about this many bytes, each first copied out of the mapping
+# whole: a strided read straight from a file mapping (the decoders pick a block's quants apart from its scale) ran
+# at ~30 MB/s here against ~250 MB/s from memory, and a chunk bounds the transient copy of a large matrix.
+DECODE_CHUNK_BYTES = 8 << 20
 
 
 def _decode(info: Any, index: int | None = None) -> Weight:
     raw = torch.from_numpy(info.data)  # a view of the copy-on-write mapping
     if index is not None:
         raw = raw[index]
-    if info.tensor_type not in gguf_blocks.FLOAT_TYPES:
-        raw = raw.reshape(*raw.shape[:-1], -1)
-    return gguf_blocks.decode(raw, info.tensor_type)
+    if info.tensor_type in gguf_blocks.FLOAT_TYPES:
+        return gguf_blocks.decode(raw, info.tensor_type)  # a view: no copy
+    raw = raw.reshape(*raw.shape[:-1], -1)
+    lead = raw.shape[:-1]
+    rows = raw.reshape(-1, raw.shape[-1])
+    step = max(1, DECODE_CHUNK_BYTES // max(1, rows.shape[1]))
+    if rows.shape[0] <= step:
+        return gguf_blocks.decode(rows.clone().reshape(raw.shape), info.tensor_type)
+    out = None
+    for start in range(0, rows.shape[0], step):
+        part = gguf_blocks.decode(rows[start:start + step].clone(), info.tensor_type)
+        if out is None:  # the outputs' fields, allocated whole once their widths are known
+            out = _map_weight(part, lambda t: torch.empty((rows.shape[0], *t.shape[1:]), dtype=t.dtype))
+        _map_weight(out, lambda t, s=start: t[s:s + step], part, lambda dest, src: dest.copy_(src))
+    return _map_weight(out, lambda t: t.reshape(*lead, t.shape[-1]))
+
+
+def _map_weight(value: Weight, fn, other: Weight | None = None, pair=None) -> Weight:
+    """`fn` over a weight's tensors (each field of a quantized one); with `other` and `pair`, pair(fn(mine),
+    other's) for each field instead (returns None)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value) if other is None else pair(fn(value), other)
+    names = [f.name for f in dataclasses.fields(value) if isinstance(getattr(value, f.name), torch.Tensor)]
+    if other is not None:
+        for name in names:
+            pair(fn(getattr(value, name)), getattr(other, name))
+        return value
+    return dataclasses.replace(value, **{name: fn(getattr(value, name)) for name in names})
 
 
 def describe_types(model: GGUFModel) -> str:
@@ -548,9 +592,15 @@ def build_dequantized_model(config: GLMConfig, tensors: Iterator[tuple[str, Weig
     return model
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device):
+def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device, cache: str | Path | None = None):
     """(model, tokenizer, name) of a GGUF model. Everything is checked before the weights are read, and a
-    failure while reading them leaves nothing behind."""
+    failure while reading them leaves nothing behind.
+
+    On the CPU the weights come memory-mapped from the GGUF's repack cache (gguf_cache.py: made on first load;
+    `cache` is its folder, or "off" to copy the weights into memory; default $WORKBENCH_GGUF_CACHE or
+    ~/.cache/glm-workbench/gguf), so a file larger than RAM loads and its experts page in as they are used."""
+    from workbench.engine import gguf_cache
+
     gguf_model = open_gguf(path)
     config = config_from_gguf(gguf_model)
     tokenizer = tokenizer_from_gguf(gguf_model)
@@ -559,10 +609,15 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device):
     if note:
         log.warning(note)
     model = None
+    started = time.perf_counter()
     try:
-        model = build_model(config, hf_tensors(gguf_model, config), dtype, device, gguf_model.files[0])
+        cached = gguf_cache.cached_weights(gguf_model, config, dtype, cache) if device.type == "cpu" else None
+        tensors = cached.weights() if cached is not None else hf_tensors(gguf_model, config)
+        model = build_model(config, tensors, dtype, device, gguf_model.files[0])
     except BaseException:
         model = None
         gc.collect()  # nothing partially loaded stays in memory
         raise
+    log.info("loaded %s in %.1f s (%s)", gguf_model.name, time.perf_counter() - started,
+             f"weights memory-mapped from {cached.path}" if cached is not None else f"weights in {device} memory")
     return model, tokenizer, gguf_model.name

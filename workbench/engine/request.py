@@ -84,6 +84,7 @@ class Request:
     routing_chunks: list = field(default_factory=list)
     routing_pending: bool = False  # finished, but its last token still has to go through the model for the trace
     stop_matcher: StopMatcher | None = None  # holds back decoded text that may begin a stop string
+    thinking_since: int | None = None  # output position of an open <think> (a thinking budget's count starts there)
     preemptions: int = 0  # times its cache was taken back for older requests (and recomputed on resumption)
     error: BaseException | None = None
     created: float = field(default_factory=time.perf_counter)

@@ -29,6 +29,11 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] | None = None  # None = the tokenizer's stop ids; [] = never stop on a token
     stop_strings: list[str] = field(default_factory=list)
+    # Most tokens of reasoning: once the model has thought this long after opening `<think>` (think_open_id), the
+    # next token is `</think>` (think_close_id) whatever it would have sampled, and the answer follows. None: no cap.
+    thinking_budget: int | None = None
+    think_open_id: int | None = None
+    think_close_id: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -47,6 +52,13 @@ class SamplingParams:
             self.stop_strings = [self.stop_strings]
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             bad("stop_strings", "must be non-empty strings")
+        if self.thinking_budget is not None:
+            if not isinstance(self.thinking_budget, int) or isinstance(self.thinking_budget, bool) \
+                    or self.thinking_budget < 1:
+                bad("thinking_budget", "must be an integer >= 1 (or None for no cap)")
+            if self.think_open_id is None or self.think_close_id is None:
+                bad("thinking_budget", "needs the model's <think> and </think> token ids (think_open_id, "
+                                       "think_close_id): this tokenizer has none")
 
     @property
     def greedy(self) -> bool:
@@ -77,6 +89,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         except (RuntimeError, ValueError) as exc:
             out[row] = SamplingError(f"sampling failed ({exc})")
     return out
+
+
+def close_thinking_at_budget(params: SamplingParams, thinking_since: int | None, generated: int, token: int) -> int:
+    """The token to emit as output number `generated`: `</think>` in place of the sampled one once the reasoning
+    opened at output position `thinking_since` (None: not thinking) has used `params.thinking_budget` tokens;
+    else the sampled token."""
+    if params.thinking_budget is None or thinking_since is None:
+        return token
+    return params.think_close_id if generated - thinking_since - 1 >= params.thinking_budget else token
 
 
 class SamplingError(RuntimeError):

@@ -33,7 +33,7 @@ from workbench.engine.kv_cache import PagedKVCache
 from workbench.engine.request import Request, StreamToken
 from workbench.engine.routing import RoutingTrace
 from workbench.engine.runner import TorchRunner
-from workbench.engine.sampling import sample
+from workbench.engine.sampling import close_thinking_at_budget, sample
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +200,23 @@ class Scheduler:
             try:
                 if isinstance(token, Exception):
                     raise token
+                if request.params.thinking_budget is not None:
+                    token = self._budgeted(request, token)
                 self._accept(request, token, now)
             except Exception as exc:  # this request's own failure: it ends alone, the batch goes on
                 self._fail(request, exc)
         return len(tokens)
+
+    @staticmethod
+    def _budgeted(request: Request, token: int) -> int:
+        """The sampled token, or `</think>` where the request's thinking budget is spent; tracks where the
+        reasoning opened so each step's check is O(1)."""
+        token = close_thinking_at_budget(request.params, request.thinking_since, len(request.output_ids), token)
+        if token == request.params.think_open_id:
+            request.thinking_since = len(request.output_ids)
+        elif token == request.params.think_close_id:
+            request.thinking_since = None
+        return token
 
     def _accept(self, request: Request, token: int, now: float) -> None:
         """Append a sampled token to its request: stream its text, and end the request on a stop or the limit."""

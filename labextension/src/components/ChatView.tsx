@@ -10,6 +10,7 @@
 import { deleteIcon } from '@jupyterlab/ui-components';
 import React, { useEffect, useLayoutEffect, useRef, useState } from 'react';
 
+import { isToolStep, kernelStepRunning, stepNumbers, stepReasoning } from '../agentLoop';
 import type { ChatModel, ChatState } from '../chatModel';
 import {
   answerParts,
@@ -19,13 +20,13 @@ import {
   isCutOff,
   type Message,
   tokensPerSecond,
-  type ToolMessage,
   type UserMessage
 } from '../chatState';
 import type { FailureKind } from '../errors';
 import { conversationCost, formatCost, groupModels, type ModelEntry, modelOptionText } from '../models';
 import type { ThinkingMode } from '../protocol';
 import { Markdown } from './Markdown';
+import { StepCard } from './StepCard';
 import { ThinkingBlock } from './ThinkingBlock';
 
 export interface ChatViewActions {
@@ -339,59 +340,6 @@ function AnswerText({ text }: { text: string }): JSX.Element {
   );
 }
 
-const TOOL_STATUS_TEXT: Record<ToolMessage['status'], string> = {
-  pending: 'waiting for approval',
-  approved: 'approved',
-  running: 'running…',
-  done: 'done',
-  rejected: 'rejected',
-  error: 'failed'
-};
-
-function ToolCallView({ message, model }: { message: ToolMessage; model: ChatModel }): JSX.Element {
-  const args = message.args ? JSON.stringify(message.args, null, 2) : message.call.function.arguments;
-  const name = message.call.function.name;
-  return (
-    <div
-      className={`glm-ToolCall glm-mod-${message.status}`}
-      role="group"
-      aria-label={`Tool call ${name}: ${TOOL_STATUS_TEXT[message.status]}`}
-    >
-      <div className="glm-ToolCall-header">
-        <span className="glm-ToolCall-name">{name}</span>
-        <span className="glm-ToolCall-status">
-          {TOOL_STATUS_TEXT[message.status]}
-          {message.autoApproved ? ' (auto-approved)' : ''}
-        </span>
-      </div>
-      <pre className="glm-ToolCall-args">{args}</pre>
-      {message.status === 'pending' && (
-        <div className="glm-ToolCall-actions">
-          <button className="glm-Button glm-mod-accept glm-ToolCall-approve" onClick={() => model.approveTool(message.id)}>
-            Approve
-          </button>
-          <button className="glm-Button glm-mod-reject glm-ToolCall-reject" onClick={() => model.rejectTool(message.id)}>
-            Reject
-          </button>
-          <button
-            className="glm-Button glm-ToolCall-always"
-            title={`Approve this and every later ${name} call without asking`}
-            onClick={() => model.alwaysApproveTool(message.id)}
-          >
-            Always allow {name}
-          </button>
-        </div>
-      )}
-      {message.result !== undefined && (
-        <details className="glm-ToolCall-result">
-          <summary>Result</summary>
-          <pre>{message.result}</pre>
-        </details>
-      )}
-    </div>
-  );
-}
-
 function EmptyState({
   state,
   model,
@@ -451,6 +399,8 @@ function MessageList({
     }
   });
   const lastAssistant = [...messages].reverse().find(m => m.kind === 'assistant');
+  const steps = stepNumbers(messages);
+  const reasoningOf = stepReasoning(messages);
   return (
     <div
       ref={ref}
@@ -468,6 +418,8 @@ function MessageList({
         m.kind === 'user' ? (
           <UserMessageView key={m.id} message={m} />
         ) : m.kind === 'assistant' ? (
+          // an answer that only made tool calls is a step: its reasoning goes under its card
+          isToolStep(m) ? null : (
           <AssistantMessageView
             key={m.id}
             message={m}
@@ -476,9 +428,20 @@ function MessageList({
             model={model}
             actions={actions}
           />
+          )
         ) : (
-          <ToolCallView key={m.id} message={m} model={model} />
+          <StepCard key={m.id} message={m} step={steps.get(m.id)} reasoning={reasoningOf.get(m.id)} model={model} />
         )
+      )}
+      {state.loopNotice && !state.busy && (
+        <div className="glm-Note glm-mod-warning glm-LoopNotice" role="status">
+          <span>{state.loopNotice.text}</span>
+          {state.loopNotice.canContinue && (
+            <button className="glm-Button glm-LoopContinue" onClick={() => void model.continueLoop()}>
+              Continue
+            </button>
+          )}
+        </div>
       )}
     </div>
   );
@@ -749,9 +712,21 @@ function Composer({ state, model }: { state: ChatState; model: ChatModel }): JSX
           }}
         />
         {state.busy ? (
-          <button className="glm-Button glm-mod-reject glm-Stop" aria-label="Stop generating" onClick={() => model.stop()}>
-            Stop
-          </button>
+          <span className="glm-StopButtons">
+            <button className="glm-Button glm-mod-reject glm-Stop" aria-label="Stop generating" onClick={() => model.stop()}>
+              Stop
+            </button>
+            {kernelStepRunning(state.conversation.messages) && (
+              <button
+                className="glm-Button glm-mod-reject glm-StopInterrupt"
+                aria-label="Stop and interrupt the kernel"
+                title="Stop the agent loop and interrupt the cell it is running"
+                onClick={() => model.stop({ interruptKernel: true })}
+              >
+                Stop + interrupt
+              </button>
+            )}
+          </span>
         ) : (
           <button
             className="glm-Button glm-mod-accept glm-Send"

@@ -1,7 +1,7 @@
 /**
  * Streaming Markdown: prose rendered to sanitized HTML by `marked`, fenced code as CodeBlock components
  * highlighted by JupyterLab's own CodeMirror languages (so colours follow the theme), each with
- * Insert below / Replace active cell / Copy.
+ * Insert below / Replace active cell / Copy, and Preview for HTML pages (a sandboxed frame: HtmlPreview.tsx).
  *
  * Re-lexes the whole text on each render; an unclosed fence while streaming is simply a code block that
  * is still growing.
@@ -11,6 +11,9 @@ import type { IEditorLanguageRegistry } from '@jupyterlab/codemirror';
 import type { IRenderMime } from '@jupyterlab/rendermime-interfaces';
 import { marked, type Token, type Tokens } from 'marked';
 import React, { useEffect, useMemo, useRef, useState } from 'react';
+
+import { isPreviewableHtml } from '../htmlPreview';
+import { HtmlPreview } from './HtmlPreview';
 
 export interface CodeActions {
   insertBelow(code: string): void;
@@ -63,6 +66,9 @@ export function CodeBlock({ code, lang }: { code: string; lang: string }): JSX.E
   const services = React.useContext(MarkdownContext);
   const ref = useRef<HTMLElement>(null);
   const [copied, setCopied] = useState(false);
+  const previewable = isPreviewableHtml(code, lang);
+  const [previewing, setPreviewing] = useState(false);
+  const showPreview = previewable && previewing;
 
   useEffect(() => {
     const target = ref.current;
@@ -88,13 +94,24 @@ export function CodeBlock({ code, lang }: { code: string; lang: string }): JSX.E
     return () => {
       current = false;
     };
-  }, [code, lang, services]);
+  }, [code, lang, services, showPreview]);
 
   const actions = services?.codeActions;
   return (
     <div className="glm-CodeBlock">
       <div className="glm-CodeBlock-toolbar" role="toolbar" aria-label="Code block actions">
         <span className="glm-CodeBlock-lang">{lang || 'code'}</span>
+        {previewable && (
+          <button
+            className="glm-Button glm-CodeBlock-preview"
+            title={showPreview ? 'Show the code' : 'Render this page in a sandboxed frame (scripts run, isolated from Jupyter)'}
+            aria-label={showPreview ? 'Show the code' : 'Preview this HTML'}
+            aria-pressed={showPreview}
+            onClick={() => setPreviewing(!showPreview)}
+          >
+            {showPreview ? 'Code' : 'Preview'}
+          </button>
+        )}
         <button
           className="glm-Button glm-CodeBlock-insert"
           title="Insert below the active cell"
@@ -123,9 +140,13 @@ export function CodeBlock({ code, lang }: { code: string; lang: string }): JSX.E
           {copied ? 'Copied' : 'Copy'}
         </button>
       </div>
-      <pre className="glm-CodeBlock-pre">
-        <code ref={ref} className="cm-s-jupyter" />
-      </pre>
+      {showPreview ? (
+        <HtmlPreview code={code} />
+      ) : (
+        <pre className="glm-CodeBlock-pre">
+          <code ref={ref} className="cm-s-jupyter" />
+        </pre>
+      )}
     </div>
   );
 }

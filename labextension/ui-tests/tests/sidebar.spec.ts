@@ -300,8 +300,9 @@ test.describe('GLM Workbench sidebar', () => {
     await page.locator('.jp-PluginList-entry-label-text', { hasText: /^GLM Workbench$/ }).click();
     const tools = page.getByRole('group', { name: 'Auto-approved tools' });
     await expect(tools).toBeVisible();
-    await expect(tools.getByRole('checkbox')).toHaveCount(4);
+    await expect(tools.getByRole('checkbox')).toHaveCount(7);
     await expect(tools).toContainText('read_cells');
+    await expect(tools).toContainText('web_fetch');
     await shot(page, '17-settings-auto-approved-tools');
   });
 

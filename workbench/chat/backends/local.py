@@ -256,10 +256,13 @@ class LocalBackend(Backend):
         temperature = 0.0 if request.greedy else (1.0 if request.temperature is None else request.temperature)
         try:
             default = min(self.default_max_tokens, room) if self.default_max_tokens > 0 else room
+            added = engine.tokenizer.added_tokens if request.thinking_budget is not None else {}
             params = SamplingParams(max_new_tokens=max_new_tokens or default,
                                     temperature=temperature, top_p=1.0 if request.top_p is None else request.top_p,
                                     seed=request.seed, stop_strings=request.stop_list,
-                                    stop_token_ids=[] if request.ignore_eos else None)
+                                    stop_token_ids=[] if request.ignore_eos else None,
+                                    thinking_budget=request.thinking_budget, think_open_id=added.get("<think>"),
+                                    think_close_id=added.get("</think>"))
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_value") from exc
         return _Prepared(prompt_ids, forced_text, params, request.tools_for_prompt())

@@ -55,12 +55,16 @@ DIALECTS = ("zai", "openrouter", "vllm", "sglang", "llama-server", "ollama", "op
 _STYLE_DIALECTS = {"thinking": "zai", "chat_template_kwargs": "vllm"}  # the old thinking_style setting
 
 
-def thinking_fields(dialect: str, enable: bool) -> dict[str, Any]:
-    """The request fields that switch thinking on or off at an endpoint of this dialect."""
-    if dialect in ("zai", "workbench"):  # Z.ai / Zhipu API reference: thinking.type enabled | disabled
+def thinking_fields(dialect: str, enable: bool, budget: int | None = None) -> dict[str, Any]:
+    """The request fields that switch thinking on or off at an endpoint of this dialect (and cap it, where the
+    endpoint can: another workbench, OpenRouter; the others have no budget and think as long as they like)."""
+    if dialect == "workbench":  # our own: the Z.ai field plus the budget the engine enforces
+        return {"thinking": {"type": "enabled" if enable else "disabled",
+                             **({"budget_tokens": budget} if enable and budget else {})}}
+    if dialect == "zai":  # Z.ai / Zhipu API reference: thinking.type enabled | disabled
         return {"thinking": {"type": "enabled" if enable else "disabled"}}
-    if dialect == "openrouter":  # openrouter.ai/docs/use-cases/reasoning-tokens: reasoning.enabled
-        return {"reasoning": {"enabled": enable}}
+    if dialect == "openrouter":  # openrouter.ai/docs/use-cases/reasoning-tokens: reasoning.enabled, .max_tokens
+        return {"reasoning": {"enabled": enable, **({"max_tokens": budget} if enable and budget else {})}}
     if dialect in ("vllm", "sglang", "llama-server"):  # the chat template's own switch, passed through
         return {"chat_template_kwargs": {"enable_thinking": enable}}
     if dialect == "ollama":  # docs.ollama.com/api/openai-compatibility: reasoning_effort, "none" = off
@@ -192,7 +196,7 @@ class RemoteBackend(Backend):
         explicit = request.thinking is not None or (
             request.chat_template_kwargs is not None and request.chat_template_kwargs.enable_thinking is not None)
         if explicit:
-            body.update(thinking_fields(self.dialect, request.enable_thinking))
+            body.update(thinking_fields(self.dialect, request.enable_thinking, request.thinking_budget))
         return body
 
     def _headers(self) -> dict[str, str]:
