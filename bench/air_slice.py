@@ -510,6 +510,15 @@ def ratio(summary: dict, ours: str, theirs: str, key: str, threads: int) -> floa
     return a["figures"][threads][key] / b["figures"][threads][key]
 
 
+def scaling_line(summary: dict, low: int, high: int) -> str:
+    """`decode_2t_vs_1t: ours_bf16=X ours_int8=Y ...`: each contender's decode at `high` threads over `low`, from
+    the same rounds (each round measures both thread counts in one process, one after the other)."""
+    ratios = [f"{name.replace('llama.cpp', 'llamacpp').replace(' ', '_').lower()}="
+              f"{e['figures'][high]['decode'] / e['figures'][low]['decode']:.2f}"
+              for name, e in summary.items() if "figures" in e]
+    return f"decode_{high}t_vs_{low}t: " + " ".join(ratios)
+
+
 def report(summary: dict, bandwidth: dict[int, dict[str, float]], threads: list[int]) -> list[str]:
     lines = [f"{'contender':16}{'thr':>4}{'decode tok/s':>14}{'prefill tok/s':>15}{'GB/token':>10}"
              f"{'decode GB/s':>13}{'% of read bw':>14}{'load s':>8}"]
@@ -531,6 +540,7 @@ def report(summary: dict, bandwidth: dict[int, dict[str, float]], threads: list[
         scaling = [f"{name} {e['figures'][high]['decode'] / e['figures'][low]['decode']:.2f}x"
                    for name, e in summary.items() if "figures" in e]
         lines.append(f"decode scaling {low}->{high} threads: " + ", ".join(scaling))
+        lines.append(scaling_line(summary, low, high))
     for t in threads:
         pairs = [f"{label} decode {ratio(summary, *pair, 'decode', t):.2f} "
                  f"prefill {ratio(summary, *pair, 'prefill', t):.2f}" for label, pair in PAIRS.items()]
@@ -586,7 +596,8 @@ def main(argv: list[str] | None = None) -> dict:
     runnable = [c for c in contenders if c not in skipped]
     bandwidth = {t: measure_bandwidth(t) for t in threads}
     for t, bw in bandwidth.items():
-        print(f"memory bandwidth at {t} thread(s): read {bw['read']:.1f} GB/s, copy {bw['copy']:.1f} GB/s")
+        print(f"memory bandwidth at {t} thread(s): read {bw['read']:.1f} GB/s, copy {bw['copy']:.1f} GB/s "
+              f"(load average {os.getloadavg()[0]:.2f})")
 
     temporary = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="glm-air-slice-")) if temporary else args.workdir
@@ -611,7 +622,9 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     shown = ", ".join(f"{t} thr {f['decode']:.2f} / {f['prefill']:.1f}"
                                       for t, f in result["figures"].items())
-                    print(f"round {number + 1} {contender}: decode / prefill tok/s {shown}", flush=True)
+                    # The machine may be shared: the load average says how much of it the figures had.
+                    print(f"round {number + 1} {contender}: decode / prefill tok/s {shown} "
+                          f"(load average {os.getloadavg()[0]:.2f})", flush=True)
                 gc.collect()
     finally:
         if temporary:

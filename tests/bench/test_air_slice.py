@@ -114,6 +114,8 @@ def test_the_whole_run_at_test_size(air_slice, tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("decode_vs_llamacpp_q8=nan decode_vs_llamacpp_q4=")
     assert "prefill_vs_llamacpp_q4=" in out[-1]
+    scaling = next(line for line in out if line.startswith("decode_2t_vs_1t: "))  # each contender's 1->2 threads
+    assert "ours_bf16=" in scaling and "ours_int4=" in scaling
     ours = figures["contenders"]["ours bf16"]
     assert ours["rounds"] == 2
     for threads in (1, 2):

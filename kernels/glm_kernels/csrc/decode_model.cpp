@@ -11,6 +11,11 @@
 // SwiGLU), with every buffer allocated once. With several sequences, each weight row is read once for all of them
 // and each routed expert runs once on the rows that chose it.
 //
+// Threads (torch.set_num_threads): every matrix product (its parts, e.g. q/k/v, as one job), the routed experts'
+// (expert, row chunk) pairs and the attention heads are shared out over simd.h's ThreadPool, whose threads claim
+// chunks as they come free; the rest of a step (norms, rotary, router, SwiGLU, sums) is ~1% of its time at
+// GLM-4.5-Air's width and runs on the caller. Python's lock is released during a step.
+//
 // The contract is the engine's torch path (workbench/engine/model.py with glm_kernels' references), step for step:
 // the same casts to the model dtype at the same places, fp32 statistics, the router in fp32 with the correction
 // bias used for selection only, group-limited top-k with ties to the lower expert index, expert outputs summed in
@@ -237,6 +242,9 @@ class DecodeModel {
   std::vector<Tensor> step(const Tensor& tokens, const Tensor& positions, const Tensor& block_tables, bool routing,
                            bool scores) {
     c10::InferenceMode guard;
+    // Python's lock is released during a step (the binding's call_guard: a server's other threads run meanwhile);
+    // this one keeps two threads from stepping one model, whose buffers a step reuses, at once.
+    std::lock_guard<std::mutex> one_at_a_time(step_mutex_);
     TORCH_CHECK(tokens.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && tokens.dim() == 1 &&
                     positions.sizes() == tokens.sizes() && tokens.is_contiguous() && positions.is_contiguous(),
                 "cpu_decode: tokens and positions must be contiguous 1-D int64 tensors of one length");
@@ -267,6 +275,12 @@ class DecodeModel {
     return {logits, ids, weights, all_scores};
   }
 
+  // Profiling: while on, each step adds the wall time of its parts (embed_rotary, norms, qkv, attention, o_proj,
+  // router, experts and its experts.* phases, shared_expert, dense_mlp, lm_head, logits_out) to `profile()`.
+  void set_profiling(bool on) { profile_.on = on; }
+  // Seconds per part since the last call (and resets them).
+  std::map<std::string, double> profile() { return std::exchange(profile_.seconds, {}); }
+
  private:
   // Buffers for `batch` rows, allocated once and again only when a larger batch comes.
   void reserve(int64_t batch) {
@@ -294,6 +308,7 @@ class DecodeModel {
              int64_t width, Tensor& ids, Tensor& weights, Tensor& scores) {
     batch_ = batch;
     Tensor x = x_.narrow(0, 0, batch);
+    std::optional<Timed> part(std::in_place, &profile_, "embed_rotary");
     for (int64_t b = 0; b < batch; ++b) x[b].copy_(embed_[token[b]]);
     cos_.resize(batch * rotary_dim_);
     sin_.resize(batch * rotary_dim_);
@@ -305,28 +320,45 @@ class DecodeModel {
         sin_[b * rotary_dim_ + i] = sin_[b * rotary_dim_ + i + half] = static_cast<float>(cast<T>(std::sin(angle)));
       }
     }
+    part.reset();
     int64_t moe_index = 0;
     bool first = true;
     for (auto& layer : layers_) {
+      part.emplace(&profile_, "norms");
       add_norm<T>(layer.input_norm, first);
+      part.reset();
       first = false;
       attention<T>(layer, position, block_tables, width);
       // o_proj writes straight into x_: the next norm adds the residual.
+      part.emplace(&profile_, "o_proj");
       linear<T>(x, layer.o_weight, layer.o_q, Tensor(), attn_.narrow(0, 0, batch));
+      part.emplace(&profile_, "norms");
       add_norm<T>(layer.post_norm, false);
+      part.reset();
       if (layer.is_moe) {
         moe<T>(layer, layer_slice(ids, moe_index), layer_slice(weights, moe_index), layer_slice(scores, moe_index));
         ++moe_index;
       } else {
+        Timed dense(&profile_, "dense_mlp");
         swiglu<T>(layer.mlp, normed_.narrow(0, 0, batch), x);
       }
     }
+    part.emplace(&profile_, "norms");
     add_norm<T>(final_norm_, false);
+    part.emplace(&profile_, "lm_head");
     const int64_t vocab = lm_head_q_.defined() ? lm_head_q_.n() : lm_head_.size(0);
-    Tensor logits = at::empty({batch, vocab}, at::TensorOptions().dtype(lm_head_q_.defined() ? dtype_
+    // Quantized: fp32 logits, each rounded to the dtype as the torch path's are (linear does both in one pass).
+    Tensor logits = at::empty({batch, vocab}, at::TensorOptions().dtype(lm_head_q_.defined() ? at::kFloat
                                                                                               : lm_head_.scalar_type()));
     linear<T>(logits, lm_head_, lm_head_q_, Tensor(), normed_.narrow(0, 0, batch));
-    return logits.to(at::kFloat);
+    if (logits.scalar_type() == at::kFloat) return logits;
+    part.emplace(&profile_, "logits_out");
+    // A plain loop rather than logits.to(kFloat): torch's cast is a parallel region of its own (see ThreadPool).
+    Tensor out = at::empty({batch, vocab}, at::TensorOptions().dtype(at::kFloat));
+    const T* src = logits.data_ptr<T>();
+    float* dst = out.data_ptr<float>();
+    for (int64_t i = 0; i < batch * vocab; ++i) dst[i] = static_cast<float>(src[i]);
+    return out;
   }
 
   static Tensor layer_slice(const Tensor& t, int64_t layer) { return t.defined() ? t[layer] : Tensor(); }
@@ -349,16 +381,17 @@ class DecodeModel {
     bool pairs = false;
     for (const auto& part : q.parts) pairs = pairs || glm_quant::needs_pairs(part, isa);
     if (pairs) qact_.pair_order(rows);
-    int64_t column = 0;
-    for (const auto& part : q.parts) {
-      glm_quant::qgemm(part, qact_.view(), rows, y_out_.data() + column, n_out, isa);
-      column += part.n;
-    }
+    glm_quant::qgemm_parts(q.parts, qact_.view(), rows, y_out_.data(), n_out, isa);  // one job for all parts
     for (int64_t b = 0; b < rows; ++b) {
       const float* yb = y_out_.data() + b * n_out;
-      T* o = out.data_ptr<T>() + b * n_out;
       const T* bv = bias.defined() ? bias.data_ptr<T>() : nullptr;
-      for (int64_t i = 0; i < n_out; ++i) o[i] = cast<T>(bv ? yb[i] + static_cast<float>(bv[i]) : yb[i]);
+      if (out.scalar_type() == at::kFloat) {  // the logits: rounded to the dtype as the torch path's, kept in fp32
+        float* o = out.data_ptr<float>() + b * n_out;
+        for (int64_t i = 0; i < n_out; ++i) o[i] = static_cast<float>(cast<T>(bv ? yb[i] + static_cast<float>(bv[i]) : yb[i]));
+      } else {
+        T* o = out.data_ptr<T>() + b * n_out;
+        for (int64_t i = 0; i < n_out; ++i) o[i] = cast<T>(bv ? yb[i] + static_cast<float>(bv[i]) : yb[i]);
+      }
     }
   }
 
@@ -465,12 +498,21 @@ class DecodeModel {
   template <typename T>
   void attention(Layer& layer, const int64_t* position, const int32_t* block_tables, int64_t width) {
     Tensor qkv = qkv_.narrow(0, 0, batch_);
-    linear<T>(qkv, layer.qkv_weight, layer.qkv_q, layer.qkv_bias, normed_.narrow(0, 0, batch_));
+    {
+      Timed part(&profile_, "qkv");
+      linear<T>(qkv, layer.qkv_weight, layer.qkv_q, layer.qkv_bias, normed_.narrow(0, 0, batch_));
+    }
+    Timed part(&profile_, "attention");
     const int64_t q_width = heads_ * head_dim_, row = kv_heads_ * head_dim_, stride = q_width + 2 * row;
     const int64_t group = heads_ / kv_heads_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
     T* k_cache = layer.k_cache.data_ptr<T>();
     T* v_cache = layer.v_cache.data_ptr<T>();
+    auto slot_of = [&](int64_t b, int64_t p) {  // sequence b's position p in the cache pools (times the row)
+      const int32_t* table = block_tables + b * width;
+      return (static_cast<int64_t>(table[p / block_size_]) * block_size_ + p % block_size_) * row;
+    };
+    // Per row: qk-norm, rotary, and this token's key and value into its cache slot (before any row reads them).
     for (int64_t b = 0; b < batch_; ++b) {
       T* q = qkv_.data_ptr<T>() + b * stride;
       T* k = q + q_width;
@@ -484,35 +526,43 @@ class DecodeModel {
       for (int64_t h = 0; h < heads_; ++h) rotate<T>(q + h * head_dim_, cos, sin);
       for (int64_t h = 0; h < kv_heads_; ++h) rotate<T>(k + h * head_dim_, cos, sin);
 
-      // This token's key and value into its cache slot.
-      const int32_t* table = block_tables + b * width;
-      auto slot_of = [&](int64_t p) {
-        return (static_cast<int64_t>(table[p / block_size_]) * block_size_ + p % block_size_) * row;
-      };
-      std::copy(k, k + row, k_cache + slot_of(position[b]));
-      std::copy(v, v + row, v_cache + slot_of(position[b]));
+      std::copy(k, k + row, k_cache + slot_of(b, position[b]));
+      std::copy(v, v + row, v_cache + slot_of(b, position[b]));
+    }
 
-      // Softmax attention of each query head over positions [0, position] of its kv head, in fp32.
+    // Softmax attention of each query head over positions [0, position] of its kv head, in fp32: chunks of
+    // (row, heads) over the threads, each head computed whole by one thread with its own scratch.
+    int64_t longest = 1;
+    for (int64_t b = 0; b < batch_; ++b) longest = std::max(longest, position[b] + 1);
+    const int64_t per_chunk = std::clamp<int64_t>((int64_t{1} << 15) / (longest * head_dim_), 1, heads_);
+    const int64_t chunks_per_row = (heads_ + per_chunk - 1) / per_chunk;
+    attention_scratch_.resize(num_threads());
+    parallel_chunks(batch_ * chunks_per_row, [&](int64_t chunk, int thread) {
+      const int64_t b = chunk / chunks_per_row, first = chunk % chunks_per_row * per_chunk;
       const int64_t length = position[b] + 1;
-      probs_.resize(length);
-      out_f32_.resize(head_dim_);
-      q_f32_.resize(head_dim_);
+      AttentionScratch& scratch = attention_scratch_[thread];
+      scratch.probs.resize(length);
+      scratch.out.resize(head_dim_);
+      scratch.q.resize(head_dim_);
+      const T* q = qkv_.data_ptr<T>() + b * stride;
       T* out = attn_.data_ptr<T>() + b * q_width;
-      for (int64_t h = 0; h < heads_; ++h) {
+      for (int64_t h = first; h < std::min(heads_, first + per_chunk); ++h) {
         const int64_t kv_head = h / group;
-        for (int64_t d = 0; d < head_dim_; ++d) q_f32_[d] = static_cast<float>(q[h * head_dim_ + d]);
+        for (int64_t d = 0; d < head_dim_; ++d) scratch.q[d] = static_cast<float>(q[h * head_dim_ + d]);
         float top = -std::numeric_limits<float>::infinity();
         for (int64_t p = 0; p < length; ++p) {
-          probs_[p] = dot<T>(q_f32_.data(), k_cache + slot_of(p) + kv_head * head_dim_, head_dim_) * scale;
-          top = std::max(top, probs_[p]);
+          scratch.probs[p] =
+              dot<T>(scratch.q.data(), k_cache + slot_of(b, p) + kv_head * head_dim_, head_dim_) * scale;
+          top = std::max(top, scratch.probs[p]);
         }
-        const float total = exp_shifted(probs_.data(), length, top);
-        std::fill(out_f32_.begin(), out_f32_.end(), 0.0f);
+        const float total = exp_shifted(scratch.probs.data(), length, top);
+        std::fill(scratch.out.begin(), scratch.out.end(), 0.0f);
         for (int64_t p = 0; p < length; ++p)
-          axpy<T>(probs_[p] / total, v_cache + slot_of(p) + kv_head * head_dim_, out_f32_.data(), head_dim_);
-        for (int64_t d = 0; d < head_dim_; ++d) out[h * head_dim_ + d] = cast<T>(out_f32_[d]);
+          axpy<T>(scratch.probs[p] / total, v_cache + slot_of(b, p) + kv_head * head_dim_, scratch.out.data(),
+                  head_dim_);
+        for (int64_t d = 0; d < head_dim_; ++d) out[h * head_dim_ + d] = cast<T>(scratch.out[d]);
       }
-    }
+    });
   }
 
   // out [n, D] <- down(silu(gate(in)) * up(in)) for in [n, D], each product in the dtype as the torch path
@@ -590,6 +640,7 @@ class DecodeModel {
   void moe(Layer& layer, Tensor ids_out, Tensor weights_out, Tensor scores_out) {
     const int64_t experts = num_experts_;
     Tensor normed = normed_.narrow(0, 0, batch_);
+    std::optional<Timed> part(std::in_place, &profile_, "router");
     linear<T>(router_logits_.narrow(0, 0, batch_), layer.router_weight, Tensor(), normed);
     // Each row's choices, then the (row, weight) pairs of every expert: an expert's weights are read once a step.
     expert_rows_.assign(experts, {});
@@ -620,6 +671,8 @@ class DecodeModel {
     }
 
     // Routed experts, summed in fp32 with their weights, then the shared expert added in the dtype.
+    part.emplace(&profile_, "experts");
+    moe_scratch_.profile = &profile_;
     float* acc = accum_.data_ptr<float>();
     std::fill(acc, acc + batch_ * hidden_, 0.0f);
     if (quantized)  // every routed expert of the step at once, its rows split over the threads
@@ -641,6 +694,7 @@ class DecodeModel {
         for (int64_t d = 0; d < hidden_; ++d) a[d] += weight * static_cast<float>(y[d]);
       }
     }
+    part.emplace(&profile_, "shared_expert");
     T* x = x_.data_ptr<T>();
     if (layer.has_mlp) {
       Tensor shared = shared_out_.narrow(0, 0, batch_);
@@ -665,6 +719,8 @@ class DecodeModel {
 
   Tensor embed_, final_norm_, lm_head_, inv_freq_;
   std::vector<Layer> layers_;
+  Profile profile_;
+  std::mutex step_mutex_;
   at::ScalarType dtype_;
   int64_t hidden_ = 0, heads_ = 0, kv_heads_ = 0, head_dim_ = 0, rotary_dim_ = 0, block_size_ = 16;
   int64_t top_k_ = 1, n_group_ = 1, topk_group_ = 1, num_experts_ = 0, num_moe_layers_ = 0, widest_ = 0;
@@ -674,8 +730,11 @@ class DecodeModel {
   // Buffers [capacity, ...], allocated by reserve().
   Tensor x_, residual_, normed_, qkv_, attn_, gate_up_, act_, expert_in_, expert_out_, shared_out_, accum_,
       router_logits_;
-  std::vector<float> x_in_, y_out_, cos_, sin_, probs_, out_f32_, q_f32_, choice_, group_scores_, picked_weight_,
-      scores_f32_;
+  std::vector<float> x_in_, y_out_, cos_, sin_, choice_, group_scores_, picked_weight_, scores_f32_;
+  struct AttentionScratch {
+    std::vector<float> probs, out, q;
+  };
+  std::vector<AttentionScratch> attention_scratch_;  // one per thread
   std::vector<int64_t> picked_, picked_all_;
   std::vector<float> picked_weight_all_;
   QLinear lm_head_q_;
@@ -694,6 +753,9 @@ inline void bind_decode_model(pybind11::module& m) {
                           const std::map<std::string, double>&, const TensorMap&>(),
            pybind11::arg("layers"), pybind11::arg("embed"), pybind11::arg("final_norm"), pybind11::arg("lm_head"),
            pybind11::arg("inv_freq"), pybind11::arg("config"), pybind11::arg("quantized") = TensorMap{})
-      .def("step", &DecodeModel::step, pybind11::arg("tokens"), pybind11::arg("positions"),
-           pybind11::arg("block_tables"), pybind11::arg("routing") = false, pybind11::arg("scores") = false);
+      .def("step", &DecodeModel::step, pybind11::call_guard<pybind11::gil_scoped_release>(),
+           pybind11::arg("tokens"), pybind11::arg("positions"),
+           pybind11::arg("block_tables"), pybind11::arg("routing") = false, pybind11::arg("scores") = false)
+      .def("set_profiling", &DecodeModel::set_profiling, pybind11::arg("on"))
+      .def("profile", &DecodeModel::profile);
 }

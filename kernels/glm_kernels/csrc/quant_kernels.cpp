@@ -26,9 +26,10 @@
 // The environment variable WORKBENCH_CPU_ISA (scalar | avx2 | avx512vnni), read once at load, or `set_isa` picks
 // a lower path than the best compiled one: the tests run the AVX2 path on every machine that has it.
 //
-// Threads: output rows (and, for the experts, (expert, row block) pairs of every routed expert of a step at once)
-// are split over torch's intra-op thread pool (at::parallel_for; torch.set_num_threads), no thread start-up per
-// token.
+// Threads: chunks of output rows (for the experts, (expert, row chunk) pairs of every routed expert of a step at
+// once) are shared out over simd.h's ThreadPool (torch's thread count: torch.set_num_threads), claimed one by one
+// by whichever thread is free, no thread start-up per token; each output is computed whole by one thread, so
+// results do not depend on the thread count.
 //
 // GEMM (prefill, many rows): the same integer kernel, with the rows of activations tiled so that a tile and a
 // block of weight rows stay in L2 while each weight row is reused for every activation row of the tile.
@@ -285,7 +286,7 @@ struct QActBuffer {
 template <typename T>
 void quantize_rows(const T* x, int64_t stride, int64_t rows, int64_t k, QActBuffer& buf) {
   buf.resize(rows, k);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
+  glm_cpu::parallel_range(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
     std::vector<float> row;
     for (int64_t m = begin; m < end; ++m) {
       const float* src;
@@ -682,15 +683,45 @@ inline void qgemm_range(Kernel dot, const QMat& w, const QAct& x, int64_t rows, 
   }
 }
 
-// Weight rows per task: enough work (~64K multiply-adds) to pay for handing it to a thread.
-inline int64_t row_grain(int64_t k, int64_t rows) {
-  return std::max<int64_t>(4, (int64_t{1} << 16) / std::max<int64_t>(1, k * std::max<int64_t>(rows, 1)));
+// Weight rows per chunk of work: ~kChunkBytes of weights (a decode step reads its weights once: chunks of equal
+// bytes are chunks of equal time), fewer where many activation rows make each weight row's work large (prefill),
+// so that each thread gets several chunks; a multiple of 4, at least 4.
+inline int64_t chunk_rows(const QMat& w, int64_t rows) {
+  const int64_t by_bytes = glm_cpu::kChunkBytes / std::max<int64_t>(1, w.bytes_per_row());
+  const int64_t by_work = (int64_t{1} << 22) / std::max<int64_t>(1, w.k * std::max<int64_t>(rows, 1));
+  return std::max<int64_t>(4, std::min(by_bytes, by_work) / 4 * 4);
 }
 
-// All output rows, split over torch's threads.
+// Several matrices of one input (q, k and v; gate and up), each into its columns of y (part p's first column is
+// the sum of the earlier parts' N), all their chunks in one job over the threads.
+inline void qgemm_parts(const std::vector<QMat>& parts, const QAct& x, int64_t rows, float* y, int64_t ldy, int isa) {
+  struct Chunk {
+    int part;
+    int64_t first, last;
+  };
+  std::vector<Chunk> chunks;
+  std::vector<Kernel> kernels;
+  std::vector<int64_t> columns;
+  int64_t column = 0;
+  for (size_t p = 0; p < parts.size(); ++p) {
+    const QMat& w = parts[p];
+    kernels.push_back(dot_fn(w, isa, x));
+    columns.push_back(column);
+    column += w.n;
+    const int64_t step = chunk_rows(w, rows);
+    for (int64_t n = 0; n < w.n; n += step) chunks.push_back({static_cast<int>(p), n, std::min(w.n, n + step)});
+  }
+  glm_cpu::parallel_chunks(static_cast<int64_t>(chunks.size()), [&](int64_t c, int) {
+    const Chunk& chunk = chunks[c];
+    qgemm_range(kernels[chunk.part], parts[chunk.part], x, rows, y + columns[chunk.part], ldy, chunk.first,
+                chunk.last);
+  });
+}
+
+// All output rows, shared out over the threads.
 inline void qgemm(const QMat& w, const QAct& x, int64_t rows, float* y, int64_t ldy, int isa) {
   const Kernel dot = dot_fn(w, isa, x);
-  at::parallel_for(0, w.n, row_grain(w.k, rows), [&](int64_t begin, int64_t end) {
+  glm_cpu::parallel_range(w.n, chunk_rows(w, rows), [&](int64_t begin, int64_t end) {
     qgemm_range(dot, w, x, rows, y, ldy, begin, end);
   });
 }
@@ -759,6 +790,7 @@ struct MoeScratch {
   std::vector<int64_t> order, starts, token_of;  // pairs sorted by expert; each expert's first sorted pair
   std::vector<float> pair_weight, gate_up, hidden, down;
   QActBuffer x_q, sorted_q, hidden_q;
+  glm_cpu::Profile* profile = nullptr;  // where the phases' times go, if anywhere
 };
 
 // The routed experts of `tokens` rows: x [tokens, D] (any float type T, row stride D), ids / weights [tokens, K]
@@ -774,6 +806,7 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
               ", I=", width, ", D=", dim, "/", down.n);
   std::fill(acc, acc + tokens * dim, 0.0f);
   if (pairs == 0) return;
+  std::optional<glm_cpu::Timed> part(std::in_place, s.profile, "experts.sort_quantize");
   for (int64_t p = 0; p < pairs; ++p)
     TORCH_CHECK(ids[p] >= 0 && ids[p] < experts, "quantized_fused_moe: expert id ", ids[p], " out of [0, ", experts,
                 ")");
@@ -802,23 +835,23 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
     std::vector<std::pair<int64_t, int64_t>> tasks;
     int64_t rows_max = 1;
     for (int64_t e = 0; e < experts; ++e) rows_max = std::max(rows_max, s.starts[e + 1] - s.starts[e]);
-    const int64_t block = std::max<int64_t>(kBlockRows, row_grain(w.k, rows_max));
+    const int64_t block = chunk_rows(w, rows_max);
     for (int64_t e = 0; e < experts; ++e)
       if (s.starts[e + 1] > s.starts[e])
         for (int64_t n = 0; n < w.n; n += block) tasks.push_back({e, n});
     const Kernel dot = dot_fn(w, isa_now, in);
-    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const auto [e, n] = tasks[t];
-        const int64_t first = s.starts[e], rows = s.starts[e + 1] - first;
-        const QAct rows_in = in.from(first);
-        qgemm_range(dot, w.expert(e), rows_in, rows, out + first * ldo, ldo, n, std::min(n + block, w.n));
-      }
+    glm_cpu::parallel_chunks(static_cast<int64_t>(tasks.size()), [&](int64_t t, int) {
+      const auto [e, n] = tasks[t];
+      const int64_t first = s.starts[e], rows = s.starts[e + 1] - first;
+      const QAct rows_in = in.from(first);
+      qgemm_range(dot, w.expert(e), rows_in, rows, out + first * ldo, ldo, n, std::min(n + block, w.n));
     });
   };
   s.gate_up.resize(pairs * 2 * width);
   if (needs_pairs(gate_up, isa_now)) s.sorted_q.pair_order(pairs);
+  part.emplace(s.profile, "experts.gate_up");
   run(gate_up, s.sorted_q.view(), s.gate_up.data(), 2 * width);
+  part.emplace(s.profile, "experts.silu_quantize");
   s.hidden.resize(pairs * width);
   for (int64_t i = 0; i < pairs; ++i) {
     const float* g = s.gate_up.data() + i * 2 * width;
@@ -828,7 +861,9 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
   quantize_rows<float>(s.hidden.data(), width, pairs, width, s.hidden_q);
   s.down.resize(pairs * dim);
   if (needs_pairs(down, isa_now)) s.hidden_q.pair_order(pairs);
+  part.emplace(s.profile, "experts.down");
   run(down, s.hidden_q.view(), s.down.data(), dim);
+  part.emplace(s.profile, "experts.sum");
   for (int64_t i = 0; i < pairs; ++i) {
     const int64_t p = s.order[i], t = p / top_k;
     const float w = weights[p];

@@ -13,17 +13,231 @@
 #define GLM_AVX2 1
 #endif
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 namespace glm_cpu {
 
 using at::Tensor;
+
+// Seconds spent per named part of a call, where profiling is on (DecodeModel.set_profiling): which parts of a
+// decode step take the time, and which of them gain from more threads. Off, a part costs one branch.
+struct Profile {
+  bool on = false;
+  std::map<std::string, double> seconds;
+};
+
+class Timed {  // adds the wall time of its scope to profile->seconds[name]
+ public:
+  Timed(Profile* profile, const char* name) : profile_(profile != nullptr && profile->on ? profile : nullptr),
+                                              name_(name) {
+    if (profile_ != nullptr) start_ = std::chrono::steady_clock::now();
+  }
+  ~Timed() {
+    if (profile_ != nullptr)
+      profile_->seconds[name_] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  }
+  Timed(const Timed&) = delete;
+  Timed& operator=(const Timed&) = delete;
+
+ private:
+  Profile* profile_;
+  const char* name_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+
+// ---- Threads -------------------------------------------------------------------------------------------------
+// One persistent pool of worker threads for every kernel here, with work claimed dynamically, chunk by chunk.
+//
+// Why not at::parallel_for: with torch's OpenMP backend it splits a range into one static slice per thread and
+// ends in a barrier that waits for every thread of the team. A decode step runs a dozen such regions per layer;
+// when a thread is late (the machine runs other processes, or the OS moves it), its whole slice waits for it, and
+// a region that a late thread never needed still waits at the barrier for it to arrive: measured on a shared
+// 2-core box, a 150K-element dtype cast that takes 0.1 ms on one thread took 4-11 ms on two. Here a job is many
+// small chunks; each thread, the caller included, claims the next unclaimed chunk until none is left, and the
+// caller waits only for chunks that were claimed, never for a thread that did not start: a late worker finds the
+// job done and goes back to waiting. Nothing starts per job: workers spin briefly for the next job (a step's jobs
+// come microseconds apart) and then sleep on a condition variable.
+//
+// Every chunk is computed by the same code whichever thread claims it, and no sum is split across threads, so a
+// result is bitwise the same at any thread count.
+//
+// The number of threads is torch's (torch.set_num_threads; at::get_num_threads), read at each job. A job started
+// from inside a job (or while another thread's job runs) runs inline on its caller's thread. After fork() the
+// child has no workers: its jobs run on the caller alone until a fresh pool is made for it.
+class ThreadPool {
+ public:
+  static ThreadPool& instance() {
+    static std::atomic<ThreadPool*> pool{nullptr};
+    static std::mutex made;
+    ThreadPool* p = pool.load(std::memory_order_acquire);
+    if (p == nullptr || p->pid_ != ::getpid()) {
+      std::lock_guard<std::mutex> lock(made);
+      p = pool.load(std::memory_order_acquire);
+      // Never deleted: detached workers may still be waiting on it at exit (a fork's child leaks its parent's).
+      if (p == nullptr || p->pid_ != ::getpid()) pool.store(p = new ThreadPool(), std::memory_order_release);
+    }
+    return *p;
+  }
+
+  // fn(chunk, thread) for every chunk in [0, chunks), over up to `threads` threads (thread 0 is the caller; a
+  // thread index is below `threads`, for per-thread scratch). Returns when every chunk is done.
+  void run(int64_t chunks, int threads, const std::function<void(int64_t, int)>& fn) {
+    if (chunks <= 0) return;
+    threads = static_cast<int>(std::min<int64_t>(std::max(threads, 1), std::min<int64_t>(chunks, kMaxThreads)));
+    std::unique_lock<std::mutex> exclusive(run_mutex_, std::try_to_lock);
+    if (threads == 1 || in_job() || !exclusive.owns_lock() || chunks >= kMaxChunks) {
+      for (int64_t c = 0; c < chunks; ++c) fn(c, 0);
+      return;
+    }
+    grow(threads - 1);
+    fn_ = &fn;
+    error_ = nullptr;
+    wanted_.store(threads - 1, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    generation_ = (generation_ + 1) & kGenerationMask;
+    state_.store(pack(generation_, chunks, 0), std::memory_order_seq_cst);  // publishes fn_, wanted_, done_
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      { std::lock_guard<std::mutex> lock(sleep_mutex_); }
+      wake_.notify_all();
+    }
+    in_job() = true;
+    work(generation_, 0);
+    in_job() = false;
+    // Wait for chunks that workers claimed and still compute: spin, then give the core away while waiting.
+    for (int spins = 0; done_.load(std::memory_order_acquire) < chunks; ++spins) {
+      if (spins < 4096) {
+        pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    if (error_) std::rethrow_exception(error_);  // a chunk's exception, on the caller's thread
+  }
+
+ private:
+  // state_: generation (16 bits) | chunks (24 bits) | next unclaimed chunk (24 bits). One word, so that a claim
+  // (a compare-and-swap) can only succeed for the job it read: a late worker cannot take a chunk of the next job
+  // with the previous one's function.
+  static constexpr int64_t kMaxChunks = int64_t{1} << 24;
+  static constexpr uint64_t kGenerationMask = 0xffff;
+  static constexpr int kMaxThreads = 256;
+  static uint64_t pack(uint64_t generation, uint64_t chunks, uint64_t next) {
+    return (generation << 48) | (chunks << 24) | next;
+  }
+
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  static bool& in_job() {
+    static thread_local bool flag = false;
+    return flag;
+  }
+
+  // Claims and runs chunks of job `generation` until none is left (or another job has replaced it).
+  void work(uint64_t generation, int thread) {
+    uint64_t state = state_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t chunks = (state >> 24) & 0xffffff, next = state & 0xffffff;
+      if ((state >> 48) != generation || next >= chunks) return;
+      if (!state_.compare_exchange_weak(state, state + 1, std::memory_order_acq_rel, std::memory_order_acquire))
+        continue;  // `state` now holds the current value: try again
+      try {
+        (*fn_)(static_cast<int64_t>(next), thread);
+      } catch (...) {  // kept for the caller (an exception must not leave a worker thread)
+        std::lock_guard<std::mutex> lock(error_mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+      done_.fetch_add(1, std::memory_order_acq_rel);
+      state = state_.load(std::memory_order_acquire);
+    }
+  }
+
+  void worker(int index) {
+    in_job() = true;  // a job started from a chunk runs inline
+    uint64_t seen = state_.load(std::memory_order_acquire) >> 48;
+    for (;;) {
+      // Spin a little for the next job, then sleep until one comes.
+      uint64_t generation = state_.load(std::memory_order_acquire) >> 48;
+      const auto start = std::chrono::steady_clock::now();
+      for (int spins = 0; generation == seen; ++spins) {
+        pause();
+        if ((spins & 255) == 255 && std::chrono::steady_clock::now() - start > kSpin) {
+          std::unique_lock<std::mutex> lock(sleep_mutex_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          wake_.wait(lock, [&] { return (state_.load(std::memory_order_seq_cst) >> 48) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        }
+        generation = state_.load(std::memory_order_acquire) >> 48;
+      }
+      seen = generation;
+      if (index < wanted_.load(std::memory_order_relaxed)) work(generation, index + 1);
+    }
+  }
+
+  void grow(int workers) {
+    while (static_cast<int>(workers_) < workers) {
+      std::thread([this, index = static_cast<int>(workers_)] { worker(index); }).detach();
+      ++workers_;
+    }
+  }
+
+  ThreadPool() : pid_(::getpid()) {}
+
+  static constexpr std::chrono::microseconds kSpin{100};
+  const pid_t pid_;
+  std::mutex run_mutex_;  // one job at a time
+  std::atomic<uint64_t> state_{0};
+  uint64_t generation_ = 0;  // the current job's (written by the caller under run_mutex_)
+  const std::function<void(int64_t, int)>* fn_ = nullptr;
+  std::atomic<int> wanted_{0};  // workers this job may use (worker i takes part if i < wanted_)
+  std::atomic<int64_t> done_{0};
+  std::mutex error_mutex_;
+  std::exception_ptr error_;  // the job's first exception
+  std::atomic<int> sleepers_{0};
+  std::mutex sleep_mutex_;
+  std::condition_variable wake_;
+  size_t workers_ = 0;
+};
+
+// The number of threads kernels use: torch's (torch.set_num_threads).
+inline int num_threads() { return std::max(1, at::get_num_threads()); }
+
+// fn(chunk, thread) for chunk in [0, chunks) over torch's number of threads (see ThreadPool).
+inline void parallel_chunks(int64_t chunks, const std::function<void(int64_t, int)>& fn) {
+  ThreadPool::instance().run(chunks, num_threads(), fn);
+}
+
+// fn(begin, end) over [0, n) in chunks of `grain` (the last one shorter), over torch's number of threads.
+inline void parallel_range(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t chunks = (n + grain - 1) / grain;
+  if (chunks <= 1) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  parallel_chunks(chunks, [&](int64_t c, int) { fn(c * grain, std::min(n, (c + 1) * grain)); });
+}
 
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
@@ -168,16 +382,21 @@ void gemv_rows_range(const T* w, int64_t row_stride, const float* x, int64_t row
   }
 }
 
+// Bytes of weights per chunk of a decode-size job: small enough that two threads share a matrix evenly and a late
+// thread holds up little (at ~10 GB/s a chunk is ~13 us), large enough that claiming one (an atomic
+// compare-and-swap) costs nothing next to it.
+constexpr int64_t kChunkBytes = int64_t{1} << 17;
+
 // All output rows. MKL's gemv reads this layout 3x slower than the column-major one at decode sizes (measured: 1.2
 // vs 0.35 ms for an 8192x256 fp32 matrix). Decode is memory-bound, and one core cannot draw a big model's weights
-// from memory fast enough: groups of rows are split over torch's intra-op threads (torch.set_num_threads) once a
-// matrix is large enough to pay for it; small ones run inline.
+// from memory fast enough: chunks of rows (groups of four) are shared out over the threads (ThreadPool); a matrix
+// of one chunk runs inline.
 template <typename T>
 void gemv_rows(const T* w, int64_t row_stride, const float* x, int64_t rows, int64_t n_in, int64_t n_out,
                float* y) {
   const int64_t groups = (n_out + 3) / 4;
-  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(4 * n_in, 1));  // ~1 MB of fp32 a task
-  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(4 * n_in * sizeof(T), 1));
+  parallel_range(groups, grain, [&](int64_t begin, int64_t end) {
     gemv_rows_range<T>(w, row_stride, x, rows, n_in, n_out, y, begin * 4, std::min(end * 4, n_out));
   });
 }
