@@ -241,18 +241,21 @@ export class ChatModel {
     this.update({ conversation: { ...conversation, settings: { ...conversation.settings, ...patch } } });
   }
 
-  /** Temperature and max tokens of this conversation (saved with it); undefined follows the preferences. */
-  setConversationSettings(patch: Pick<ConversationSettings, 'temperature' | 'maxTokens'>): void {
+  /** Temperature, max tokens and thinking budget of this conversation (saved with it); undefined follows the
+   * preferences (for the budget: no cap). */
+  setConversationSettings(patch: Pick<ConversationSettings, 'temperature' | 'maxTokens' | 'thinkingBudget'>): void {
     this.settingsPatch(patch);
     void this.save();
   }
 
-  /** The temperature and max tokens answers of this conversation are asked with. */
-  effectiveSettings(): { temperature: number; maxTokens: number } {
+  /** The temperature, max tokens and thinking budget (null: no cap) answers of this conversation are asked with. */
+  effectiveSettings(): { temperature: number; maxTokens: number; thinkingBudget: number | null } {
     const settings = this._state.conversation.settings ?? {};
+    const budget = settings.thinkingBudget;
     return {
       temperature: settings.temperature ?? this.preferences.temperature,
-      maxTokens: settings.maxTokens ?? this.preferences.maxTokens
+      maxTokens: settings.maxTokens ?? this.preferences.maxTokens,
+      thinkingBudget: typeof budget === 'number' && Number.isInteger(budget) && budget >= 1 ? budget : null
     };
   }
 
@@ -484,6 +487,12 @@ export class ChatModel {
     return hasCapability(this.modelInfo(modelId), 'thinking') ?? true;
   }
 
+  /** Whether the model honours a thinking budget (`thinking_budget`); never assumed: a server that does not say
+   * would ignore it, or refuse the field. */
+  supportsThinkingBudget(modelId: string = this._state.model): boolean {
+    return this.supportsThinking(modelId) && hasCapability(this.modelInfo(modelId), 'thinking_budget') === true;
+  }
+
   /**
    * Send a user message. `label` is shown above it and never sent; `toggledContext: false` leaves out what the
    * context toggles would add (Continue and the tool demo need none of it).
@@ -567,12 +576,16 @@ export class ChatModel {
       stream_options: { include_usage: true },
       temperature: this.effectiveSettings().temperature
     };
-    const { maxTokens } = this.effectiveSettings();
+    const { maxTokens, thinkingBudget } = this.effectiveSettings();
     if (maxTokens > 0) {
       request.max_tokens = maxTokens;
     }
     if (this._state.thinkingMode !== 'auto' && this.supportsThinking(request.model)) {
       request.thinking = { type: this._state.thinkingMode === 'on' ? 'enabled' : 'disabled' };
+    }
+    // a budget caps thinking that happens: sent unless thinking is off (with "auto" it asks for thinking, capped)
+    if (thinkingBudget !== null && this._state.thinkingMode !== 'off' && this.supportsThinkingBudget(request.model)) {
+      request.thinking = { type: 'enabled', budget_tokens: thinkingBudget };
     }
     if (this.supportsRouting(request.model) && (this.routingViewOpen || this.preferences.keepRouting)) {
       request.routing = true;

@@ -596,7 +596,8 @@ function ThinkingControl({ state, model }: { state: ChatState; model: ChatModel 
 const CAPABILITY_TITLES: Record<string, string> = {
   thinking: 'Thinks before answering (thinking auto / on / off)',
   tools: 'Can call the notebook tools',
-  routing: 'Records expert routing: the Experts button opens it'
+  routing: 'Records expert routing: the Experts button opens it',
+  thinking_budget: 'Takes a thinking budget: the most reasoning tokens (⚙ of the conversation)'
 };
 
 /** What the chosen model is: its provider, capabilities, price and context, under the picker. */
