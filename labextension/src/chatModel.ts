@@ -26,6 +26,7 @@ import {
   type ToolMessage
 } from './chatState';
 import { emptyTree, pathBefore, pathOf, savedTree, selectSibling, treeFromMessages, withPath } from './conversationTree';
+import { DraftCounter } from './draftCount';
 import { statusFailure, WorkbenchError } from './errors';
 import { hasCapability, modelName, usableModel } from './models';
 import type { ChatCompletionChunk, ChatCompletionRequest, ModelInfo, ServerStatus, ThinkingMode } from './protocol';
@@ -95,6 +96,9 @@ export interface ChatState {
   status: ServerStatus | null;
   /** Said under the last step when the agent loop paused at its step limit (with Continue) or was stopped. */
   loopNotice: { text: string; canContinue: boolean } | null;
+  /** The prompt tokens of the conversation with the message being typed (the server's count); null: not counted
+   * (no draft, or a provider that cannot count), the context meter shows the last answer's usage. */
+  draftTokens: number | null;
 }
 
 /** The model this package ships: a 10M-parameter demo (workbench/models/glm45-air-mini), not a coding assistant. */
@@ -186,6 +190,15 @@ export class ChatModel {
   private loop: LoopRun = startLoop();
   /** A tool the next request names in tool_choice (the tool demo); cleared once that request is built. */
   private forcedTool: string | null = null;
+  /** Counts the message being typed for the context meter (debounced, cancellable, silent on failure). */
+  private readonly draftCounter = new DraftCounter(
+    (request, signal) => this.client.countTokens(request, signal),
+    tokens => {
+      if (tokens !== this._state.draftTokens) {
+        this.update({ draftTokens: tokens });
+      }
+    }
+  );
   /** A saved conversation to reopen on the first refresh (the last one of the previous session). */
   restoreConversationId: string | null = null;
 
@@ -204,7 +217,8 @@ export class ChatModel {
       busy: false,
       failure: null,
       status: null,
-      loopNotice: null
+      loopNotice: null,
+      draftTokens: null
     };
   }
 
@@ -352,6 +366,26 @@ export class ChatModel {
   setThinkingMode(thinkingMode: ThinkingMode): void {
     this.update({ thinkingMode });
     this.settingsPatch({ thinkingMode });
+  }
+
+  /**
+   * The message being typed changed (or what it would be sent with): the context meter counts the request that
+   * sending it would make, once typing pauses. Nothing is counted while an answer is under way.
+   */
+  setDraft(text: string): void {
+    const trimmed = text.trim();
+    if (!trimmed || this._state.busy || !this._state.model) {
+      this.draftCounter.update(null);
+      return;
+    }
+    let context: ContextBlock[] = [];
+    try {
+      context = this.bridge.collectContext(this._state.context);
+    } catch {
+      // a count without the notebook's context is still a count
+    }
+    const draft: Message = { kind: 'user', id: 'draft', text: trimmed, context };
+    this.draftCounter.update(this.buildRequest([...this._state.conversation.messages, draft], { preview: true }));
   }
 
   setContext(context: Partial<ContextToggles>): void {
@@ -568,7 +602,9 @@ export class ChatModel {
     }
   }
 
-  private buildRequest(messages: Message[]): ChatCompletionRequest {
+  /** The request for these messages; `preview` (the draft's count) leaves the tool demo's forced tool for the
+   * request that is sent. */
+  private buildRequest(messages: Message[], { preview = false } = {}): ChatCompletionRequest {
     const request: ChatCompletionRequest = {
       model: this._state.model,
       messages: toApiMessages(messages, this.preferences.systemPrompt || undefined),
@@ -601,7 +637,9 @@ export class ChatModel {
         request.tools = NOTEBOOK_TOOLS.filter(tool => tool.function.name === this.forcedTool);
         request.tool_choice = { type: 'function', function: { name: this.forcedTool } };
       }
-      this.forcedTool = null; // the model answers the tool's result freely
+      if (!preview) {
+        this.forcedTool = null; // the model answers the tool's result freely
+      }
     }
     return request;
   }
