@@ -1,7 +1,8 @@
 /**
  * One step of the agent loop as a card: step number, tool, what it does (reads, edits, runs code, reaches the
- * network), status, time (ticking while it runs), the arguments, a one-line summary of the result with the full result folded, the
- * approval buttons while it waits, and under the card the reasoning that led to the call (collapsed).
+ * network), status, time (ticking while it runs), the arguments, a one-line summary of the result with the full
+ * result folded, the approval buttons while it waits, and under the card the reasoning that led to the call
+ * (collapsed).
  *
  * The logic (numbering, summary, time, whose reasoning) lives in agentLoop.ts; this file only draws it.
  */
