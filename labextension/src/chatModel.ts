@@ -378,14 +378,19 @@ export class ChatModel {
       this.draftCounter.update(null);
       return;
     }
-    let context: ContextBlock[] = [];
-    try {
-      context = this.bridge.collectContext(this._state.context);
-    } catch {
-      // a count without the notebook's context is still a count
-    }
-    const draft: Message = { kind: 'user', id: 'draft', text: trimmed, context };
-    this.draftCounter.update(this.buildRequest([...this._state.conversation.messages, draft], { preview: true }));
+    this.draftCounter.update({
+      model: this._state.model,
+      build: () => {
+        let context: ContextBlock[] = [];
+        try {
+          context = this.bridge.collectContext(this._state.context);
+        } catch {
+          // a count without the notebook's context is still a count
+        }
+        const draft: Message = { kind: 'user', id: 'draft', text: trimmed, context };
+        return this.buildRequest([...this._state.conversation.messages, draft], { preview: true });
+      }
+    });
   }
 
   setContext(context: Partial<ContextToggles>): void {

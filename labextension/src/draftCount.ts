@@ -15,6 +15,13 @@ export const DRAFT_COUNT_DELAY_MS = 500;
 
 export type CountTokens = (request: ChatCompletionRequest, signal: AbortSignal) => Promise<number>;
 
+/** A draft to count: its model, and how to build the request sending it would make (built only when the count
+ * starts: collecting a whole notebook's context on every keystroke would slow typing down). */
+export interface Draft {
+  model: string;
+  build(): ChatCompletionRequest;
+}
+
 export class DraftCounter {
   private timer: ReturnType<typeof setTimeout> | null = null;
   private abort: AbortController | null = null;
@@ -29,19 +36,18 @@ export class DraftCounter {
   ) {}
 
   /**
-   * The draft changed: `request` is what sending it would ask, null when there is nothing to count (an empty
-   * draft, an answer under way). The last count stays shown until the new one arrives, so the meter does not
-   * flicker while typing.
+   * The draft changed; null when there is nothing to count (an empty draft, an answer under way). The last count
+   * stays shown until the new one arrives, so the meter does not flicker while typing.
    */
-  update(request: ChatCompletionRequest | null): void {
+  update(draft: Draft | null): void {
     this.cancel();
-    if (!request || !request.model || this.cannotCount.has(request.model)) {
+    if (!draft || !draft.model || this.cannotCount.has(draft.model)) {
       this.onCount(null);
       return;
     }
     this.timer = setTimeout(() => {
       this.timer = null;
-      void this.run(request);
+      void this.run(draft);
     }, this.delayMs);
   }
 
@@ -55,11 +61,11 @@ export class DraftCounter {
     this.abort = null;
   }
 
-  private async run(request: ChatCompletionRequest): Promise<void> {
+  private async run(draft: Draft): Promise<void> {
     const abort = new AbortController();
     this.abort = abort;
     try {
-      const tokens = await this.count(request, abort.signal);
+      const tokens = await this.count(draft.build(), abort.signal);
       if (!abort.signal.aborted) {
         this.onCount(typeof tokens === 'number' && Number.isFinite(tokens) && tokens >= 0 ? tokens : null);
       }
@@ -69,7 +75,7 @@ export class DraftCounter {
       }
       const status = (error as { status?: unknown } | null)?.status;
       if (status === 400 || status === 404) {
-        this.cannotCount.add(request.model);
+        this.cannotCount.add(draft.model);
       }
       this.onCount(null); // silently: the meter shows the last answer's usage
     } finally {

@@ -5,14 +5,13 @@ import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 
 import type { WorkbenchClient } from '../src/api';
 import { ChatModel, DEFAULT_PREFERENCES } from '../src/chatModel';
-import { DRAFT_COUNT_DELAY_MS, DraftCounter } from '../src/draftCount';
+import { type Draft, DRAFT_COUNT_DELAY_MS, DraftCounter } from '../src/draftCount';
 import { WorkbenchError } from '../src/errors';
 import type { ChatCompletionRequest } from '../src/protocol';
 
-const ask = (model: string, text: string): ChatCompletionRequest => ({
+const ask = (model: string, text: string): Draft => ({
   model,
-  messages: [{ role: 'user', content: text }],
-  stream: true
+  build: () => ({ model, messages: [{ role: 'user', content: text }], stream: true })
 });
 
 /** A count function whose answers the test releases one by one. */
@@ -101,13 +100,23 @@ describe('ChatModel.setDraft', () => {
         return 77;
       }
     };
-    const bridge = { collectContext: () => [], runTool: async () => '' };
+    let collected = 0;
+    const bridge = {
+      collectContext: () => {
+        collected += 1;
+        return [];
+      },
+      runTool: async () => ''
+    };
     const model = new ChatModel(client as unknown as WorkbenchClient, bridge, DEFAULT_PREFERENCES);
     await model.refresh();
     vi.useFakeTimers();
     try {
+      model.setDraft('How long');
       model.setDraft('How long is this?');
+      expect(collected).toBe(0); // typing never waits on the notebook's context: read once the pause comes
       await vi.advanceTimersByTimeAsync(DRAFT_COUNT_DELAY_MS);
+      expect(collected).toBe(1);
       expect(counted).toHaveLength(1);
       expect(counted[0].model).toBe('glm-tiny');
       expect(counted[0].messages.at(-1)).toMatchObject({ role: 'user', content: 'How long is this?' });
