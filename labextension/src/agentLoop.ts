@@ -106,12 +106,16 @@ export function resultSummary(result: string | undefined, max = 80): string {
   return trimmed.length > max ? `${trimmed.slice(0, max - 1)}…` : trimmed;
 }
 
-/** How long the step ran, e.g. "0.4 s"; empty while it has not finished (or never ran). */
-export function stepDuration(message: ToolMessage): string {
-  if (message.started === undefined || message.finished === undefined) {
+/**
+ * How long the step ran, e.g. "0.4 s"; while it runs, how long so far when `now` is given (the card's live
+ * timer); empty when it never ran.
+ */
+export function stepDuration(message: ToolMessage, now?: number): string {
+  const end = message.finished ?? (message.status === 'running' ? now : undefined);
+  if (message.started === undefined || end === undefined) {
     return '';
   }
-  const seconds = Math.max(0, (message.finished - message.started) / 1000);
+  const seconds = Math.max(0, (end - message.started) / 1000);
   return seconds < 10 ? `${seconds.toFixed(1)} s` : `${Math.round(seconds)} s`;
 }
 

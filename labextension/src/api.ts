@@ -88,6 +88,21 @@ export class WorkbenchClient {
     yield* readChatStream(response.body);
   }
 
+  /** The prompt tokens of a chat request for its model (`POST api/count_tokens`); a provider that cannot count
+   * answers 400. */
+  async countTokens(body: ChatCompletionRequest, signal: AbortSignal): Promise<number> {
+    const answer = await this.json<{ prompt_tokens?: unknown }>('api/count_tokens', {
+      method: 'POST',
+      body: JSON.stringify(body),
+      headers: { 'Content-Type': 'application/json' },
+      signal
+    });
+    if (typeof answer?.prompt_tokens !== 'number') {
+      throw new WorkbenchError('backend', 'The server answered api/count_tokens without prompt_tokens.');
+    }
+    return answer.prompt_tokens;
+  }
+
   async listConversations(): Promise<ConversationSummary[]> {
     const body = await this.json<{ conversations?: ConversationSummary[] }>('api/conversations');
     return body?.conversations ?? [];

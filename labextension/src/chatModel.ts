@@ -26,6 +26,7 @@ import {
   type ToolMessage
 } from './chatState';
 import { emptyTree, pathBefore, pathOf, savedTree, selectSibling, treeFromMessages, withPath } from './conversationTree';
+import { DraftCounter } from './draftCount';
 import { statusFailure, WorkbenchError } from './errors';
 import { hasCapability, modelName, usableModel } from './models';
 import type { ChatCompletionChunk, ChatCompletionRequest, ModelInfo, ServerStatus, ThinkingMode } from './protocol';
@@ -95,6 +96,9 @@ export interface ChatState {
   status: ServerStatus | null;
   /** Said under the last step when the agent loop paused at its step limit (with Continue) or was stopped. */
   loopNotice: { text: string; canContinue: boolean } | null;
+  /** The prompt tokens of the conversation with the message being typed (the server's count); null: not counted
+   * (no draft, or a provider that cannot count), the context meter shows the last answer's usage. */
+  draftTokens: number | null;
 }
 
 /** The model this package ships: a 10M-parameter demo (workbench/models/glm45-air-mini), not a coding assistant. */
@@ -186,6 +190,15 @@ export class ChatModel {
   private loop: LoopRun = startLoop();
   /** A tool the next request names in tool_choice (the tool demo); cleared once that request is built. */
   private forcedTool: string | null = null;
+  /** Counts the message being typed for the context meter (debounced, cancellable, silent on failure). */
+  private readonly draftCounter = new DraftCounter(
+    (request, signal) => this.client.countTokens(request, signal),
+    tokens => {
+      if (tokens !== this._state.draftTokens) {
+        this.update({ draftTokens: tokens });
+      }
+    }
+  );
   /** A saved conversation to reopen on the first refresh (the last one of the previous session). */
   restoreConversationId: string | null = null;
 
@@ -204,7 +217,8 @@ export class ChatModel {
       busy: false,
       failure: null,
       status: null,
-      loopNotice: null
+      loopNotice: null,
+      draftTokens: null
     };
   }
 
@@ -241,18 +255,21 @@ export class ChatModel {
     this.update({ conversation: { ...conversation, settings: { ...conversation.settings, ...patch } } });
   }
 
-  /** Temperature and max tokens of this conversation (saved with it); undefined follows the preferences. */
-  setConversationSettings(patch: Pick<ConversationSettings, 'temperature' | 'maxTokens'>): void {
+  /** Temperature, max tokens and thinking budget of this conversation (saved with it); undefined follows the
+   * preferences (for the budget: no cap). */
+  setConversationSettings(patch: Pick<ConversationSettings, 'temperature' | 'maxTokens' | 'thinkingBudget'>): void {
     this.settingsPatch(patch);
     void this.save();
   }
 
-  /** The temperature and max tokens answers of this conversation are asked with. */
-  effectiveSettings(): { temperature: number; maxTokens: number } {
+  /** The temperature, max tokens and thinking budget (null: no cap) answers of this conversation are asked with. */
+  effectiveSettings(): { temperature: number; maxTokens: number; thinkingBudget: number | null } {
     const settings = this._state.conversation.settings ?? {};
+    const budget = settings.thinkingBudget;
     return {
       temperature: settings.temperature ?? this.preferences.temperature,
-      maxTokens: settings.maxTokens ?? this.preferences.maxTokens
+      maxTokens: settings.maxTokens ?? this.preferences.maxTokens,
+      thinkingBudget: typeof budget === 'number' && Number.isInteger(budget) && budget >= 1 ? budget : null
     };
   }
 
@@ -349,6 +366,31 @@ export class ChatModel {
   setThinkingMode(thinkingMode: ThinkingMode): void {
     this.update({ thinkingMode });
     this.settingsPatch({ thinkingMode });
+  }
+
+  /**
+   * The message being typed changed (or what it would be sent with): the context meter counts the request that
+   * sending it would make, once typing pauses. Nothing is counted while an answer is under way.
+   */
+  setDraft(text: string): void {
+    const trimmed = text.trim();
+    if (!trimmed || this._state.busy || !this._state.model) {
+      this.draftCounter.update(null);
+      return;
+    }
+    this.draftCounter.update({
+      model: this._state.model,
+      build: () => {
+        let context: ContextBlock[] = [];
+        try {
+          context = this.bridge.collectContext(this._state.context);
+        } catch {
+          // a count without the notebook's context is still a count
+        }
+        const draft: Message = { kind: 'user', id: 'draft', text: trimmed, context };
+        return this.buildRequest([...this._state.conversation.messages, draft], { preview: true });
+      }
+    });
   }
 
   setContext(context: Partial<ContextToggles>): void {
@@ -484,6 +526,12 @@ export class ChatModel {
     return hasCapability(this.modelInfo(modelId), 'thinking') ?? true;
   }
 
+  /** Whether the model honours a thinking budget (`thinking_budget`); never assumed: a server that does not say
+   * would ignore it, or refuse the field. */
+  supportsThinkingBudget(modelId: string = this._state.model): boolean {
+    return this.supportsThinking(modelId) && hasCapability(this.modelInfo(modelId), 'thinking_budget') === true;
+  }
+
   /**
    * Send a user message. `label` is shown above it and never sent; `toggledContext: false` leaves out what the
    * context toggles would add (Continue and the tool demo need none of it).
@@ -559,7 +607,9 @@ export class ChatModel {
     }
   }
 
-  private buildRequest(messages: Message[]): ChatCompletionRequest {
+  /** The request for these messages; `preview` (the draft's count) leaves the tool demo's forced tool for the
+   * request that is sent. */
+  private buildRequest(messages: Message[], { preview = false } = {}): ChatCompletionRequest {
     const request: ChatCompletionRequest = {
       model: this._state.model,
       messages: toApiMessages(messages, this.preferences.systemPrompt || undefined),
@@ -567,12 +617,16 @@ export class ChatModel {
       stream_options: { include_usage: true },
       temperature: this.effectiveSettings().temperature
     };
-    const { maxTokens } = this.effectiveSettings();
+    const { maxTokens, thinkingBudget } = this.effectiveSettings();
     if (maxTokens > 0) {
       request.max_tokens = maxTokens;
     }
     if (this._state.thinkingMode !== 'auto' && this.supportsThinking(request.model)) {
       request.thinking = { type: this._state.thinkingMode === 'on' ? 'enabled' : 'disabled' };
+    }
+    // a budget caps thinking that happens: sent unless thinking is off (with "auto" it asks for thinking, capped)
+    if (thinkingBudget !== null && this._state.thinkingMode !== 'off' && this.supportsThinkingBudget(request.model)) {
+      request.thinking = { type: 'enabled', budget_tokens: thinkingBudget };
     }
     if (this.supportsRouting(request.model) && (this.routingViewOpen || this.preferences.keepRouting)) {
       request.routing = true;
@@ -588,7 +642,9 @@ export class ChatModel {
         request.tools = NOTEBOOK_TOOLS.filter(tool => tool.function.name === this.forcedTool);
         request.tool_choice = { type: 'function', function: { name: this.forcedTool } };
       }
-      this.forcedTool = null; // the model answers the tool's result freely
+      if (!preview) {
+        this.forcedTool = null; // the model answers the tool's result freely
+      }
     }
     return request;
   }

@@ -85,6 +85,8 @@ export interface ConversationSettings {
   temperature?: number;
   /** 0: as much as fits. */
   maxTokens?: number;
+  /** Most reasoning tokens (sent as thinking.budget_tokens where the model honours it); unset: no cap. */
+  thinkingBudget?: number;
 }
 
 export interface Conversation {

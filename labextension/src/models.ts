@@ -11,7 +11,7 @@
 import type { Message } from './chatState';
 import type { Cost, ModelCapability, ModelInfo, Prices, ProviderStatus, ServerStatus } from './protocol';
 
-export const CAPABILITIES: readonly ModelCapability[] = ['thinking', 'tools', 'routing'];
+export const CAPABILITIES: readonly ModelCapability[] = ['thinking', 'tools', 'routing', 'thinking_budget'];
 
 /** One entry of the model picker. */
 export interface ModelEntry {

@@ -33,7 +33,8 @@ export interface ChatCompletionRequest {
   messages: ApiMessage[];
   stream: true;
   stream_options?: { include_usage: boolean };
-  thinking?: { type: 'enabled' | 'disabled' };
+  /** budget_tokens: most reasoning tokens (models with the `thinking_budget` capability). */
+  thinking?: { type: 'enabled' | 'disabled'; budget_tokens?: number };
   routing?: boolean;
   tools?: ToolDefinition[];
   tool_choice?: 'auto' | 'none' | 'required' | { type: 'function'; function: { name: string } };
@@ -87,7 +88,8 @@ export interface ChatCompletionChunk {
   usage?: Usage | null;
 }
 
-export type ModelCapability = 'thinking' | 'tools' | 'routing';
+/** thinking_budget: `thinking.budget_tokens` is honoured (local engines, OpenRouter, a workbench listing it). */
+export type ModelCapability = 'thinking' | 'tools' | 'routing' | 'thinking_budget';
 
 /** `idle`: a second local engine, loaded when first asked. */
 export type ProviderState = 'ready' | 'loading' | 'idle' | 'unreachable' | 'key_missing' | 'error';

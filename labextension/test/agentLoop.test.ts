@@ -120,6 +120,10 @@ describe('step cards', () => {
     expect(stepDuration(tool('a', 'done', { started: 1000, finished: 1420 }))).toBe('0.4 s');
     expect(stepDuration(tool('a', 'done', { started: 0, finished: 42_600 }))).toBe('43 s');
     expect(stepDuration(tool('a', 'running', { started: 1000 }))).toBe('');
+    // the live timer of a running step: how long so far
+    expect(stepDuration(tool('a', 'running', { started: 1000 }), 3500)).toBe('2.5 s');
+    expect(stepDuration(tool('a', 'pending'), 3500)).toBe('');
+    expect(stepDuration(tool('a', 'done', { started: 1000, finished: 1420 }), 99_000)).toBe('0.4 s');
   });
 
   it('numbers the steps since the last user message', () => {

@@ -509,7 +509,7 @@ describe('ChatModel', () => {
         state
       }
     });
-    const LOCAL = card('local/glm45-air-mini', 'local', 'local', ['thinking', 'tools', 'routing']);
+    const LOCAL = card('local/glm45-air-mini', 'local', 'local', ['thinking', 'tools', 'routing', 'thinking_budget']);
     const REMOTE = card('hosted/glm-4.5-air', 'hosted', 'openai', ['thinking', 'tools']);
     const PLAIN = card('hosted/plain-chat', 'hosted', 'openai', ['tools']);
     const LOCKED = card('zai/glm-4.5-air', 'zai', 'openai', ['thinking', 'tools'], 'key_missing');
@@ -576,6 +576,31 @@ describe('ChatModel', () => {
       expect(model.supportsThinking()).toBe(true);
       await model.send('think');
       expect(client.requests[1].thinking).toEqual({ type: 'enabled' });
+    });
+
+    it('sends the thinking budget only to a model that honours it, and never with thinking off', async () => {
+      const answer = () => say(chunk({ content: 'x' }), chunk({}, 'stop'));
+      const { client, model } = await providerModel([answer, answer, answer, answer]);
+      model.setConversationSettings({ thinkingBudget: 256 });
+      expect(model.effectiveSettings().thinkingBudget).toBe(256);
+      model.setModel('hosted/glm-4.5-air'); // thinking, no thinking_budget: the cap would be ignored
+      expect(model.supportsThinkingBudget()).toBe(false);
+      model.setThinkingMode('on');
+      await model.send('remote');
+      expect(client.requests[0].thinking).toEqual({ type: 'enabled' });
+      model.setModel('local/glm45-air-mini');
+      expect(model.supportsThinkingBudget()).toBe(true);
+      await model.send('local, capped');
+      expect(client.requests[1].thinking).toEqual({ type: 'enabled', budget_tokens: 256 });
+      expect(client.saved.at(-1)?.settings?.thinkingBudget).toBe(256); // saved with the conversation
+      model.setThinkingMode('off');
+      await model.send('no thinking');
+      expect(client.requests[2].thinking).toEqual({ type: 'disabled' });
+      model.setThinkingMode('on');
+      model.setConversationSettings({ thinkingBudget: undefined }); // empty field: no cap
+      await model.send('uncapped');
+      expect(client.requests[3].thinking).toEqual({ type: 'enabled' });
+      expect(client.saved.at(-1)?.settings?.thinkingBudget).toBeUndefined();
     });
 
     it('offers the notebook tools only to a model that can call them', async () => {

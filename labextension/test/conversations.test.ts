@@ -79,11 +79,11 @@ describe('conversations with branches', () => {
     expect(model.state.conversation.messages.map(text)).toEqual(['q', 'answer 1']);
   });
 
-  it('each conversation keeps its model, thinking mode, temperature and max tokens', async () => {
+  it('each conversation keeps its model, thinking mode, temperature, max tokens and thinking budget', async () => {
     const { client, model } = await makeModel();
     model.setModel('glm-b');
     model.setThinkingMode('off');
-    model.setConversationSettings({ temperature: 0.1, maxTokens: 64 });
+    model.setConversationSettings({ temperature: 0.1, maxTokens: 64, thinkingBudget: 512 });
     await model.send('tuned');
     expect(client.requests[0]).toMatchObject({ model: 'glm-b', temperature: 0.1, max_tokens: 64, thinking: { type: 'disabled' } });
     const tuned = model.state.conversation.id;
@@ -96,7 +96,7 @@ describe('conversations with branches', () => {
     await model.openConversation(tuned);
     expect(model.state.model).toBe('glm-b');
     expect(model.state.thinkingMode).toBe('off');
-    expect(model.effectiveSettings()).toEqual({ temperature: 0.1, maxTokens: 64 });
+    expect(model.effectiveSettings()).toEqual({ temperature: 0.1, maxTokens: 64, thinkingBudget: 512 });
   });
 
   it('opens a conversation saved before branches as one branch, and renames it', async () => {

@@ -455,3 +455,29 @@ async def test_a_thinking_budget_goes_where_the_dialect_can_take_it(dialect, sen
         request(thinking={"type": "enabled", "budget_tokens": 64})))
     body = upstream.bodies[-1]
     assert {key: body[key] for key in sent} == sent
+
+
+@sync
+async def test_v1_models_says_which_models_honour_a_thinking_budget():
+    """`thinking_budget` is listed where `thinking.budget_tokens` is honoured: our own engines, OpenRouter, a
+    workbench provider whose server lists it; not a dialect that ignores the cap (Z.ai, vLLM), nor a workbench
+    that does not list it."""
+    def other_workbench(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/glm/v1/models"
+        card = {"object": "model", "created": 1, "owned_by": "local"}
+        return httpx.Response(200, json={"object": "list", "data": [
+            {**card, "id": "local/ckpt", "workbench": {"capabilities": ["thinking", "tools", "thinking_budget"]}},
+            {**card, "id": "old/ckpt", "workbench": {"capabilities": ["thinking", "tools"]}}]})
+
+    reg = ProviderRegistry(build_providers(
+        [{"name": "local", "kind": "local", "model_path": "small"},
+         {**provider("openrouter"), "name": "router"}, {**provider("zai"), "name": "zai"},
+         {**provider("vllm"), "name": "vllm"},
+         {"name": "gpu", "kind": "workbench", "base_url": "http://127.0.0.1:9/"}],
+        local_backend=lambda options: _StubEngineBackend(options["model_path"]), presets=False, environ={},
+        transport=httpx.MockTransport(other_workbench)))
+    await reg.start()
+    await reg.providers[-1].refresh(force=True)
+    honoured = {card.id: "thinking_budget" in card.workbench["capabilities"] for card in await reg.list_models()}
+    assert honoured == {"local/small": True, "router/glm-4.5-air": True, "zai/glm-4.5-air": False,
+                        "vllm/glm-4.5-air": False, "gpu/local/ckpt": True, "gpu/old/ckpt": False}

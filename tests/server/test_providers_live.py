@@ -125,11 +125,12 @@ def test_one_model_list_of_every_provider(server_b):
     assert [card["owned_by"] for card in cards.values()] == ["local", "gpu", "hosted", "nokey"]
     local, remote, priced, unkeyed = (card["workbench"] for card in cards.values())
     assert local == {"provider": "local", "provider_kind": "local", "dialect": None, "model": MODEL,
-                     "context_length": local["context_length"], "capabilities": ["thinking", "tools", "routing"],
+                     "context_length": local["context_length"],
+                     "capabilities": ["thinking", "tools", "routing", "thinking_budget"],
                      "prices": None, "free": False, "state": "ready"}
     assert local["context_length"] > 0
     assert remote["provider_kind"] == "workbench" and remote["model"] == "local/ckpt"
-    assert remote["capabilities"] == ["thinking", "tools", "routing"] and remote["state"] == "ready"
+    assert remote["capabilities"] == ["thinking", "tools", "routing", "thinking_budget"] and remote["state"] == "ready"
     assert remote["context_length"] == local["context_length"]  # A's own figure, passed through
     assert priced["dialect"] == "zai" and priced["prices"] == {**HOSTED_PRICES, "per_tokens": 1_000_000}
     assert priced["free"] is False and priced["state"] == "ready"

@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 KINDS = ("local", "openai", "workbench")
 STATES = ("ready", "loading", "idle", "unreachable", "key_missing", "error")
-CAPABILITIES = ("thinking", "tools", "routing")
+# thinking_budget: a `thinking.budget_tokens` cap is honoured (our engines close the reasoning after N tokens,
+# OpenRouter takes it as reasoning.max_tokens, another workbench when it lists it); other dialects ignore it
+CAPABILITIES = ("thinking", "tools", "routing", "thinking_budget")
 PER_MILLION = 1_000_000
 GLM_45_AIR_CONTEXT = 131072  # GLM-4.5-Air's context (the model card; Z.ai and OpenRouter list 128K / 131,072)
 
@@ -456,8 +458,10 @@ def _remote_provider(name: str, config: Mapping[str, Any], where: str,
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise ProviderConfigError(f"{where}: timeout must be a positive number of seconds")
     _check_context(config.get("context_length"), where)
+    dialect = config.get("dialect", "workbench" if kind == "workbench" else "openai")
     capabilities = (_capabilities(config["capabilities"], where) if config.get("capabilities") is not None
-                    else ["thinking", "tools"])
+                    # OpenRouter caps the reasoning (reasoning.max_tokens); a workbench says so in its own list
+                    else ["thinking", "tools", "thinking_budget"] if dialect == "openrouter" else ["thinking", "tools"])
     prices = _provider_prices(config.get("prices"), where)
     if kind == "workbench":
         if config.get("models", "auto") != "auto" or config.get("dialect") not in (None, "workbench"):
@@ -467,7 +471,6 @@ def _remote_provider(name: str, config: Mapping[str, Any], where: str,
         backend = RemoteBackend(f"{root}/glm/v1", "", models=[], api_key_env=key_env, dialect="workbench",
                                 timeout=float(timeout), transport=transport, routing_url=f"{root}/glm/api/routing")
         return RemoteProvider(name, kind, backend, None, prices, config.get("context_length"), capabilities)
-    dialect = config.get("dialect", "openai")
     if dialect not in DIALECTS or dialect == "workbench":
         raise ProviderConfigError(f"{where}: dialect {dialect!r} is not one of "
                                   f"{', '.join(d for d in DIALECTS if d != 'workbench')} (how the endpoint switches "

@@ -596,7 +596,8 @@ function ThinkingControl({ state, model }: { state: ChatState; model: ChatModel 
 const CAPABILITY_TITLES: Record<string, string> = {
   thinking: 'Thinks before answering (thinking auto / on / off)',
   tools: 'Can call the notebook tools',
-  routing: 'Records expert routing: the Experts button opens it'
+  routing: 'Records expert routing: the Experts button opens it',
+  thinking_budget: 'Takes a thinking budget: the most reasoning tokens (⚙ of the conversation)'
 };
 
 /** What the chosen model is: its provider, capabilities, price and context, under the picker. */
@@ -641,18 +642,19 @@ function formatContext(tokens: number): string {
 }
 
 /**
- * How full the conversation is: the last shown answer's prompt + completion tokens, as the server counted them
- * (`usage`, which every provider sends with the stream), out of the model's context; a warning from 90 %. The
- * server's count_tokens (glm/anthropic/v1/messages/count_tokens) would also count a draft, but costs a request per
- * change and speaks the Anthropic format; the usage is exact for what was sent, and free.
+ * How full the conversation is, out of the model's context; a warning from 90 %. While a message is typed: the
+ * server's count of the prompt sending it would make (`state.draftTokens`, glm/api/count_tokens after a pause in
+ * typing); otherwise, or where the provider cannot count, the last shown answer's prompt + completion tokens as
+ * the server counted them (`usage`, which every provider sends with the stream).
  */
 function ContextMeter({ state, model }: { state: ChatState; model: ChatModel }): JSX.Element | null {
   const last = [...state.conversation.messages]
     .reverse()
     .find((m): m is AssistantMessage => m.kind === 'assistant' && contextTokens(m) !== null);
-  const used = last ? contextTokens(last)! : 0;
+  const draft = state.draftTokens;
+  const used = draft ?? (last ? contextTokens(last)! : 0);
   const limit = model.contextLength();
-  if (!limit && !last) {
+  if (!limit && !last && draft === null) {
     return null;
   }
   const fraction = limit ? Math.min(1, used / limit) : 0;
@@ -670,8 +672,10 @@ function ContextMeter({ state, model }: { state: ChatState; model: ChatModel }):
       aria-valuenow={used}
       title={
         limit
-          ? `This conversation takes ${used} of the model's ${limit} tokens of context; an answer gets what is left.`
-          : 'Tokens this conversation takes (the server does not say its context length).'
+          ? `This conversation${draft !== null ? ' with the message being typed' : ''} takes ${used} of the ` +
+            `model's ${limit} tokens of context; an answer gets what is left.`
+          : `Tokens this conversation${draft !== null ? ' with the message being typed' : ''} takes (the server ` +
+            'does not say its context length).'
       }
     >
       {limit !== null && (
@@ -709,6 +713,12 @@ function ConversationCost({ state }: { state: ChatState }): JSX.Element | null {
 
 function Composer({ state, model }: { state: ChatState; model: ChatModel }): JSX.Element {
   const [text, setText] = useState('');
+  // the context meter counts the draft with what it would be sent with (debounced in the model; typing never waits)
+  const { busy, model: modelId, context } = state;
+  const { id: conversationId, messages } = state.conversation;
+  useEffect(() => {
+    model.setDraft(text);
+  }, [model, text, busy, modelId, context, conversationId, messages.length]);
   const send = () => {
     if (!text.trim() || state.busy) {
       return;

@@ -66,7 +66,7 @@ function numberOrUndefined(text: string): number | undefined {
   return text.trim() === '' || !Number.isFinite(value) ? undefined : value;
 }
 
-/** The "Conversation" popover: this conversation's temperature and max tokens, and its exports. */
+/** The "Conversation" popover: this conversation's temperature, max tokens and thinking budget, and its exports. */
 export function ConversationMenu({
   state,
   model,
@@ -91,7 +91,9 @@ export function ConversationMenu({
     return () => document.removeEventListener('mousedown', close);
   }, [open]);
   const own = state.conversation.settings ?? {};
-  const { temperature, maxTokens } = model.effectiveSettings();
+  const { temperature, maxTokens, thinkingBudget } = model.effectiveSettings();
+  // a cap on the reasoning, where the model honours one (`thinking_budget`) and thinking is not switched off
+  const budgetShown = model.supportsThinkingBudget() && state.thinkingMode !== 'off';
   const empty = state.conversation.messages.length === 0;
   return (
     <div className="glm-ConversationMenu" ref={ref}>
@@ -155,11 +157,35 @@ export function ConversationMenu({
               }}
             />
           </label>
-          {(own.temperature !== undefined || own.maxTokens !== undefined) && (
+          {budgetShown && (
+            <label className="glm-ConversationMenu-field">
+              <span title="The most tokens the model may think before it answers; empty: no cap">
+                Thinking budget (tokens)
+              </span>
+              <input
+                className="glm-Input glm-ConversationMenu-thinkingBudget"
+                type="number"
+                min={1}
+                step={256}
+                placeholder="no cap"
+                aria-label="Thinking budget of this conversation, in tokens"
+                value={thinkingBudget ?? ''}
+                onChange={e => {
+                  const value = numberOrUndefined(e.target.value);
+                  if (value === undefined || (Number.isInteger(value) && value >= 1)) {
+                    model.setConversationSettings({ thinkingBudget: value });
+                  }
+                }}
+              />
+            </label>
+          )}
+          {(own.temperature !== undefined || own.maxTokens !== undefined || own.thinkingBudget !== undefined) && (
             <button
               className="glm-Button glm-ConversationMenu-reset"
               title="Use the defaults of Settings > GLM Workbench"
-              onClick={() => model.setConversationSettings({ temperature: undefined, maxTokens: undefined })}
+              onClick={() =>
+                model.setConversationSettings({ temperature: undefined, maxTokens: undefined, thinkingBudget: undefined })
+              }
             >
               Use the defaults
             </button>

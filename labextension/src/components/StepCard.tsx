@@ -1,7 +1,8 @@
 /**
  * One step of the agent loop as a card: step number, tool, what it does (reads, edits, runs code, reaches the
- * network), status, time, the arguments, a one-line summary of the result with the full result folded, the
- * approval buttons while it waits, and under the card the reasoning that led to the call (collapsed).
+ * network), status, time (ticking while it runs), the arguments, a one-line summary of the result with the full
+ * result folded, the approval buttons while it waits, and under the card the reasoning that led to the call
+ * (collapsed).
  *
  * The logic (numbering, summary, time, whose reasoning) lives in agentLoop.ts; this file only draws it.
  */
@@ -11,7 +12,7 @@ import React from 'react';
 import { resultSummary, stepDuration, toolEffect, type ToolEffect } from '../agentLoop';
 import type { ChatModel } from '../chatModel';
 import type { AssistantMessage, ToolMessage } from '../chatState';
-import { ThinkingBlock } from './ThinkingBlock';
+import { ThinkingBlock, useNow } from './ThinkingBlock';
 import { WebFetchCard } from './WebFetchCard';
 
 const STATUS_TEXT: Record<ToolMessage['status'], string> = {
@@ -51,7 +52,10 @@ export function StepCard({
     ? rest.map(([key, value]) => `${key}: ${JSON.stringify(value)}`).join('\n')
     : message.call.function.arguments;
   const effect = toolEffect(name);
-  const time = stepDuration(message);
+  // a running step shows how long it has run so far, ticking like the thinking viewer's timer
+  const running = message.status === 'running' && message.started !== undefined;
+  const now = useNow(running);
+  const time = stepDuration(message, running ? now : undefined);
   const summary = resultSummary(message.result);
   return (
     <div className="glm-StepCard">
@@ -69,7 +73,11 @@ export function StepCard({
           <span className="glm-ToolCall-status">
             {STATUS_TEXT[message.status]}
             {message.autoApproved ? ' (auto-approved)' : ''}
-            {time && <span className="glm-StepCard-time"> · {time}</span>}
+            {time && (
+              <span className={`glm-StepCard-time${running ? ' glm-mod-live' : ''}`} aria-live="off">
+                {` · ${time}`}
+              </span>
+            )}
           </span>
         </div>
         {args && <pre className="glm-ToolCall-args">{args}</pre>}

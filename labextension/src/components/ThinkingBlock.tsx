@@ -15,7 +15,8 @@ import { type AssistantMessage, isThinking, reasoningTokens, thinkingSeconds, vi
 /** While streaming, only the tail is rendered: the DOM stays small however long the trace gets. */
 const LIVE_TAIL_CHARS = 20000;
 
-function useNow(active: boolean, intervalMs = 100): number {
+/** The time now, refreshed every `intervalMs` while `active` (a live timer's clock). */
+export function useNow(active: boolean, intervalMs = 100): number {
   const [now, setNow] = useState(() => Date.now());
   useEffect(() => {
     if (!active) {

@@ -100,11 +100,32 @@ test.describe('Providers side by side @providers', () => {
     await expect(picker).toHaveValue(localId);
     const card = chat.getByLabel('Chosen model');
     await expect(card).toContainText('local');
-    await expect(card.locator('.glm-Badge')).toHaveText(['thinking', 'tools', 'routing']);
+    await expect(card.locator('.glm-Badge')).toHaveText(['thinking', 'tools', 'routing', 'thinking_budget']);
+    // the local engine honours a thinking budget: the conversation's ⚙ offers it
+    const settings = chat.getByRole('button', { name: 'Conversation settings and export' });
+    await settings.click();
+    const budget = chat.getByLabel('Thinking budget of this conversation, in tokens');
+    await expect(budget).toBeVisible();
+    await expect(budget).toHaveAttribute('placeholder', 'no cap');
+    await chat.getByRole('dialog', { name: 'This conversation' }).screenshot({
+      path: path.join(ARTIFACTS, 'providers-thinking-budget.png')
+    });
+    await settings.click();
+    // the context meter counts the message being typed (the local engine counts it: glm/api/count_tokens)
+    const meter = chat.getByRole('meter', { name: 'Context used' });
+    await expect(meter).toHaveAttribute('aria-valuenow', '0');
+    await chat.getByRole('textbox', { name: 'Message' }).fill('How many tokens does this question take?');
+    await expect.poll(async () => Number(await meter.getAttribute('aria-valuenow'))).toBeGreaterThan(0);
+    await chat.getByRole('textbox', { name: 'Message' }).fill('');
+    await expect(meter).toHaveAttribute('aria-valuenow', '0');
 
     // the remote model: thinking shown, its cost under the answer and in the conversation's total
     await picker.selectOption(HOSTED);
     await expect(card.locator('.glm-Badge')).toHaveText(['thinking', 'tools']);
+    await settings.click(); // a model that would ignore the budget: no field
+    await expect(chat.getByRole('dialog', { name: 'This conversation' })).toBeVisible();
+    await expect(budget).toHaveCount(0);
+    await settings.click();
     await expect(card).toContainText('$2 in · $8 out per M tokens');
     await chat.getByLabel('Thinking mode').selectOption('on');
     await send(chat, QUESTION);
