@@ -22,7 +22,8 @@ import torch
 
 from workbench.engine import int_quant, quant
 from workbench.engine.config import ConfigError, GLMConfig
-from workbench.engine.gguf_file import is_gguf_path, load_gguf
+from workbench.engine.gguf_cache import load_gguf
+from workbench.engine.gguf_file import is_gguf_path
 from workbench.engine.kv_cache import PagedKVCache
 from workbench.engine.model import GLMForCausalLM
 from workbench.engine.ops import CPU_KERNEL_CHOICES, KERNEL_CHOICES, KernelRequest

@@ -1,8 +1,10 @@
 """A GGUF's weights repacked once into the engine's formats, in a cache file that later loads memory-map.
 
-Owns the repack cache: where it lives, its key, writing it (tensor by tensor, bounded memory, atomic), and
-opening it as zero-copy views, so that a GGUF larger than RAM loads and runs with the routed experts paging in
-from disk as the router picks them (and out again under memory pressure: they are clean file-backed pages).
+Owns `load_gguf` (a GGUF as model, tokenizer and name: gguf_file reads and checks the file, this module decides
+where the weights come from) and the repack cache: where it lives, its key, writing it (tensor by tensor, bounded
+memory, atomic), and opening it as zero-copy views, so that a GGUF larger than RAM loads and runs with the routed
+experts paging in from disk as the router picks them (and out again under memory pressure: they are clean
+file-backed pages).
 
 **Why a repack, not views of the GGUF itself.** GGUF interleaves each block's scale with its quants (Q8_0: 34-byte
 blocks of fp16 d + 32 int8; Q4_K: 144-byte super-blocks), while our `Int8Weight` / `Int4Weight` hold planes (all
@@ -35,6 +37,7 @@ in the available memory either, is a clear error. A damaged or stale cache is re
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import logging
@@ -51,6 +54,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from glm_kernels.blockquant import Int4Weight, Int8Weight
 
+from workbench.engine import gguf_file
 from workbench.engine.config import GLMConfig
 
 log = logging.getLogger(__name__)
@@ -415,3 +419,31 @@ def cached_weights(model, config: GLMConfig, dtype: torch.dtype,
                     "(e.g. %s)", len(copied), model.name, str(dtype).removeprefix("torch."), copied[0])
     return cached
 
+
+def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device, cache: str | Path | None = None):
+    """(model, tokenizer, name) of a GGUF model. Everything is checked before the weights are read, and a
+    failure while reading them leaves nothing behind.
+
+    On the CPU the weights come memory-mapped from the GGUF's repack cache (this module: made on first load;
+    `cache` is its folder, or "off" to copy the weights into memory; default $WORKBENCH_GGUF_CACHE or
+    ~/.cache/glm-workbench/gguf), so a file larger than RAM loads and its experts page in as they are used."""
+    gguf_model = gguf_file.open_gguf(path)
+    config = gguf_file.config_from_gguf(gguf_model)
+    tokenizer = gguf_file.tokenizer_from_gguf(gguf_model)
+    log.info("loading %s: %s", gguf_model.name, gguf_file.describe_types(gguf_model))
+    note = gguf_file._dequantize_note(gguf_model, dtype)
+    if note:
+        log.warning(note)
+    model = None
+    started = time.perf_counter()
+    try:
+        cached = cached_weights(gguf_model, config, dtype, cache) if device.type == "cpu" else None
+        tensors = cached.weights() if cached is not None else gguf_file.hf_tensors(gguf_model, config)
+        model = gguf_file.build_model(config, tensors, dtype, device, gguf_model.files[0])
+    except BaseException:
+        model = None
+        gc.collect()  # nothing partially loaded stays in memory
+        raise
+    log.info("loaded %s in %.1f s (%s)", gguf_model.name, time.perf_counter() - started,
+             f"weights memory-mapped from {cached.path}" if cached is not None else f"weights in {device} memory")
+    return model, tokenizer, gguf_model.name

@@ -13,7 +13,7 @@ mapping first), so the resident set grows by the converted weights, not by the f
 layer in GGUF ([E, N, K]); the stream yields each expert's slice under its HF name. The multi-token-prediction
 (nextn) block after the decoder layers is skipped.
 
-On the CPU, `load_gguf` does not build from that stream directly: gguf_cache repacks it once into a cache file of
+On the CPU, `gguf_cache.load_gguf` does not build from that stream directly: it repacks it once into a cache file of
 the engine's formats and the model is built from views of that file's mapping, so a GGUF larger than RAM loads
 and its routed experts page in as they are used (see gguf_cache.py for why a repack and not views of the GGUF;
 `gguf_cache="off"` or WORKBENCH_GGUF_CACHE=off builds from the stream, in memory). GPUs dequantize the stream.
@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import gc
 import logging
 import mmap
 import re
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -590,34 +588,3 @@ def build_dequantized_model(config: GLMConfig, tensors: Iterator[tuple[str, Weig
     model.materialize_buffers(device)
     model.fuse_projections()
     return model
-
-
-def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device, cache: str | Path | None = None):
-    """(model, tokenizer, name) of a GGUF model. Everything is checked before the weights are read, and a
-    failure while reading them leaves nothing behind.
-
-    On the CPU the weights come memory-mapped from the GGUF's repack cache (gguf_cache.py: made on first load;
-    `cache` is its folder, or "off" to copy the weights into memory; default $WORKBENCH_GGUF_CACHE or
-    ~/.cache/glm-workbench/gguf), so a file larger than RAM loads and its experts page in as they are used."""
-    from workbench.engine import gguf_cache
-
-    gguf_model = open_gguf(path)
-    config = config_from_gguf(gguf_model)
-    tokenizer = tokenizer_from_gguf(gguf_model)
-    log.info("loading %s: %s", gguf_model.name, describe_types(gguf_model))
-    note = _dequantize_note(gguf_model, dtype)
-    if note:
-        log.warning(note)
-    model = None
-    started = time.perf_counter()
-    try:
-        cached = gguf_cache.cached_weights(gguf_model, config, dtype, cache) if device.type == "cpu" else None
-        tensors = cached.weights() if cached is not None else hf_tensors(gguf_model, config)
-        model = build_model(config, tensors, dtype, device, gguf_model.files[0])
-    except BaseException:
-        model = None
-        gc.collect()  # nothing partially loaded stays in memory
-        raise
-    log.info("loaded %s in %.1f s (%s)", gguf_model.name, time.perf_counter() - started,
-             f"weights memory-mapped from {cached.path}" if cached is not None else f"weights in {device} memory")
-    return model, tokenizer, gguf_model.name
