@@ -322,12 +322,14 @@ class RemoteBackend(Backend):
             self.throughput.add(completion.usage.completion_tokens)
         return completion
 
-    async def get_json(self, url: str, what: str) -> Any:
-        """GET a JSON document from the endpoint (its model list, a routing trace), the key masked in it."""
+    async def get_json(self, url: str, what: str, body: dict[str, Any] | None = None) -> Any:
+        """A JSON document from the endpoint (its model list, a routing trace; with `body`, the answer to a POST of
+        it: a token count), the key masked in it."""
         client = self._client_or_new()
         headers = self._headers()
         try:
-            response = await client.get(url, headers=headers)
+            response = await (client.get(url, headers=headers) if body is None
+                              else client.post(url, json=body, headers=headers))
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
         if response.status_code >= 400:
@@ -353,20 +355,11 @@ class RemoteBackend(Backend):
             body["add_generation_prompt"] = True
         else:
             return await super().count_prompt_tokens(request)
-        client = self._client_or_new()
-        try:
-            response = await client.post(url, json=body, headers=self._headers())
-        except httpx.HTTPError as exc:
-            raise self._unreachable(exc) from None
-        if response.status_code >= 400:
-            raise await self._error_from(response)
-        try:
-            count = response.json().get(field)
-        except (ValueError, AttributeError, RecursionError):
-            count = None
+        answer = await self.get_json(url, "token count", body)
+        count = answer.get(field) if isinstance(answer, dict) else None
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise APIError(502, self._mask(f"The remote endpoint's token count ({url}) has no integer {field!r}: "
-                                           f"{response.text[:200]}"), code="bad_upstream_response")
+                                           f"{json.dumps(answer)[:200]}"), code="bad_upstream_response")
         return count
 
     async def list_models(self) -> list[dict[str, Any]]:
