@@ -208,12 +208,15 @@ def cpu_description() -> dict[str, str]:
 def measure_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
     """This machine's memory bandwidth in GB/s at `threads` torch threads, best of `repeats`: 'read' sums a
     buffer (bytes read / s: what a decode step does to its weights), 'copy' copies one (bytes read + written / s,
-    STREAM's convention). The buffer is far larger than any cache."""
+    STREAM's convention). The buffer is far larger than any cache, and in huge pages where the OS gives them, as
+    the engine's weights are (workbench.engine.huge_pages): 4 KiB pages measure the TLB as much as the memory."""
+    from workbench.engine import huge_pages
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        source = torch.ones(nbytes // 4, dtype=torch.float32)
-        target = torch.empty_like(source)
+        source = huge_pages.empty((nbytes // 4,), torch.float32).fill_(1.0)
+        target = huge_pages.empty((nbytes // 4,), torch.float32)
         best = {"read": 0.0, "copy": 0.0}
         for _ in range(repeats):
             start = time.perf_counter()

@@ -54,7 +54,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from glm_kernels.blockquant import Int4Weight, Int8Weight
 
-from workbench.engine import gguf_file
+from workbench.engine import gguf_file, huge_pages
 from workbench.engine.config import GLMConfig
 
 log = logging.getLogger(__name__)
@@ -363,6 +363,7 @@ def open_cache(path: Path, files: list[Path]) -> CachedWeights | None:
         path.unlink(missing_ok=True)
         return None
     data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, the file is never written
+    huge_pages.advise(data)  # before any page is read: the weights stream through it every token
     return CachedWeights(path, meta["tensors"], data.view(np.ndarray))
 
 

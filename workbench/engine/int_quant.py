@@ -64,6 +64,7 @@ from glm_kernels import blockquant
 from glm_kernels.blockquant import Int4Weight, Int8Weight, QuantizedWeight
 from glm_kernels.quant_linear import quantized_fused_moe, quantized_linear
 
+from workbench.engine import huge_pages
 from workbench.engine.config import GLMConfig
 
 log = logging.getLogger(__name__)
@@ -108,18 +109,19 @@ def _map_tensors(qw: QuantizedWeight, fn) -> QuantizedWeight:
 
 
 def empty_quantized(fmt: str, shape: tuple[int, ...], like: QuantizedWeight | None = None) -> QuantizedWeight:
-    """Uninitialised storage of `fmt` for a weight of `shape` [..., N, K] (with `like`'s group, if given)."""
+    """Uninitialised storage of `fmt` for a weight of `shape` [..., N, K] (with `like`'s group, if given), in huge
+    pages where the OS gives them (huge_pages: decode streams through it once per token)."""
     *lead, rows, cols = shape
     if fmt == "int8":
         group = like.group if isinstance(like, Int8Weight) else 32
-        return Int8Weight(q=torch.empty(*lead, rows, cols, dtype=torch.int8),
-                          scales=torch.empty(*lead, rows, cols // group, dtype=torch.float32), group=group)
+        return Int8Weight(q=huge_pages.empty((*lead, rows, cols), torch.int8),
+                          scales=huge_pages.empty((*lead, rows, cols // group), torch.float32), group=group)
     supers = -(-cols // 256)
-    return Int4Weight(packed=torch.empty(*lead, rows, cols // 2, dtype=torch.uint8),
-                      d=torch.empty(*lead, rows, supers, dtype=torch.float32),
-                      dmin=torch.empty(*lead, rows, supers, dtype=torch.float32),
-                      sc=torch.empty(*lead, rows, cols // 32, dtype=torch.uint8),
-                      mn=torch.empty(*lead, rows, cols // 32, dtype=torch.uint8))
+    return Int4Weight(packed=huge_pages.empty((*lead, rows, cols // 2), torch.uint8),
+                      d=huge_pages.empty((*lead, rows, supers), torch.float32),
+                      dmin=huge_pages.empty((*lead, rows, supers), torch.float32),
+                      sc=huge_pages.empty((*lead, rows, cols // 32), torch.uint8),
+                      mn=huge_pages.empty((*lead, rows, cols // 32), torch.uint8))
 
 
 def _same_layout(a: QuantizedWeight, b: QuantizedWeight) -> bool:
@@ -155,8 +157,13 @@ def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
     """Several weights of one layout stacked along N (e.g. q, k and v as one [Nq + Nk + Nv, K] matrix)."""
     if any(not _same_layout(w, weights[0]) for w in weights):
         raise QuantizeError("cannot fuse quantized matrices of different formats")
-    return dataclasses.replace(weights[0], **{
-        name: torch.cat([getattr(w, name) for w in weights], dim=-2) for name in _tensor_fields(weights[0])})
+    def stacked(name: str) -> torch.Tensor:
+        parts = [getattr(w, name) for w in weights]
+        shape = list(parts[0].shape)
+        shape[-2] = sum(p.shape[-2] for p in parts)
+        return torch.cat(parts, dim=-2, out=huge_pages.empty(shape, parts[0].dtype))
+
+    return dataclasses.replace(weights[0], **{name: stacked(name) for name in _tensor_fields(weights[0])})
 
 
 # --- modules --------------------------------------------------------------------------------------------------------
@@ -501,10 +508,10 @@ def _store_dense(dense: dict, param: str, placement, value, meta: torch.Tensor, 
         if source.dtype == dtype and source.data_ptr() % CPU_ALIGNMENT == 0:
             dense[param] = source  # a view (of the mapped file, say): no copy
         else:
-            dense[param] = source.to(dtype=dtype, copy=True)
+            dense[param] = huge_pages.empty(source.shape, dtype).copy_(source)
         return
     if param not in dense:
-        dense[param] = torch.empty(meta.shape, dtype=dtype)
+        dense[param] = huge_pages.empty(meta.shape, dtype)
     dense[param][_slot_index(meta.shape, placement)].copy_(source)
 
 

@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
-from workbench.engine import quant
+from workbench.engine import huge_pages, quant
 from workbench.engine.config import GLMConfig
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class SafetensorsFile:
             if not isinstance(header, dict):
                 raise CheckpointError(f"{path} is corrupt: its header is not a JSON object")
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+            if self._mmap is not None:
+                huge_pages.advise(self._mmap)  # tensors used as views of the file are read through it every token
         data_start = 8 + header_len
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries: dict[str, TensorEntry] = {}
@@ -258,12 +260,16 @@ def load_weights(model: nn.Module, config: GLMConfig, folder: Path | None, dtype
                                           f"model expects {list(meta.shape)} (from config.json)")
                 if source.dtype == target_dtype and device.type == "cpu" and source.data_ptr() % CPU_ALIGNMENT == 0:
                     filled[placement.param] = source  # a view of the mapped file: no copy
+                elif device.type == "cpu":
+                    filled[placement.param] = huge_pages.empty(source.shape, target_dtype).copy_(source)
+                    file.release(name)
                 else:
                     filled[placement.param] = source.to(device=device, dtype=target_dtype)
                     file.release(name)
                 continue
             if placement.param not in filled:
-                filled[placement.param] = torch.empty(meta.shape, dtype=target_dtype, device=device)
+                filled[placement.param] = (huge_pages.empty(meta.shape, target_dtype) if device.type == "cpu" else
+                                           torch.empty(meta.shape, dtype=target_dtype, device=device))
             slot = _slot(filled[placement.param], placement)
             if tuple(source.shape) != tuple(slot.shape):
                 raise CheckpointError(f"tensor {name!r} has shape {list(source.shape)} in the checkpoint but the "
