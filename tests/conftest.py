@@ -29,6 +29,10 @@ os.environ.setdefault("WORKBENCH_GGUF_CACHE", str(Path(tempfile.gettempdir()) / 
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
+# The web_fetch tests' page server and loopback guard (fixtures `pages` and `guard`), shared by tests/tools,
+# tests/server and tests/magics.
+pytest_plugins = ["web_pages"]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def compiled_cpu_kernels():

@@ -1,6 +1,10 @@
 """Helpers of the web_fetch tests: a page server on loopback (the web a fetch sees, known in advance), a resolver
 stub (names mapped to addresses without DNS), and a guard that fails a test whose code tries to connect anywhere
-but loopback (this machine's network rules forbid it: no test may send traffic to any other address)."""
+but loopback (this machine's network rules forbid it: no test may send traffic to any other address).
+
+Registered as a pytest plugin by tests/conftest.py, so its fixtures are there for every test module: `pages` (the
+page server, one per module) and `guard` (the loopback guard). `guard` is not autouse: a module whose every test
+must run under it says so with `pytestmark = pytest.mark.usefixtures("guard")`."""
 
 from __future__ import annotations
 
@@ -9,7 +13,10 @@ import ipaddress
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
 
 PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Quarterly Widgets &amp; Gadgets</title>
@@ -196,6 +203,21 @@ class LoopbackOnly:
         monkeypatch.setattr(socket, "getaddrinfo", no_dns)
 
 
+@pytest.fixture
+def guard(monkeypatch) -> LoopbackOnly:
+    """Fails the test if its code (or a server running in its process) connects anywhere but loopback or asks the
+    system resolver for a name."""
+    return LoopbackOnly(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def pages() -> Iterator[PageServer]:
+    """The page server on loopback, one per test module (`pages.seen` lists the requests it answered)."""
+    server = PageServer()
+    yield server
+    server.close()
+
+
 def wait_for(predicate, seconds: float = 10.0) -> bool:
     deadline = time.monotonic() + seconds
     while not predicate() and time.monotonic() < deadline:
@@ -207,8 +229,6 @@ def self_signed(name: str, folder) -> tuple[str, str]:
     """A certificate (and its key) for `name`, made with the openssl command for one test: (cert, key) paths."""
     import shutil
     import subprocess
-
-    import pytest
 
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make a test certificate")

@@ -8,28 +8,17 @@ import asyncio
 import json
 
 import pytest
-from web_pages import LoopbackOnly, PageServer
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
+# The server runs in this process: its fetches, like the test's own requests, may go to loopback only (`guard`, and
+# the `pages` server: tests/web_pages.py, a plugin of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("guard")
 
 
 @pytest.fixture
 def jp_server_config(tmp_path):
     return {"ServerApp": {"jpserver_extensions": {"workbench": True}},
             "GLMWorkbench": {"model_path": None, "conversations_dir": str(tmp_path / "conversations")}}
-
-
-@pytest.fixture(autouse=True)
-def guard(monkeypatch) -> LoopbackOnly:
-    """The server runs in this process: its fetches, like the test's own requests, may go to loopback only."""
-    return LoopbackOnly(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def pages():
-    server = PageServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture

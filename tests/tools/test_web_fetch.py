@@ -12,21 +12,12 @@ import time
 
 import httpx
 import pytest
-from web_pages import LoopbackOnly, PageServer, stub_resolver, wait_for
+from web_pages import stub_resolver, wait_for
 
 from workbench.tools.web_fetch import MAX_LINKS, WebFetcher, WebFetchError, parse_ip_literal, refusal_reason
 
-
-@pytest.fixture(autouse=True)
-def guard(monkeypatch) -> LoopbackOnly:
-    return LoopbackOnly(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def pages():
-    server = PageServer()
-    yield server
-    server.close()
+# `guard` and `pages`: tests/web_pages.py (a plugin of tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("guard")
 
 
 @pytest.fixture(autouse=True)
