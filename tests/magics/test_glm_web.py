@@ -14,19 +14,12 @@ from glm_upstream import SCRIPTED_MODEL, magics_of
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from web_pages import LoopbackOnly, PageServer, stub_resolver
+from web_pages import LoopbackOnly, stub_resolver
 
 from workbench.magics import SYSTEM_PROMPTS
 from workbench.magics.connection import Connection, InProcessConnection
 from workbench.magics.web import html_cell, html_page, python_literal
 from workbench.tools.web_fetch import WebFetcher
-
-
-@pytest.fixture(scope="module")
-def pages():
-    server = PageServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture
