@@ -5,64 +5,20 @@
  * each change one undoable step; and Stop in the middle of a loop, interrupting the running cell.
  * Screenshots, light and dark, go to the artifacts folder.
  */
-import { expect, galata, test, type IJupyterLabPageFixture } from '@jupyterlab/galata';
+import { expect, test } from '@jupyterlab/galata';
 import type { Locator } from '@playwright/test';
-import * as fs from 'fs';
-import * as path from 'path';
-
-const ARTIFACTS = process.env.GLM_UI_ARTIFACTS || path.resolve(__dirname, '..', 'artifacts');
-fs.mkdirSync(ARTIFACTS, { recursive: true });
+import { cellCount, cellSource, openChat, pluginSettings, send, shot, waitForApplication } from './helpers';
 
 /** The scripted remote model, by its provider/model id. */
 const SCRIPTED_MODEL = 'remote/scripted-glm';
+const scripted = (id: string) => id === SCRIPTED_MODEL;
 const BROKEN = 'values = [3, 4, 5]\nprint(sum(values) / len(value))';
 const FIXED = 'values = [3, 4, 5]\nprint(sum(values) / len(values))';
 
-test.use({
-  waitForApplication: async ({}, use) => {
-    await use(async (page, helpers) => {
-      await page.locator('#jupyterlab-splash').waitFor({ state: 'detached', timeout: 120 * 1000 });
-      await helpers.waitForCondition(() => helpers.activity.isTabActive('Launcher'), 90 * 1000);
-    });
-  }
-});
-
-async function shot(page: IJupyterLabPageFixture, name: string): Promise<void> {
-  await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
-}
+test.use({ waitForApplication });
 
 /** The sidebar's saved settings for a group of tests (galata serves the page's settings from this mock). */
-const withSettings = (settings: Record<string, unknown>) => ({
-  mockSettings: { ...galata.DEFAULT_SETTINGS, 'glm-workbench:plugin': settings }
-});
-
-async function openChat(page: IJupyterLabPageFixture): Promise<Locator> {
-  await page.evaluate(async () => {
-    await window.jupyterapp.commands.execute('glm-workbench:open-chat');
-  });
-  const chat = page.locator('.glm-Chat');
-  await expect(chat).toBeVisible();
-  await expect(chat.locator('.glm-ModelPicker option').first()).not.toHaveText('no model');
-  await chat.locator('.glm-ModelPicker').selectOption(SCRIPTED_MODEL);
-  return chat;
-}
-
-async function send(chat: Locator, text: string): Promise<void> {
-  const input = chat.getByRole('textbox', { name: 'Message' });
-  await input.fill(text);
-  await input.press('Enter');
-}
-
-async function cellSource(page: IJupyterLabPageFixture, index: number): Promise<string> {
-  return page.evaluate(i => {
-    const panel = window.jupyterapp.shell.currentWidget as any;
-    return panel.content.model.cells.get(i).sharedModel.getSource();
-  }, index);
-}
-
-async function cellCount(page: IJupyterLabPageFixture): Promise<number> {
-  return page.evaluate(() => (window.jupyterapp.shell.currentWidget as any).content.model.cells.length);
-}
+const withSettings = (settings: Record<string, unknown>) => ({ mockSettings: pluginSettings(settings) });
 
 /** Step `n` (1-based) of the conversation's cards. */
 const stepCard = (chat: Locator, n: number) => chat.locator('.glm-StepCard').nth(n - 1);
@@ -75,7 +31,7 @@ test.describe('GLM Workbench agent loop', () => {
   }) => {
     await page.notebook.createNew('agent.ipynb');
     await page.notebook.setCell(0, 'code', 'x = 1');
-    const chat = await openChat(page);
+    const chat = await openChat(page, scripted);
     await send(chat, 'Agent fix: print the mean of my values');
 
     // step 1 changes the notebook: it waits for approval, and nothing happens before
@@ -151,7 +107,7 @@ test.describe('GLM Workbench agent loop, stopped', () => {
     // a started kernel: the interrupt must reach a running cell, not a kernel still starting
     await page.notebook.setCell(0, 'code', 'started = True');
     await page.notebook.runCell(0, true);
-    const chat = await openChat(page);
+    const chat = await openChat(page, scripted);
     await send(chat, 'Agent sleep: wait a minute');
     const run = stepCard(chat, 2);
     await expect(run).toContainText('running…');
@@ -186,7 +142,7 @@ test.describe('GLM Workbench agent loop, step limit', () => {
 
   test('pauses at the step limit, says so plainly, and Continue goes on', async ({ page }) => {
     await page.notebook.createNew('agent-limit.ipynb');
-    const chat = await openChat(page);
+    const chat = await openChat(page, scripted);
     await send(chat, 'Agent fix: print the mean of my values');
     const notice = chat.locator('.glm-LoopNotice');
     await expect(notice).toContainText('Paused after 2 tool steps: the step limit is 2');

@@ -4,23 +4,22 @@
  * export to a notebook, history search, and the context meter's warning near the limit (on the providers
  * server, whose scripted model has a 32 768-token context). Screenshots in the light and the dark theme.
  */
-import { expect, galata, test, type IJupyterLabPageFixture } from '@jupyterlab/galata';
+import { expect, test, type IJupyterLabPageFixture } from '@jupyterlab/galata';
 import type { Locator } from '@playwright/test';
-import * as fs from 'fs';
-import * as path from 'path';
-
-const ARTIFACTS = process.env.GLM_UI_ARTIFACTS || path.resolve(__dirname, '..', 'artifacts');
-fs.mkdirSync(ARTIFACTS, { recursive: true });
+import {
+  isScripted,
+  openChat,
+  pluginSettings,
+  runOpenChat,
+  sendAndWait,
+  shot,
+  waitForApplication
+} from './helpers';
 
 test.use({
-  waitForApplication: async ({}, use) => {
-    await use(async (page, helpers) => {
-      await page.locator('#jupyterlab-splash').waitFor({ state: 'detached', timeout: 120 * 1000 });
-      await helpers.waitForCondition(() => helpers.activity.isTabActive('Launcher'), 90 * 1000);
-    });
-  },
+  waitForApplication,
   // no tool descriptions in the requests: these flows are about the conversation
-  mockSettings: { ...galata.DEFAULT_SETTINGS, 'glm-workbench:plugin': { enableTools: false } }
+  mockSettings: pluginSettings({ enableTools: false })
 });
 
 /** Wait until the whole page (the menu bar and the sidebar, not only the main area) wears the theme. */
@@ -42,37 +41,12 @@ async function themeApplied(page: IJupyterLabPageFixture, dark: boolean): Promis
 
 /** The state in the light theme, then the same in the dark one (back to light after). */
 async function shots(page: IJupyterLabPageFixture, name: string): Promise<void> {
-  await page.screenshot({ path: path.join(ARTIFACTS, `${name}-light.png`) });
+  await shot(page, `${name}-light`);
   await page.theme.setDarkTheme();
   await themeApplied(page, true);
-  await page.screenshot({ path: path.join(ARTIFACTS, `${name}-dark.png`) });
+  await shot(page, `${name}-dark`);
   await page.theme.setLightTheme();
   await themeApplied(page, false);
-}
-
-async function openChat(page: IJupyterLabPageFixture, modelId: (id: string) => boolean): Promise<Locator> {
-  await page.evaluate(async () => {
-    await window.jupyterapp.commands.execute('glm-workbench:open-chat');
-  });
-  const chat = page.locator('.glm-Chat');
-  await expect(chat).toBeVisible();
-  await expect(chat.locator('.glm-ModelPicker option').first()).not.toHaveText('no model');
-  const ids = await chat.locator('.glm-ModelPicker option').evaluateAll(options =>
-    options.map(o => (o as HTMLOptionElement).value)
-  );
-  const id = ids.find(modelId);
-  expect(id, `a scripted model among ${ids.join(', ')}`).toBeTruthy();
-  await chat.locator('.glm-ModelPicker').selectOption(id!);
-  return chat;
-}
-
-const scripted = (id: string) => id === 'scripted-glm' || id.endsWith('/scripted-glm');
-
-async function send(chat: Locator, text: string): Promise<void> {
-  const input = chat.getByRole('textbox', { name: 'Message' });
-  await input.fill(text);
-  await input.press('Enter');
-  await expect(chat.getByLabel('Send message')).toBeVisible(); // the answer is over
 }
 
 const users = (chat: Locator) => chat.locator('.glm-Message.glm-mod-user');
@@ -80,10 +54,10 @@ const answers = (chat: Locator) => chat.locator('.glm-Message.glm-mod-assistant'
 
 test.describe('Conversations', () => {
   test('edit and resend replaces the answers after it and keeps the old branch, across a reload', async ({ page }) => {
-    const chat = await openChat(page, scripted);
+    const chat = await openChat(page, isScripted);
     const tag = Date.now();
-    await send(chat, `echo first ${tag}`);
-    await send(chat, 'echo second');
+    await sendAndWait(chat, `echo first ${tag}`);
+    await sendAndWait(chat, 'echo second');
     await expect(answers(chat).last()).toHaveText(/You said: echo second/);
 
     const second = users(chat).nth(1);
@@ -112,9 +86,7 @@ test.describe('Conversations', () => {
     await page.waitForTimeout(500); // the save after switching is one request; let it reach the server
     await page.reload();
     const again = page.locator('.glm-Chat');
-    await page.evaluate(async () => {
-      await window.jupyterapp.commands.execute('glm-workbench:open-chat');
-    });
+    await runOpenChat(page);
     await expect(users(again).first()).toContainText(`echo first ${tag}`);
     await expect(users(again).nth(1).locator('.glm-Message-text')).toHaveText('echo second');
     await users(again).nth(1).getByRole('button', { name: 'Next branch' }).click();
@@ -123,8 +95,8 @@ test.describe('Conversations', () => {
   });
 
   test('Regenerate keeps every answer as a version; history finds conversations by their text', async ({ page }) => {
-    const chat = await openChat(page, scripted);
-    await send(chat, 'give me a version');
+    const chat = await openChat(page, isScripted);
+    await sendAndWait(chat, 'give me a version');
     const first = (await answers(chat).last().locator('.glm-Markdown').textContent()) ?? '';
     expect(first).toMatch(/Answer version \d+\./);
     for (let i = 0; i < 2; i++) {
@@ -155,8 +127,8 @@ test.describe('Conversations', () => {
   });
 
   test('the conversation popover keeps its settings and exports it to a notebook', async ({ page }) => {
-    const chat = await openChat(page, scripted);
-    await send(chat, 'think, then write an add function');
+    const chat = await openChat(page, isScripted);
+    await sendAndWait(chat, 'think, then write an add function');
     await expect(answers(chat).last()).toContainText('It adds two numbers.');
     await chat.getByRole('button', { name: 'Conversation settings and export' }).click();
     const popover = chat.getByRole('dialog', { name: 'This conversation' });
@@ -187,10 +159,8 @@ test.describe('Conversations', () => {
 
     // the next answer is asked with the conversation's settings (the request the sidebar sends)
     const request = page.waitForRequest(r => r.url().includes('/glm/v1/chat/completions'));
-    await page.evaluate(async () => {
-      await window.jupyterapp.commands.execute('glm-workbench:open-chat');
-    });
-    await send(chat, 'and once more');
+    await runOpenChat(page);
+    await sendAndWait(chat, 'and once more');
     const body = (await request).postDataJSON();
     expect(body).toMatchObject({ temperature: 0.3, max_tokens: 512 });
   });
@@ -199,11 +169,11 @@ test.describe('Conversations', () => {
 test.describe('Context meter @providers', () => {
   test('shows the tokens used of the context as a bar, with a warning near the limit', async ({ page }) => {
     const chat = await openChat(page, id => id === 'hosted/scripted-glm');
-    await send(chat, 'hello there');
+    await sendAndWait(chat, 'hello there');
     const meter = chat.getByRole('meter', { name: 'Context used' });
     await expect(meter).toHaveText(/^Context: 1\d \/ 32,768 tokens$/);
     await expect(meter.locator('.glm-ContextMeter-warning')).toHaveCount(0);
-    await send(chat, 'crowd the context');
+    await sendAndWait(chat, 'crowd the context');
     await expect(meter).toContainText(/Context: 30,0\d\d \/ 32,768 tokens/);
     await expect(meter).toHaveClass(/glm-mod-full/);
     await expect(meter.locator('.glm-ContextMeter-warning')).toContainText('Near the limit');

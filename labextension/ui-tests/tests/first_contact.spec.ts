@@ -9,11 +9,7 @@
  * Screenshots (light and dark) go to the artifacts folder.
  */
 import { expect, type Locator, type Page, test } from '@playwright/test';
-import * as fs from 'fs';
-import * as path from 'path';
-
-const ARTIFACTS = process.env.GLM_UI_ARTIFACTS || path.resolve(__dirname, '..', 'artifacts');
-fs.mkdirSync(ARTIFACTS, { recursive: true });
+import { send, shot } from './helpers';
 
 const TOKEN = process.env.GLM_FIRST_CONTACT_TOKEN ?? '';
 
@@ -39,20 +35,10 @@ async function openLab(page: Page): Promise<Locator> {
   return chat;
 }
 
-async function shot(page: Page, name: string): Promise<void> {
-  await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
-}
-
 async function useTheme(page: Page, theme: string): Promise<void> {
   await page.getByRole('menuitem', { name: 'Settings' }).click();
   await page.locator('.lm-Menu-itemLabel', { hasText: /^Theme$/ }).hover();
   await page.locator('.lm-Menu-itemLabel', { hasText: new RegExp(`^${theme}$`) }).click();
-}
-
-async function send(chat: Locator, text: string): Promise<void> {
-  const input = chat.getByRole('textbox', { name: 'Message' });
-  await input.fill(text);
-  await input.press('Enter');
 }
 
 /** Wait for the answer to end, and check it ended well. */

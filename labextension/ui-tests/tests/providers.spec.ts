@@ -6,13 +6,9 @@
  * cost, switching to the local model keeps the conversation and shows tokens and time, the routing button is
  * offered on local answers only, and a free model without thinking disables the thinking switch. Screenshots in light and dark go to the artifacts folder as providers-*.png.
  */
-import { expect, galata, test, type IJupyterLabPageFixture } from '@jupyterlab/galata';
+import { expect, test } from '@jupyterlab/galata';
 import type { Locator, Request } from '@playwright/test';
-import * as fs from 'fs';
-import * as path from 'path';
-
-const ARTIFACTS = process.env.GLM_UI_ARTIFACTS || path.resolve(__dirname, '..', 'artifacts');
-fs.mkdirSync(ARTIFACTS, { recursive: true });
+import { openChat, pluginSettings, send, shot, waitForApplication } from './helpers';
 
 const HOSTED = 'hosted/scripted-glm';
 /** The same endpoint as a free model without the thinking capability. */
@@ -23,36 +19,17 @@ const QUESTION = 'Please think, then write an add function';
 
 test.use({
   // short local answers and no tool definitions to prefill: the tiny checkpoint's context is small
-  mockSettings: {
-    ...galata.DEFAULT_SETTINGS,
-    'glm-workbench:plugin': { maxTokens: 24, enableTools: false }
-  },
+  mockSettings: pluginSettings({ maxTokens: 24, enableTools: false }),
   viewport: { width: 1400, height: 900 },
-  // The machines are small and shared: give JupyterLab longer than galata's 15 s to start.
-  waitForApplication: async ({}, use) => {
-    await use(async (page, helpers) => {
-      await page.locator('#jupyterlab-splash').waitFor({ state: 'detached', timeout: 120 * 1000 });
-      await helpers.waitForCondition(() => helpers.activity.isTabActive('Launcher'), 90 * 1000);
-    });
-  }
+  waitForApplication
 });
-
-async function shot(page: IJupyterLabPageFixture, name: string): Promise<void> {
-  await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
-}
 
 /** The picker drawn open (a listbox: the browser's own drop-down is not in screenshots), saved as `name`. */
 async function shotPicker(chat: Locator, name: string): Promise<void> {
   const picker = chat.locator('.glm-ModelPicker');
   await picker.evaluate(el => el.setAttribute('size', '8'));
-  await chat.locator('.glm-Header').screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
+  await shot(chat.locator('.glm-Header'), name);
   await picker.evaluate(el => el.removeAttribute('size'));
-}
-
-async function send(chat: Locator, text: string): Promise<void> {
-  const input = chat.getByRole('textbox', { name: 'Message' });
-  await input.fill(text);
-  await input.press('Enter');
 }
 
 /** The sidebar's cost format (src/models.ts formatMoney), for the expected figure. */
@@ -69,10 +46,7 @@ test.describe('Providers side by side @providers', () => {
         chatRequests.push(request.postDataJSON());
       }
     });
-    await page.evaluate(async () => {
-      await window.jupyterapp.commands.execute('glm-workbench:open-chat');
-    });
-    const chat = page.locator('.glm-Chat');
+    const chat = await openChat(page);
     const picker = chat.locator('.glm-ModelPicker');
     await expect(picker.locator('optgroup')).toHaveCount(3);
 
@@ -107,9 +81,7 @@ test.describe('Providers side by side @providers', () => {
     const budget = chat.getByLabel('Thinking budget of this conversation, in tokens');
     await expect(budget).toBeVisible();
     await expect(budget).toHaveAttribute('placeholder', 'no cap');
-    await chat.getByRole('dialog', { name: 'This conversation' }).screenshot({
-      path: path.join(ARTIFACTS, 'providers-thinking-budget.png')
-    });
+    await shot(chat.getByRole('dialog', { name: 'This conversation' }), 'providers-thinking-budget');
     await settings.click();
     // the context meter counts the message being typed (the local engine counts it: glm/api/count_tokens)
     const meter = chat.getByRole('meter', { name: 'Context used' });

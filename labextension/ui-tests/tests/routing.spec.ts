@@ -4,37 +4,19 @@
  * (workbench.widgets.show_routing, drawn by the extension's themed renderer). Screenshots of each go to the
  * artifacts folder as routing-*.png; look at them after a change to these views.
  */
-import { expect, galata, test, type IJupyterLabPageFixture } from '@jupyterlab/galata';
+import { expect, test } from '@jupyterlab/galata';
 import type { Locator } from '@playwright/test';
-import * as fs from 'fs';
-import * as path from 'path';
+import { isLocal, openChat, pluginSettings, send, shot, waitForApplication } from './helpers';
 
-const ARTIFACTS = process.env.GLM_UI_ARTIFACTS || path.resolve(__dirname, '..', 'artifacts');
-fs.mkdirSync(ARTIFACTS, { recursive: true });
-
-const SCRIPTED_MODEL = 'scripted-glm';
 const QUESTION = 'Write a function that reverses a string';
 
 test.use({
   // Short answers, no tool definitions to prefill: these tests are about the routing of whatever comes back, so
   // every answer records it (without keepRouting only answers given while a routing view is open do).
-  mockSettings: {
-    ...galata.DEFAULT_SETTINGS,
-    'glm-workbench:plugin': { maxTokens: 24, enableTools: false, keepRouting: true }
-  },
+  mockSettings: pluginSettings({ maxTokens: 24, enableTools: false, keepRouting: true }),
   viewport: { width: 1400, height: 900 },
-  // The machines are small and shared: give JupyterLab longer than galata's 15 s to start.
-  waitForApplication: async ({}, use) => {
-    await use(async (page, helpers) => {
-      await page.locator('#jupyterlab-splash').waitFor({ state: 'detached', timeout: 120 * 1000 });
-      await helpers.waitForCondition(() => helpers.activity.isTabActive('Launcher'), 90 * 1000);
-    });
-  }
+  waitForApplication
 });
-
-async function shot(target: IJupyterLabPageFixture | Locator, name: string): Promise<void> {
-  await target.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
-}
 
 /** The sum of the RGB channels of an element's background (plotly paints it on its .main-svg). */
 async function brightness(svg: Locator): Promise<number> {
@@ -45,19 +27,9 @@ async function brightness(svg: Locator): Promise<number> {
 
 test.describe('Routing views @local', () => {
   test('the routing tab of a local answer, titled by its question, in light and dark', async ({ page }) => {
-    await page.evaluate(async () => {
-      await window.jupyterapp.commands.execute('glm-workbench:open-chat');
-    });
-    const chat = page.locator('.glm-Chat');
-    await expect(chat.locator('.glm-ModelPicker option').first()).not.toHaveText('no model');
-    const ids = await chat
-      .locator('.glm-ModelPicker option')
-      .evaluateAll(options => options.map(o => (o as HTMLOptionElement).value));
-    await chat.locator('.glm-ModelPicker').selectOption(ids.find(id => id !== SCRIPTED_MODEL && !id.endsWith(`/${SCRIPTED_MODEL}`) && id !== '')!);
+    const chat = await openChat(page, isLocal);
     await chat.getByLabel('Thinking mode').selectOption('off');
-    const input = chat.getByRole('textbox', { name: 'Message' });
-    await input.fill(QUESTION);
-    await input.press('Enter');
+    await send(chat, QUESTION);
     const experts = chat
       .locator('.glm-Message.glm-mod-assistant')
       .last()

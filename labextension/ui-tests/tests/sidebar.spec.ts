@@ -3,83 +3,36 @@
  * code-block insertion, tool approval, the routing panel, saved history and failure states.
  * Each state is saved as a screenshot in the artifacts folder.
  */
-import { expect, galata, test, type IJupyterLabPageFixture } from '@jupyterlab/galata';
+import { expect, test } from '@jupyterlab/galata';
 import type { Locator } from '@playwright/test';
-import * as fs from 'fs';
-import * as path from 'path';
+import {
+  cellCount,
+  cellSource,
+  chooseModel,
+  isLocal,
+  isScripted,
+  openChat,
+  pluginSettings,
+  runOpenChat,
+  send,
+  shot,
+  waitForApplication
+} from './helpers';
 
-const ARTIFACTS = process.env.GLM_UI_ARTIFACTS || path.resolve(__dirname, '..', 'artifacts');
-fs.mkdirSync(ARTIFACTS, { recursive: true });
-
-/** The scripted remote model (tests/ui/scripted_upstream.py) and what it inserts with its tool call. */
-const SCRIPTED_MODEL = 'scripted-glm';
+/** What the scripted remote model (tests/ui/scripted_upstream.py) inserts with its tool call. */
 const INSERTED_SOURCE = "print('inserted by the tool')";
 
-// The machines these run on are small and shared: give JupyterLab longer than galata's 15 s to start.
-test.use({
-  waitForApplication: async ({}, use) => {
-    await use(async (page, helpers) => {
-      await page.locator('#jupyterlab-splash').waitFor({ state: 'detached', timeout: 120 * 1000 });
-      await helpers.waitForCondition(() => helpers.activity.isTabActive('Launcher'), 90 * 1000);
-    });
-  }
-});
+test.use({ waitForApplication });
 
-async function shot(page: IJupyterLabPageFixture, name: string): Promise<void> {
-  await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
-}
-
-async function openChat(page: IJupyterLabPageFixture): Promise<Locator> {
-  await page.evaluate(async () => {
-    await window.jupyterapp.commands.execute('glm-workbench:open-chat');
-  });
-  const chat = page.locator('.glm-Chat');
-  await expect(chat).toBeVisible();
-  // the model list has arrived from GET glm/v1/models
-  await expect(chat.locator('.glm-ModelPicker option').first()).not.toHaveText('no model');
-  return chat;
-}
-
-/** Pick a model from the picker (fed by GET glm/v1/models). */
-async function chooseModel(chat: Locator, match: (id: string) => boolean): Promise<string> {
-  const ids = await chat.locator('.glm-ModelPicker option').evaluateAll(options =>
-    options.map(o => (o as HTMLOptionElement).value)
-  );
-  const id = ids.find(match);
-  expect(id, `a model matching the test among ${ids.join(', ')}`).toBeTruthy();
-  await chat.locator('.glm-ModelPicker').selectOption(id!);
-  return id!;
-}
-
-/** Whether a picker id names the scripted model (bare, or `provider/scripted-glm` on a server with providers). */
-const isScripted = (id: string) => id === SCRIPTED_MODEL || id.endsWith(`/${SCRIPTED_MODEL}`);
 /** The remote backend's model: the scripted endpoint. */
 const scripted = (chat: Locator) => chooseModel(chat, isScripted);
 /** The local engine's model (the @local project's server). */
-const local = (chat: Locator) => chooseModel(chat, id => !isScripted(id) && id !== '');
-
-async function send(chat: Locator, text: string): Promise<void> {
-  const input = chat.getByRole('textbox', { name: 'Message' });
-  await input.fill(text);
-  await input.press('Enter');
-}
+const local = (chat: Locator) => chooseModel(chat, isLocal);
 
 async function lastAnswer(chat: Locator): Promise<Locator> {
   const answer = chat.locator('.glm-Message.glm-mod-assistant').last();
   await expect(answer).toBeVisible();
   return answer;
-}
-
-/** The source of cell `index` of the active notebook, read from its model. */
-async function cellSource(page: IJupyterLabPageFixture, index: number): Promise<string> {
-  return page.evaluate(i => {
-    const panel = window.jupyterapp.shell.currentWidget as any;
-    return panel.content.model.cells.get(i).sharedModel.getSource();
-  }, index);
-}
-
-async function cellCount(page: IJupyterLabPageFixture): Promise<number> {
-  return page.evaluate(() => (window.jupyterapp.shell.currentWidget as any).content.model.cells.length);
 }
 
 test.describe('GLM Workbench sidebar', () => {
@@ -317,9 +270,7 @@ test.describe('GLM Workbench sidebar', () => {
       })
     );
     await page.reload();
-    await page.evaluate(async () => {
-      await window.jupyterapp.commands.execute('glm-workbench:open-chat');
-    });
+    await runOpenChat(page);
     const chat = page.locator('.glm-Chat');
     const banner = chat.getByRole('alert');
     await expect(banner).toContainText('Model still loading');
@@ -349,12 +300,7 @@ test.describe('Routing panel (local engine) @local', () => {
   // Short answers from the tiny random-weight model, and no tool definitions to prefill: the test is about
   // the routing of whatever it says, and the machines are slow. keepRouting: the first answer records its routing
   // (by default only answers given while a routing view is open do; test/chatModel.test.ts covers that).
-  test.use({
-    mockSettings: {
-      ...galata.DEFAULT_SETTINGS,
-      'glm-workbench:plugin': { maxTokens: 24, enableTools: false, keepRouting: true }
-    }
-  });
+  test.use({ mockSettings: pluginSettings({ maxTokens: 24, enableTools: false, keepRouting: true }) });
 
   test('shows the expert routing of a local answer', async ({ page }) => {
     const chat = await openChat(page);
@@ -380,9 +326,7 @@ test.describe('Routing panel (local engine) @local', () => {
 
 test.describe('Maximum tokens per answer (local engine) @local', () => {
   // more than any context: the sidebar asks again for what fits and says so
-  test.use({
-    mockSettings: { ...galata.DEFAULT_SETTINGS, 'glm-workbench:plugin': { maxTokens: 1000000, enableTools: false } }
-  });
+  test.use({ mockSettings: pluginSettings({ maxTokens: 1000000, enableTools: false }) });
 
   test('lowers a max_tokens that does not fit to what fits, with a note', async ({ page }) => {
     const chat = await openChat(page);

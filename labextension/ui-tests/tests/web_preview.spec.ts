@@ -3,30 +3,12 @@
  * inline completion in a notebook cell, each in a real JupyterLab against the scripted remote model
  * (tests/ui/scripted_upstream.py). Screenshots of each flow, light and dark, go to the artifacts folder.
  */
-import { expect, galata, test, type IJupyterLabPageFixture } from '@jupyterlab/galata';
-import type { Locator } from '@playwright/test';
-import * as fs from 'fs';
+import { expect, test, type IJupyterLabPageFixture } from '@jupyterlab/galata';
 import * as http from 'http';
 import type { AddressInfo } from 'net';
-import * as path from 'path';
+import { cellSource, isScripted, openChat, pluginSettings, send, shot, waitForApplication } from './helpers';
 
-const ARTIFACTS = process.env.GLM_UI_ARTIFACTS || path.resolve(__dirname, '..', 'artifacts');
-fs.mkdirSync(ARTIFACTS, { recursive: true });
-
-const SCRIPTED_MODEL = 'scripted-glm';
-
-test.use({
-  waitForApplication: async ({}, use) => {
-    await use(async (page, helpers) => {
-      await page.locator('#jupyterlab-splash').waitFor({ state: 'detached', timeout: 120 * 1000 });
-      await helpers.waitForCondition(() => helpers.activity.isTabActive('Launcher'), 90 * 1000);
-    });
-  }
-});
-
-async function shot(page: IJupyterLabPageFixture, name: string): Promise<void> {
-  await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
-}
+test.use({ waitForApplication });
 
 /** The sum of the RGB channels of the chat sidebar's background (under 300: a dark theme is applied). */
 async function sidebarBrightness(page: IJupyterLabPageFixture): Promise<number> {
@@ -49,38 +31,9 @@ async function shotBothThemes(page: IJupyterLabPageFixture, name: string, settle
   await expect.poll(() => sidebarBrightness(page)).toBeGreaterThan(600);
 }
 
-async function openChat(page: IJupyterLabPageFixture): Promise<Locator> {
-  await page.evaluate(async () => {
-    await window.jupyterapp.commands.execute('glm-workbench:open-chat');
-  });
-  const chat = page.locator('.glm-Chat');
-  await expect(chat).toBeVisible();
-  await expect(chat.locator('.glm-ModelPicker option').first()).not.toHaveText('no model');
-  const ids = await chat.locator('.glm-ModelPicker option').evaluateAll(options =>
-    options.map(o => (o as HTMLOptionElement).value)
-  );
-  const id = ids.find(i => i === SCRIPTED_MODEL || i.endsWith(`/${SCRIPTED_MODEL}`));
-  expect(id, `the scripted model among ${ids.join(', ')}`).toBeTruthy();
-  await chat.locator('.glm-ModelPicker').selectOption(id!);
-  return chat;
-}
-
-async function send(chat: Locator, text: string): Promise<void> {
-  const input = chat.getByRole('textbox', { name: 'Message' });
-  await input.fill(text);
-  await input.press('Enter');
-}
-
-async function cellSource(page: IJupyterLabPageFixture, index: number): Promise<string> {
-  return page.evaluate(i => {
-    const panel = window.jupyterapp.shell.currentWidget as any;
-    return panel.content.model.cells.get(i).sharedModel.getSource();
-  }, index);
-}
-
 test.describe('HTML preview and web_fetch', () => {
   test('previews an HTML answer in a sandboxed frame: the script runs, the parent is out of reach', async ({ page }) => {
-    const chat = await openChat(page);
+    const chat = await openChat(page, isScripted);
     await send(chat, 'Make an html page with a counter');
     const answer = chat.locator('.glm-Message.glm-mod-assistant').last();
     await expect(answer).toContainText('Open the preview to try it.');
@@ -143,7 +96,7 @@ test.describe('HTML preview and web_fetch', () => {
     const port = (server.address() as AddressInfo).port;
     try {
       await page.notebook.createNew('fetch.ipynb');
-      const chat = await openChat(page);
+      const chat = await openChat(page, isScripted);
       await send(chat, `Please fetch http://127.0.0.1:${port}/start and tell me about it`);
       const card = chat.locator('.glm-ToolCall');
       await expect(card).toContainText('web_fetch');
@@ -175,12 +128,7 @@ test.describe('HTML preview and web_fetch', () => {
 
 test.describe('Inline completion', () => {
   // The scripted model is a remote one: inline completion is off for it unless the setting says on.
-  test.use({
-    mockSettings: {
-      ...galata.DEFAULT_SETTINGS,
-      'glm-workbench:plugin': { inlineCompletion: 'on', inlineCompletionDelay: 100 }
-    }
-  });
+  test.use({ mockSettings: pluginSettings({ inlineCompletion: 'on', inlineCompletionDelay: 100 }) });
 
   test('shows streamed ghost text from the model, and Tab accepts it', async ({ page }) => {
     const debug: string[] = [];
@@ -190,7 +138,7 @@ test.describe('Inline completion', () => {
       }
     });
     await page.notebook.createNew('inline.ipynb');
-    await openChat(page); // the sidebar's model is the one that completes
+    await openChat(page, isScripted); // the sidebar's model is the one that completes
     await page.notebook.enterCellEditingMode(0);
     await page.keyboard.type('def add(a, b):');
     await page.keyboard.press('Enter');
