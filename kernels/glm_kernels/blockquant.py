@@ -257,6 +257,12 @@ def linear_reference(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     return x.float() @ dequantize(weight).transpose(-1, -2)
 
 
+def linear_bf16_reference(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """What the bf16-GEMM prefill path computes (quant_linear's `bf16_gemm`): x in bf16 (not quantized) times the
+    weight dequantized in fp32 and rounded to bf16, fp32 accumulation, rounded once to bf16."""
+    return (x.bfloat16().float() @ dequantize(weight, torch.bfloat16).float().transpose(-1, -2)).bfloat16()
+
+
 def linear_q8a_reference(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """What an integer kernel computes: the activations quantized per block of 32 (and dequantized), times the
     dequantized weight, in fp32. A kernel matches it up to the order of its fp32 accumulation."""

@@ -3,17 +3,23 @@ CPU: the wrappers that run the compiled integer kernels (csrc/quant_kernels.cpp)
 them (`cpu_compiled.load()`) and their torch references otherwise, and the choice of instruction set.
 
 - `quantized_linear(x, qw)`: x [M, K] @ qw.T -> [M, N] in x's dtype; `linear_q8a_reference`'s numbers
-  (activations quantized per block of 32, integer dot products, fp32 accumulation).
+  (activations quantized per block of 32, integer dot products, fp32 accumulation), except for prefill-sized bf16
+  products on CPUs that multiply bf16 natively (AVX512-BF16, AMX-BF16), which go through a bf16 GEMM over the
+  weights dequantized a block at a time: `linear_bf16_reference`'s numbers (`bf16_gemm()` / `set_bf16_gemm()`;
+  the environment variable WORKBENCH_CPU_BF16_GEMM = auto | always | never; why: csrc/quant_kernels.cpp).
 - `quantized_fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)`: `fused_moe_reference`'s contract with
   stacked quantized experts (gate_up [E, 2I, D], down [E, D, I]); each expert's inputs quantized as above.
 - `isa()` / `set_isa(name)`: which compiled path runs ("avx512vnni", "avx2" or "scalar"); the environment variable
   WORKBENCH_CPU_ISA sets it at load. A lower path than the best one is for tests and comparisons.
 
 The fallback is `linear_q8a_reference` rather than `linear_reference` so that a result does not depend on whether
-the kernels happened to be compiled: both paths quantize the activations the same way.
+the kernels happened to be compiled: both paths quantize the activations the same way (and the bf16 GEMM's
+choice, made here, picks `linear_bf16_reference` for both).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +29,56 @@ from glm_kernels.blockquant import (
     Int4Weight,
     Int8Weight,
     QuantizedWeight,
+    linear_bf16_reference,
     linear_q8a_reference,
 )
 
 ISAS = ("scalar", "avx2", "avx512vnni")
+BF16_GEMM_MODES = ("auto", "always", "never")
+BF16_GEMM_ENV = "WORKBENCH_CPU_BF16_GEMM"
+# Activation rows from which a bf16 product takes the bf16 GEMM: below this, dequantizing the weights costs more
+# than the GEMM saves (a decode step's few rows always take the integer kernels).
+BF16_GEMM_MIN_ROWS = 64
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), from its instruction-set flags."""
+    flags = cpu_compiled._cpu_id().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _mode_from(value: str | None, where: str) -> str:
+    mode = (value or "auto").strip().lower()
+    if mode not in BF16_GEMM_MODES:
+        raise ValueError(f"{where}={value!r}: use one of {', '.join(BF16_GEMM_MODES)} (auto: CPUs with native bf16 "
+                         "take the bf16 GEMM for prefill-sized products; always: every CPU, slowly without it; never: "
+                         "the integer kernels only)")
+    return mode
+
+
+_bf16_gemm_mode: str | None = None  # read from the environment on first use
+
+
+def bf16_gemm() -> str:
+    """The bf16 GEMM setting now: "auto", "always" or "never"."""
+    global _bf16_gemm_mode
+    if _bf16_gemm_mode is None:
+        _bf16_gemm_mode = _mode_from(os.environ.get(BF16_GEMM_ENV), BF16_GEMM_ENV)
+    return _bf16_gemm_mode
+
+
+def set_bf16_gemm(mode: str | None) -> None:
+    """Set which bf16 products take the bf16 GEMM ("auto", "always", "never"; None: back to the environment's)."""
+    global _bf16_gemm_mode
+    _bf16_gemm_mode = None if mode is None else _mode_from(mode, "set_bf16_gemm")
+
+
+def takes_bf16_gemm(x: torch.Tensor) -> bool:
+    """Whether `quantized_linear` computes x through the bf16 GEMM (see the module docstring)."""
+    if x.dtype != torch.bfloat16 or x.shape[0] < BF16_GEMM_MIN_ROWS:
+        return False
+    mode = bf16_gemm()
+    return mode == "always" or (mode == "auto" and native_bf16())
 
 
 def weight_parts(qw: QuantizedWeight) -> list[torch.Tensor]:
@@ -68,10 +120,11 @@ def quantized_linear(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] != qw.shape[-1] or len(qw.shape) != 2:
         raise ValueError(f"quantized_linear: x must be [M, K] and the weight [N, K] with the same K, got x "
                          f"{tuple(x.shape)} and weight {qw.shape}")
+    bf16 = takes_bf16_gemm(x)
     module = _compiled_can_take(x, qw)
     if module is not None:
-        return module.quantized_linear(x, weight_parts(qw))
-    return linear_q8a_reference(x, qw).to(x.dtype)
+        return module.quantized_linear(x, weight_parts(qw), bf16)
+    return linear_bf16_reference(x, qw) if bf16 else linear_q8a_reference(x, qw).to(x.dtype)
 
 
 def quantized_fused_moe_reference(x: torch.Tensor, w_gate_up: QuantizedWeight, w_down: QuantizedWeight,
@@ -142,5 +195,6 @@ def set_isa(name: str | None) -> None:
         raise ValueError(str(exc).splitlines()[0]) from None
 
 
-__all__ = ["ISAS", "SUFFIXES", "best_isa", "decode_step_weight", "isa", "quantized_fused_moe",
-           "quantized_fused_moe_reference", "quantized_linear", "set_isa", "weight_parts"]
+__all__ = ["BF16_GEMM_MIN_ROWS", "ISAS", "SUFFIXES", "best_isa", "bf16_gemm", "decode_step_weight", "isa",
+           "native_bf16", "quantized_fused_moe", "quantized_fused_moe_reference", "quantized_linear", "set_bf16_gemm",
+           "set_isa", "takes_bf16_gemm", "weight_parts"]

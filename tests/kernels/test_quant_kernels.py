@@ -256,3 +256,83 @@ def test_environment_variable_forces_the_path(compiled):
     env = {**os.environ, "WORKBENCH_CPU_ISA": "scalar"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "scalar"
+
+
+# --- prefill through the bf16 GEMM -----------------------------------------------------------------------------------
+@pytest.fixture
+def bf16_gemm_always():
+    quant_linear.set_bf16_gemm("always")  # every CPU can run it (ATen's bf16 GEMM), slowly without native bf16
+    yield
+    quant_linear.set_bf16_gemm(None)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n, k", [pytest.param(24, 1408, id="K=1408: a partial last super-block"),
+                                  pytest.param(5, 32, id="K=32: one group")])
+def test_bf16_gemm_weights_match_dequantize_to_the_bit(compiled, fmt, n, k, gen):
+    qw = quantize(torch.randn(n, k, generator=gen) * 3, fmt)
+    ours = compiled.dequantize_bf16(quant_linear.weight_parts(qw))
+    assert torch.equal(ours.view(torch.int16), dequantize(qw, torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m, n, k", [
+    pytest.param(64, 40, 256, id="M=64: the fewest rows that take it"),
+    pytest.param(100, 1100, 4096, id="N=1100 at K=4096: two blocks of weight rows, the second partial"),
+    pytest.param(70, 24, 1408, id="K=1408: a partial last super-block"),
+])
+def test_bf16_gemm_matches_its_reference(compiled, bf16_gemm_always, fmt, m, n, k, gen):
+    qw = quantize(torch.randn(n, k, generator=gen), fmt)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    assert quant_linear.takes_bf16_gemm(x)
+    y = quantized_linear(x, qw)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    expected = blockquant.linear_bf16_reference(x, qw)
+    # fp32 sums in another order, then one rounding to bf16: at most one bf16 step (2^-7 relative) apart, plus the
+    # accumulation's own few ulps of the sum of |products|.
+    magnitude = x.float().abs() @ dequantize(qw, torch.bfloat16).float().abs().T
+    bound = expected.float().abs() * 2.0**-7 + 1e-5 * magnitude + 1e-30
+    assert_within(y, expected, bound)
+    # and it is not the integer kernels' result (their activations are quantized to 8 bits): the path was taken
+    assert not torch.equal(y, blockquant.linear_q8a_reference(x, qw).to(torch.bfloat16))
+
+
+def test_which_products_take_the_bf16_gemm(compiled, gen):
+    rows = quant_linear.BF16_GEMM_MIN_ROWS
+    bf16 = torch.zeros(rows, 64, dtype=torch.bfloat16)
+    try:
+        quant_linear.set_bf16_gemm("always")
+        assert quant_linear.takes_bf16_gemm(bf16)
+        assert not quant_linear.takes_bf16_gemm(bf16[: rows - 1])  # too few rows: dequantizing would not pay
+        assert not quant_linear.takes_bf16_gemm(bf16.float())  # fp32 activations keep their precision
+        quant_linear.set_bf16_gemm("never")
+        assert not quant_linear.takes_bf16_gemm(bf16)
+        quant_linear.set_bf16_gemm("auto")
+        assert quant_linear.takes_bf16_gemm(bf16) == quant_linear.native_bf16()
+        # the integer kernels' numbers where it is not taken
+        qw = quantize(torch.randn(8, 64, generator=gen), "int4")
+        x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+        quant_linear.set_bf16_gemm("never")
+        tight, _ = bounds(x, qw)
+        assert_within(quantized_linear(x, qw).float(), blockquant.linear_q8a_reference(x, qw),
+                      tight + blockquant.linear_q8a_reference(x, qw).abs() * 2.0**-8)
+    finally:
+        quant_linear.set_bf16_gemm(None)
+    with pytest.raises(ValueError, match="use one of auto, always, never"):
+        quant_linear.set_bf16_gemm("sometimes")
+
+
+def test_bf16_gemm_choice_holds_without_the_compiled_kernels(monkeypatch, bf16_gemm_always, gen):
+    qw = quantize(torch.randn(8, 64, generator=gen), "int8")
+    x = torch.randn(quant_linear.BF16_GEMM_MIN_ROWS, 64, generator=gen).to(torch.bfloat16)
+    monkeypatch.setattr(cpu_compiled, "_module", None)
+    assert torch.equal(quantized_linear(x, qw), blockquant.linear_bf16_reference(x, qw))
+
+
+def test_bf16_gemm_environment_variable(compiled):
+    code = "from glm_kernels import quant_linear; print(quant_linear.bf16_gemm())"
+    run = [sys.executable, "-c", code]
+    out = subprocess.run(run, env={**os.environ, "WORKBENCH_CPU_BF16_GEMM": "never"}, capture_output=True, text=True)
+    assert out.stdout.strip() == "never"
+    bad = subprocess.run(run, env={**os.environ, "WORKBENCH_CPU_BF16_GEMM": "fast"}, capture_output=True, text=True)
+    assert bad.returncode != 0 and "WORKBENCH_CPU_BF16_GEMM='fast': use one of auto, always, never" in bad.stderr
