@@ -354,8 +354,14 @@ def run_ours(job: Job) -> dict:
         weight_format = f"{summary['format']}, {summary['bits_per_weight']} bits per matrix weight"
     else:
         bytes_per_token, weight_format = engine_bytes_per_token(engine.model, engine.config), "bfloat16"
+    from glm_kernels import quant_linear
+
+    prefill_gemm = "bf16 GEMM" if quant_linear.takes_bf16_gemm(torch.zeros(512, 32, dtype=torch.bfloat16)) else \
+        "integer kernels"
+    kernels = (f"ours {weight_format}, cpu kernels {engine.cpu_kernels}, isa {quant_linear.isa()}, quantized "
+               f"prefill products: {prefill_gemm}")
     return {"load_seconds": load_seconds, "bytes_per_token": bytes_per_token, "figures": figures,
-            "tokens": tokens[:16], "kernels": f"ours {weight_format}, cpu kernels {engine.cpu_kernels}"}
+            "tokens": tokens[:16], "kernels": kernels}
 
 
 class LlamaCpp:
