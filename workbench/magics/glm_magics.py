@@ -21,6 +21,7 @@ one-line `UsageError`; the kernel keeps working.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from typing import Any
 
@@ -349,16 +350,20 @@ class GLMMagics(Magics):
             view = AnswerDisplay(rich=rich)
             fold = MessageFold()
             completion_id = None
+            # Closed on the way out, interrupted or not: an interrupt that lands between two chunks leaves the stream
+            # suspended, and it must hang up now (the endpoint stops generating), not whenever the GC finds it.
+            stream = contextlib.closing(connection.chat(body))
             try:
-                for chunk in connection.chat(body):
-                    completion_id = chunk.get("id") or completion_id
-                    if isinstance(chunk.get("usage"), dict):
-                        self.session.add_cost(chunk["usage"].get("cost"))
-                    for choice in chunk.get("choices") or []:
-                        delta = choice.get("delta") or choice.get("message") or {}
-                        fold.add_delta(delta, choice.get("finish_reason"))
-                        view.reasoning(delta.get("reasoning_content") or "")
-                        view.content(delta.get("content") or "")
+                with stream as chunks:
+                    for chunk in chunks:
+                        completion_id = chunk.get("id") or completion_id
+                        if isinstance(chunk.get("usage"), dict):
+                            self.session.add_cost(chunk["usage"].get("cost"))
+                        for choice in chunk.get("choices") or []:
+                            delta = choice.get("delta") or choice.get("message") or {}
+                            fold.add_delta(delta, choice.get("finish_reason"))
+                            view.reasoning(delta.get("reasoning_content") or "")
+                            view.content(delta.get("content") or "")
             except GLMError as exc:
                 # Our token estimate was too low: drop the oldest remembered turn that was sent, and retry.
                 if exc.code == "context_length_exceeded" and remembered > 0 and not fold.content:
