@@ -8,7 +8,8 @@ them (`cpu_compiled.load()`) and their torch references otherwise, and the choic
   weights dequantized a block at a time: `linear_bf16_reference`'s numbers (`bf16_gemm()` / `set_bf16_gemm()`;
   the environment variable WORKBENCH_CPU_BF16_GEMM = auto | always | never; why: csrc/quant_kernels.cpp).
 - `quantized_fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)`: `fused_moe_reference`'s contract with
-  stacked quantized experts (gate_up [E, 2I, D], down [E, D, I]); each expert's inputs quantized as above.
+  stacked quantized experts (gate_up [E, 2I, D], down [E, D, I]); each expert's inputs quantized as above, or, for
+  an expert given at least BF16_GEMM_MIN_ROWS bf16 rows where the bf16 GEMM is on, both its products through it.
 - `isa()` / `set_isa(name)`: which compiled path runs ("avx512vnni", "avx2" or "scalar"); the environment variable
   WORKBENCH_CPU_ISA sets it at load. A lower path than the best one is for tests and comparisons.
 
@@ -73,12 +74,19 @@ def set_bf16_gemm(mode: str | None) -> None:
     _bf16_gemm_mode = None if mode is None else _mode_from(mode, "set_bf16_gemm")
 
 
+def bf16_gemm_min_rows(x: torch.Tensor) -> int:
+    """The fewest rows with which a product of x goes through the bf16 GEMM: BF16_GEMM_MIN_ROWS where the setting
+    allows it for x (bf16, and native bf16 under "auto"), else 0 (never)."""
+    if x.dtype != torch.bfloat16:
+        return 0
+    mode = bf16_gemm()
+    return BF16_GEMM_MIN_ROWS if mode == "always" or (mode == "auto" and native_bf16()) else 0
+
+
 def takes_bf16_gemm(x: torch.Tensor) -> bool:
     """Whether `quantized_linear` computes x through the bf16 GEMM (see the module docstring)."""
-    if x.dtype != torch.bfloat16 or x.shape[0] < BF16_GEMM_MIN_ROWS:
-        return False
-    mode = bf16_gemm()
-    return mode == "always" or (mode == "auto" and native_bf16())
+    rows = bf16_gemm_min_rows(x)
+    return 0 < rows <= x.shape[0]
 
 
 def weight_parts(qw: QuantizedWeight) -> list[torch.Tensor]:
@@ -131,7 +139,8 @@ def quantized_fused_moe_reference(x: torch.Tensor, w_gate_up: QuantizedWeight, w
                                   topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """x [T, D], topk_ids/topk_weights [T, K] -> [T, D] in x's dtype: `fused_moe_reference`'s FP8 branch with
     quantized experts. Each expert's input quantized per block of 32 (`linear_q8a_reference`), gate_up in fp32,
-    the hidden activations and each expert's output rounded to x's dtype, summed per token in fp32."""
+    the hidden activations and each expert's output rounded to x's dtype, summed per token in fp32. An expert given
+    at least `bf16_gemm_min_rows(x)` rows computes both its products with `linear_bf16_reference` instead."""
     top_k = topk_ids.shape[1]
     width = w_down.shape[-1]
     flat_ids = topk_ids.reshape(-1)
@@ -140,14 +149,16 @@ def quantized_fused_moe_reference(x: torch.Tensor, w_gate_up: QuantizedWeight, w
     token_of_pair = order // top_k
     pair_weights = topk_weights.reshape(-1)[order].float()
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+    gemm_rows = bf16_gemm_min_rows(x)
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
         rows = token_of_pair[start : start + count]
-        gate_up = linear_q8a_reference(x[rows], w_gate_up[expert])
+        product = linear_bf16_reference if 0 < gemm_rows <= count else linear_q8a_reference
+        gate_up = product(x[rows], w_gate_up[expert]).float()
         hidden = (F.silu(gate_up[:, :width]) * gate_up[:, width:]).to(x.dtype)
-        expert_out = linear_q8a_reference(hidden, w_down[expert]).to(x.dtype).float()
+        expert_out = product(hidden, w_down[expert]).to(x.dtype).float()
         out.index_add_(0, rows, expert_out * pair_weights[start : start + count, None])
         start += count
     return out.to(x.dtype)
@@ -165,7 +176,7 @@ def quantized_fused_moe(x: torch.Tensor, w_gate_up: QuantizedWeight, w_down: Qua
         # The router's top-k comes as a view of a wider tensor (a row stride of the expert count): the kernel reads
         # rows of top_k, so it gets them packed.
         return module.quantized_fused_moe(x.contiguous(), weight_parts(w_gate_up), weight_parts(w_down),
-                                          topk_ids.contiguous(), topk_weights.contiguous())
+                                          topk_ids.contiguous(), topk_weights.contiguous(), bf16_gemm_min_rows(x))
     return quantized_fused_moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights)
 
 
@@ -195,6 +206,7 @@ def set_isa(name: str | None) -> None:
         raise ValueError(str(exc).splitlines()[0]) from None
 
 
-__all__ = ["BF16_GEMM_MIN_ROWS", "ISAS", "SUFFIXES", "best_isa", "bf16_gemm", "decode_step_weight", "isa",
+__all__ = ["BF16_GEMM_MIN_ROWS", "ISAS", "SUFFIXES", "best_isa", "bf16_gemm", "bf16_gemm_min_rows",
+           "decode_step_weight", "isa",
            "native_bf16", "quantized_fused_moe", "quantized_fused_moe_reference", "quantized_linear", "set_bf16_gemm",
            "set_isa", "takes_bf16_gemm", "weight_parts"]

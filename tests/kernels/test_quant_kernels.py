@@ -336,3 +336,25 @@ def test_bf16_gemm_environment_variable(compiled):
     assert out.stdout.strip() == "never"
     bad = subprocess.run(run, env={**os.environ, "WORKBENCH_CPU_BF16_GEMM": "fast"}, capture_output=True, text=True)
     assert bad.returncode != 0 and "WORKBENCH_CPU_BF16_GEMM='fast': use one of auto, always, never" in bad.stderr
+
+
+@pytest.mark.parametrize("formats", [("int8", "int8"), ("int4", "int4")], ids=lambda f: "+".join(f))
+def test_quantized_fused_moe_busy_experts_take_the_bf16_gemm(compiled, bf16_gemm_always, formats, gen):
+    """A prefill where expert 0 gets BF16_GEMM_MIN_ROWS rows and the others fewer: expert 0 runs as bf16 GEMMs,
+    the others on the integer kernels, in one call; the reference makes the same choice per expert."""
+    experts, dim, width, top_k = 4, 256, 96, 2
+    tokens = quant_linear.BF16_GEMM_MIN_ROWS + 6
+    w_gate_up = quantize(torch.randn(experts, 2 * width, dim, generator=gen) * 0.1, formats[0])
+    w_down = quantize(torch.randn(experts, dim, width, generator=gen) * 0.1, formats[1])
+    x = torch.randn(tokens, dim, generator=gen).to(torch.bfloat16)
+    others = torch.randint(1, experts, (tokens,), generator=gen)
+    ids = torch.stack([torch.zeros(tokens, dtype=torch.long), others], dim=1)  # every token: expert 0 and another
+    weights = torch.rand(tokens, top_k, generator=gen)
+    ours = quantized_fused_moe(x, w_gate_up, w_down, ids, weights)
+    expected = quantized_fused_moe_reference(x, w_gate_up, w_down, ids, weights)
+    assert_close(ours, expected, tolerance=2e-2)
+    # the integer kernels' answer differs (expert 0's activations would be quantized): the GEMM ran
+    quant_linear.set_bf16_gemm("never")
+    integer = quantized_fused_moe(x, w_gate_up, w_down, ids, weights)
+    assert not torch.equal(ours, integer)
+    assert_close(integer, quantized_fused_moe_reference(x, w_gate_up, w_down, ids, weights), tolerance=2e-2)

@@ -914,9 +914,11 @@ struct MoeScratch {
 // -> acc [tokens, D] fp32 (overwritten): sum over each token's K experts of weight * down(silu(gate) * up), with
 // the hidden activations and each expert's output rounded to T as the torch path does. Every (expert, block of
 // weight rows) pair of a step is one task over torch's threads: one parallel region for gate_up, one for down.
+// With bf16_min_rows > 0 (bf16 x only), an expert given at least that many rows runs both its products as bf16
+// GEMMs instead ("Prefill through a bf16 GEMM": linear_bf16_reference's numbers for that expert).
 template <typename T>
 void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, const int64_t* ids,
-          const float* weights, int64_t top_k, float* acc, MoeScratch& s) {
+          const float* weights, int64_t top_k, float* acc, MoeScratch& s, int64_t bf16_min_rows = 0) {
   const int64_t experts = gate_up.experts, dim = gate_up.k, width = down.k, pairs = tokens * top_k;
   TORCH_CHECK(down.experts == experts && gate_up.n == 2 * width && down.n == dim, "quantized_fused_moe: gate_up ",
               "[E, 2I, D] and down [E, D, I] do not fit: E=", experts, "/", down.experts, ", 2I=", gate_up.n,
@@ -946,6 +948,25 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
     std::copy_n(s.x_q.scales.data() + t * blocks, blocks, s.sorted_q.scales.data() + i * blocks);
     std::copy_n(s.x_q.sums.data() + t * blocks, blocks, s.sorted_q.sums.data() + i * blocks);
   }
+  // Experts with enough rows for the bf16 GEMM (bf16 x only); the integer kernels take the others.
+  std::vector<int64_t> gemm_experts;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (int64_t e = 0; bf16_min_rows > 0 && e < experts; ++e)
+      if (s.starts[e + 1] - s.starts[e] >= bf16_min_rows) gemm_experts.push_back(e);
+  }
+  std::vector<char> by_gemm(experts, 0);
+  for (const int64_t e : gemm_experts) by_gemm[e] = 1;
+  // in [rows, K] (bf16, from `row(i, dst)` for each of the expert's sorted rows) -> out's rows (fp32) via bf16 GEMM
+  auto gemm = [&](const QMat& w, int64_t e, float* out, int64_t ldo, const std::function<void(int64_t, c10::BFloat16*)>& row) {
+    const int64_t first = s.starts[e], rows = s.starts[e + 1] - first;
+    Tensor in = at::empty({rows, w.k}, at::TensorOptions().dtype(at::kBFloat16));
+    for (int64_t i = 0; i < rows; ++i) row(first + i, in.data_ptr<c10::BFloat16>() + i * w.k);
+    Tensor result = at::empty({rows, w.n}, in.options());
+    bf16_gemm_linear(w.expert(e), in, result);
+    const c10::BFloat16* r = result.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < w.n; ++j) out[(first + i) * ldo + j] = static_cast<float>(r[i * w.n + j]);
+  };
   // Tasks: (expert, first weight row) for every expert that got rows.
   const int isa_now = isa_setting().load();
   auto run = [&](const QMat& w, const QAct& in, float* out, int64_t ldo) {
@@ -954,7 +975,7 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
     for (int64_t e = 0; e < experts; ++e) rows_max = std::max(rows_max, s.starts[e + 1] - s.starts[e]);
     const int64_t block = chunk_rows(w, rows_max);
     for (int64_t e = 0; e < experts; ++e)
-      if (s.starts[e + 1] > s.starts[e])
+      if (s.starts[e + 1] > s.starts[e] && !by_gemm[e])
         for (int64_t n = 0; n < w.n; n += block) tasks.push_back({e, n});
     const Kernel dot = dot_fn(w, isa_now, in);
     glm_cpu::parallel_chunks(static_cast<int64_t>(tasks.size()), [&](int64_t t, int) {
@@ -968,6 +989,10 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
   if (needs_pairs(gate_up, isa_now)) s.sorted_q.pair_order(pairs);
   part.emplace(s.profile, "experts.gate_up");
   run(gate_up, s.sorted_q.view(), s.gate_up.data(), 2 * width);
+  for (const int64_t e : gemm_experts)
+    gemm(gate_up, e, s.gate_up.data(), 2 * width, [&](int64_t i, c10::BFloat16* dst) {
+      std::memcpy(dst, x + (s.order[i] / top_k) * dim, dim * sizeof(c10::BFloat16));
+    });
   part.emplace(s.profile, "experts.silu_quantize");
   s.hidden.resize(pairs * width);
   for (int64_t i = 0; i < pairs; ++i) {
@@ -980,6 +1005,11 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
   if (needs_pairs(down, isa_now)) s.hidden_q.pair_order(pairs);
   part.emplace(s.profile, "experts.down");
   run(down, s.hidden_q.view(), s.down.data(), dim);
+  for (const int64_t e : gemm_experts)
+    gemm(down, e, s.down.data(), dim, [&](int64_t i, c10::BFloat16* dst) {
+      // the hidden activations are bf16 values already (rounded to T above): exact
+      for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<c10::BFloat16>(s.hidden[i * width + j]);
+    });
   part.emplace(s.profile, "experts.sum");
   for (int64_t i = 0; i < pairs; ++i) {
     const int64_t p = s.order[i], t = p / top_k;
@@ -994,7 +1024,7 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
 // quantized experts (gate_up [E, 2I, D], down [E, D, I]).
 inline Tensor quantized_fused_moe(const Tensor& x_in, const std::vector<Tensor>& w_gate_up,
                                   const std::vector<Tensor>& w_down, const Tensor& topk_ids,
-                                  const Tensor& topk_weights) {
+                                  const Tensor& topk_weights, int64_t bf16_min_rows) {
   const QMat gate_up = make_qmat(w_gate_up, 1, "quantized_fused_moe (gate_up)");
   const QMat down = make_qmat(w_down, 1, "quantized_fused_moe (down)");
   check_input(x_in, gate_up.k, "quantized_fused_moe");
@@ -1009,7 +1039,7 @@ inline Tensor quantized_fused_moe(const Tensor& x_in, const std::vector<Tensor>&
   MoeScratch scratch;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantized_fused_moe", [&] {
     qmoe<scalar_t>(gate_up, down, x.data_ptr<scalar_t>(), tokens, ids.data_ptr<int64_t>(), weights.data_ptr<float>(),
-                   ids.size(1), acc.data_ptr<float>(), scratch);
+                   ids.size(1), acc.data_ptr<float>(), scratch, bf16_min_rows);
   });
   return x.scalar_type() == at::kFloat ? acc : acc.to(x.scalar_type());
 }
@@ -1020,7 +1050,8 @@ inline void bind_quant_kernels(pybind11::module& m) {
   m.def("quantized_linear", &glm_quant::quantized_linear, pybind11::arg("x"), pybind11::arg("weight"),
         pybind11::arg("bf16_gemm") = false);
   m.def("quantized_fused_moe", &glm_quant::quantized_fused_moe, pybind11::arg("x"), pybind11::arg("w_gate_up"),
-        pybind11::arg("w_down"), pybind11::arg("topk_ids"), pybind11::arg("topk_weights"));
+        pybind11::arg("w_down"), pybind11::arg("topk_ids"), pybind11::arg("topk_weights"),
+        pybind11::arg("bf16_min_rows") = 0);
   m.def("quantize_activations", &glm_quant::quantize_activations, pybind11::arg("x"));
   m.def("dequantize_bf16", &glm_quant::dequantize_bf16, pybind11::arg("weight"));
   m.def("isa", &glm_quant::isa);
