@@ -182,27 +182,13 @@ class _Writer:
 def _entries(model, config: GLMConfig) -> Iterator[tuple[str, Any, Any, int | None]]:
     """(HF-or-stacked name, reader, tensor info, part) in file order; part is None for whole tensors, else
     the expert stack's row part (gate 0 / up 1 of gate_up, down 0)."""
-    from workbench.engine.gguf_file import _BLK, EXPERT_NAMES, GLOBAL_NAMES, LAYER_NAMES, GGUFError
-
-    for name, (reader, info) in model.tensors.items():
-        if name in GLOBAL_NAMES:
-            yield GLOBAL_NAMES[name], reader, info, None
-            continue
-        match = _BLK.match(name)
-        if match is None:
-            raise GGUFError(f"unexpected tensor {name!r} in {model.name}: not part of a glm4moe model")
-        layer, rest = int(match[1]), match[2]
-        if layer >= config.num_hidden_layers:
-            continue  # the multi-token-prediction block(s)
-        prefix = f"model.layers.{layer}."
-        if rest in LAYER_NAMES:
-            yield prefix + LAYER_NAMES[rest], reader, info, None
-        elif rest in EXPERT_NAMES:
-            proj = EXPERT_NAMES[rest]
-            stacked = "mlp.experts.down_proj" if proj == "down_proj" else "mlp.experts.gate_up_proj"
-            yield prefix + stacked, reader, info, {"gate_proj": 0, "up_proj": 1, "down_proj": 0}[proj]
+    for name, reader, info, projection in gguf_file.decoder_tensors(model, config):
+        if projection is None:
+            yield name, reader, info, None
+        elif projection == "down_proj":
+            yield name + "mlp.experts.down_proj", reader, info, 0
         else:
-            raise GGUFError(f"unexpected tensor {name!r} in {model.name}: not part of a glm4moe decoder layer")
+            yield name + "mlp.experts.gate_up_proj", reader, info, {"gate_proj": 0, "up_proj": 1}[projection]
 
 
 def write_cache(model, config: GLMConfig, path: Path) -> None:

@@ -407,14 +407,16 @@ def tokenizer_from_gguf(model: GGUFModel):
 Weight = torch.Tensor | Int8Weight | Int4Weight
 
 
-def hf_tensors(model: GGUFModel, config: GLMConfig) -> Iterator[tuple[str, Weight]]:
-    """(HF name, weight) for every tensor of the decoding model, in file order, each decoded as it is reached;
-    the nextn block's tensors are skipped. Float tensors are views of the mapped file."""
+def decoder_tensors(model: GGUFModel, config: GLMConfig) -> Iterator[tuple[str, _Reader, Any, str | None]]:
+    """(name, reader, tensor info, expert projection) for every tensor of the decoding model, in file order: the
+    HF name and None for a whole tensor; for a stack of routed experts, the layer's prefix ("model.layers.3.") and
+    the projection ("gate_proj", "up_proj" or "down_proj"). The nextn block's tensors are skipped (one log line);
+    a name that is not part of a glm4moe model is a GGUFError. The one GGUF-to-HF name walk: the in-memory import
+    (`hf_tensors`) and the repack cache (gguf_cache) both read the file through it."""
     skipped = 0
-    for name, (_reader, info) in model.tensors.items():
+    for name, (reader, info) in model.tensors.items():
         if name in GLOBAL_NAMES:
-            yield GLOBAL_NAMES[name], _decode(info)
-            _release(_reader, info)
+            yield GLOBAL_NAMES[name], reader, info, None
             continue
         match = _BLK.match(name)
         if match is None:
@@ -425,15 +427,25 @@ def hf_tensors(model: GGUFModel, config: GLMConfig) -> Iterator[tuple[str, Weigh
             continue
         prefix = f"model.layers.{layer}."
         if rest in LAYER_NAMES:
-            yield prefix + LAYER_NAMES[rest], _decode(info)
-        elif rest in EXPERT_NAMES:  # decoded expert by expert: the stack is never decoded whole beside the model
-            for expert in range(int(info.shape[-1])):
-                yield f"{prefix}mlp.experts.{expert}.{EXPERT_NAMES[rest]}.weight", _decode(info, expert)
+            yield prefix + LAYER_NAMES[rest], reader, info, None
+        elif rest in EXPERT_NAMES:
+            yield prefix, reader, info, EXPERT_NAMES[rest]
         else:
             raise GGUFError(f"unexpected tensor {name!r} in {model.name}: not part of a {ARCH} decoder layer")
-        _release(_reader, info)
     if skipped:
         log.info("skipped %d tensors of the multi-token-prediction layer (not used for plain decoding)", skipped)
+
+
+def hf_tensors(model: GGUFModel, config: GLMConfig) -> Iterator[tuple[str, Weight]]:
+    """(HF name, weight) for every tensor of the decoding model, in file order, each decoded as it is reached;
+    the nextn block's tensors are skipped. Float tensors are views of the mapped file."""
+    for name, reader, info, projection in decoder_tensors(model, config):
+        if projection is None:
+            yield name, _decode(info)
+        else:  # decoded expert by expert: the stack is never decoded whole beside the model
+            for expert in range(int(info.shape[-1])):
+                yield f"{name}mlp.experts.{expert}.{projection}.weight", _decode(info, expert)
+        _release(reader, info)
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
