@@ -69,8 +69,10 @@ def advise(memory: torch.Tensor | np.ndarray | mmap.mmap) -> int:
     return end - first if _madvise(first, end - first, MADV_HUGEPAGE) == 0 else 0
 
 
-def empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """`torch.empty(shape, dtype=dtype)` on the CPU, advised for huge pages before it is filled."""
-    tensor = torch.empty(tuple(shape), dtype=dtype)
+def empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype,
+          device: torch.device | str = "cpu") -> torch.Tensor:
+    """`torch.empty(shape, dtype=dtype, device=device)`, advised for huge pages before it is filled (CPU memory
+    only: another device's is returned as torch gives it)."""
+    tensor = torch.empty(tuple(shape), dtype=dtype, device=device)
     advise(tensor)
     return tensor

@@ -260,16 +260,12 @@ def load_weights(model: nn.Module, config: GLMConfig, folder: Path | None, dtype
                                           f"model expects {list(meta.shape)} (from config.json)")
                 if source.dtype == target_dtype and device.type == "cpu" and source.data_ptr() % CPU_ALIGNMENT == 0:
                     filled[placement.param] = source  # a view of the mapped file: no copy
-                elif device.type == "cpu":
-                    filled[placement.param] = huge_pages.empty(source.shape, target_dtype).copy_(source)
-                    file.release(name)
                 else:
-                    filled[placement.param] = source.to(device=device, dtype=target_dtype)
+                    filled[placement.param] = huge_pages.empty(source.shape, target_dtype, device).copy_(source)
                     file.release(name)
                 continue
             if placement.param not in filled:
-                filled[placement.param] = (huge_pages.empty(meta.shape, target_dtype) if device.type == "cpu" else
-                                           torch.empty(meta.shape, dtype=target_dtype, device=device))
+                filled[placement.param] = huge_pages.empty(meta.shape, target_dtype, device)
             slot = _slot(filled[placement.param], placement)
             if tuple(source.shape) != tuple(slot.shape):
                 raise CheckpointError(f"tensor {name!r} has shape {list(source.shape)} in the checkpoint but the "
