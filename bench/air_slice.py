@@ -356,8 +356,7 @@ def run_ours(job: Job) -> dict:
         bytes_per_token, weight_format = engine_bytes_per_token(engine.model, engine.config), "bfloat16"
     from glm_kernels import quant_linear
 
-    prefill_gemm = "bf16 GEMM" if quant_linear.takes_bf16_gemm(torch.zeros(512, 32, dtype=torch.bfloat16)) else \
-        "integer kernels"
+    prefill_gemm = "bf16 GEMM" if quant_linear.bf16_gemm_min_rows(torch.bfloat16) else "integer kernels"
     kernels = (f"ours {weight_format}, cpu kernels {engine.cpu_kernels}, isa {quant_linear.isa()}, quantized "
                f"prefill products: {prefill_gemm}")
     return {"load_seconds": load_seconds, "bytes_per_token": bytes_per_token, "figures": figures,

@@ -74,10 +74,10 @@ def set_bf16_gemm(mode: str | None) -> None:
     _bf16_gemm_mode = None if mode is None else _mode_from(mode, "set_bf16_gemm")
 
 
-def bf16_gemm_min_rows(x: torch.Tensor) -> int:
-    """The fewest rows with which a product of x goes through the bf16 GEMM: BF16_GEMM_MIN_ROWS where the setting
-    allows it for x (bf16, and native bf16 under "auto"), else 0 (never)."""
-    if x.dtype != torch.bfloat16:
+def bf16_gemm_min_rows(dtype: torch.dtype) -> int:
+    """The fewest rows with which a product of activations of `dtype` goes through the bf16 GEMM:
+    BF16_GEMM_MIN_ROWS where the setting allows it (bf16, and native bf16 under "auto"), else 0 (never)."""
+    if dtype != torch.bfloat16:
         return 0
     mode = bf16_gemm()
     return BF16_GEMM_MIN_ROWS if mode == "always" or (mode == "auto" and native_bf16()) else 0
@@ -85,7 +85,7 @@ def bf16_gemm_min_rows(x: torch.Tensor) -> int:
 
 def takes_bf16_gemm(x: torch.Tensor) -> bool:
     """Whether `quantized_linear` computes x through the bf16 GEMM (see the module docstring)."""
-    rows = bf16_gemm_min_rows(x)
+    rows = bf16_gemm_min_rows(x.dtype)
     return 0 < rows <= x.shape[0]
 
 
@@ -140,7 +140,7 @@ def quantized_fused_moe_reference(x: torch.Tensor, w_gate_up: QuantizedWeight, w
     """x [T, D], topk_ids/topk_weights [T, K] -> [T, D] in x's dtype: `fused_moe_reference`'s FP8 branch with
     quantized experts. Each expert's input quantized per block of 32 (`linear_q8a_reference`), gate_up in fp32,
     the hidden activations and each expert's output rounded to x's dtype, summed per token in fp32. An expert given
-    at least `bf16_gemm_min_rows(x)` rows computes both its products with `linear_bf16_reference` instead."""
+    at least `bf16_gemm_min_rows(x.dtype)` rows computes both its products with `linear_bf16_reference` instead."""
     top_k = topk_ids.shape[1]
     width = w_down.shape[-1]
     flat_ids = topk_ids.reshape(-1)
@@ -149,7 +149,7 @@ def quantized_fused_moe_reference(x: torch.Tensor, w_gate_up: QuantizedWeight, w
     token_of_pair = order // top_k
     pair_weights = topk_weights.reshape(-1)[order].float()
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
-    gemm_rows = bf16_gemm_min_rows(x)
+    gemm_rows = bf16_gemm_min_rows(x.dtype)
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
@@ -176,7 +176,7 @@ def quantized_fused_moe(x: torch.Tensor, w_gate_up: QuantizedWeight, w_down: Qua
         # The router's top-k comes as a view of a wider tensor (a row stride of the expert count): the kernel reads
         # rows of top_k, so it gets them packed.
         return module.quantized_fused_moe(x.contiguous(), weight_parts(w_gate_up), weight_parts(w_down),
-                                          topk_ids.contiguous(), topk_weights.contiguous(), bf16_gemm_min_rows(x))
+                                          topk_ids.contiguous(), topk_weights.contiguous(), bf16_gemm_min_rows(x.dtype))
     return quantized_fused_moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights)
 
 
