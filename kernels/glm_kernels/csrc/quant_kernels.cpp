@@ -949,13 +949,11 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
     std::copy_n(s.x_q.sums.data() + t * blocks, blocks, s.sorted_q.sums.data() + i * blocks);
   }
   // Experts with enough rows for the bf16 GEMM (bf16 x only); the integer kernels take the others.
-  std::vector<int64_t> gemm_experts;
+  std::vector<char> by_gemm(experts, 0);
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     for (int64_t e = 0; bf16_min_rows > 0 && e < experts; ++e)
-      if (s.starts[e + 1] - s.starts[e] >= bf16_min_rows) gemm_experts.push_back(e);
+      by_gemm[e] = s.starts[e + 1] - s.starts[e] >= bf16_min_rows;
   }
-  std::vector<char> by_gemm(experts, 0);
-  for (const int64_t e : gemm_experts) by_gemm[e] = 1;
   // in [rows, K] (bf16, from `row(i, dst)` for each of the expert's sorted rows) -> out's rows (fp32) via bf16 GEMM
   auto gemm = [&](const QMat& w, int64_t e, float* out, int64_t ldo, const std::function<void(int64_t, c10::BFloat16*)>& row) {
     const int64_t first = s.starts[e], rows = s.starts[e + 1] - first;
@@ -989,10 +987,11 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
   if (needs_pairs(gate_up, isa_now)) s.sorted_q.pair_order(pairs);
   part.emplace(s.profile, "experts.gate_up");
   run(gate_up, s.sorted_q.view(), s.gate_up.data(), 2 * width);
-  for (const int64_t e : gemm_experts)
-    gemm(gate_up, e, s.gate_up.data(), 2 * width, [&](int64_t i, c10::BFloat16* dst) {
-      std::memcpy(dst, x + (s.order[i] / top_k) * dim, dim * sizeof(c10::BFloat16));
-    });
+  for (int64_t e = 0; e < experts; ++e)
+    if (by_gemm[e])
+      gemm(gate_up, e, s.gate_up.data(), 2 * width, [&](int64_t i, c10::BFloat16* dst) {
+        std::memcpy(dst, x + (s.order[i] / top_k) * dim, dim * sizeof(c10::BFloat16));
+      });
   part.emplace(s.profile, "experts.silu_quantize");
   s.hidden.resize(pairs * width);
   for (int64_t i = 0; i < pairs; ++i) {
@@ -1005,11 +1004,12 @@ void qmoe(const QMat& gate_up, const QMat& down, const T* x, int64_t tokens, con
   if (needs_pairs(down, isa_now)) s.hidden_q.pair_order(pairs);
   part.emplace(s.profile, "experts.down");
   run(down, s.hidden_q.view(), s.down.data(), dim);
-  for (const int64_t e : gemm_experts)
-    gemm(down, e, s.down.data(), dim, [&](int64_t i, c10::BFloat16* dst) {
-      // the hidden activations are bf16 values already (rounded to T above): exact
-      for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<c10::BFloat16>(s.hidden[i * width + j]);
-    });
+  for (int64_t e = 0; e < experts; ++e)
+    if (by_gemm[e])
+      gemm(down, e, s.down.data(), dim, [&](int64_t i, c10::BFloat16* dst) {
+        // the hidden activations are bf16 values already (rounded to T above): exact
+        for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<c10::BFloat16>(s.hidden[i * width + j]);
+      });
   part.emplace(s.profile, "experts.sum");
   for (int64_t i = 0; i < pairs; ++i) {
     const int64_t p = s.order[i], t = p / top_k;
